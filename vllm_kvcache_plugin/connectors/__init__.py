@@ -1,0 +1,29 @@
+"""Remote connectors, chosen by URL scheme.
+
+``create_connector("redis://127.0.0.1:6379")`` returns an unconnected connector; see
+:class:`~vllm_kvcache_plugin.connectors.base.RemoteConnector` for the methods.
+"""
+
+from __future__ import annotations
+
+from ..config import KVCacheConfig
+from ..errors import URLError
+from .base import Buffer, RemoteConnector
+from .registry import CONNECTORS
+from .url import RemoteURL, parse_remote_url
+
+
+def create_connector(url: str, config: KVCacheConfig | None = None) -> RemoteConnector:
+    """Build the connector for ``url`` (no I/O happens here)."""
+    parsed = parse_remote_url(url)
+    try:
+        cls = CONNECTORS.load(parsed.scheme)
+    except KeyError:
+        raise URLError(
+            f"remote URL {parsed.redacted()!r}: unknown scheme {parsed.scheme!r}; "
+            f"known: {', '.join(CONNECTORS.names())}"
+        ) from None
+    return cls(parsed, config)
+
+
+__all__ = ["CONNECTORS", "Buffer", "RemoteConnector", "RemoteURL", "create_connector", "parse_remote_url"]

@@ -1,0 +1,94 @@
+"""The remote connector interface: bytes in, bytes out, keyed by strings.
+
+A connector knows nothing of tiers, serde or vLLM. It raises :class:`ConnectorError` when the store
+fails; the storage layer above turns that (and time-outs) into misses, health flags and retries.
+All I/O methods are coroutines run on the storage layer's event loop; a connector built on a
+blocking client runs it in a thread (see :meth:`RemoteConnector.run_blocking`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
+
+from ..config import KVCacheConfig
+from .url import RemoteURL
+
+Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
+
+
+class RemoteConnector(ABC):
+    """Subclass, implement the abstract coroutines, register the scheme (entry point
+    ``vllm_kvcache_plugin.connectors``). Batched methods default to concurrent single calls;
+    override them where the store can batch in one round trip."""
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: Number of threads for :meth:`run_blocking` (0: no pool needed).
+    blocking_threads: ClassVar[int] = 0
+
+    def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
+        """Cheap and offline: connect lazily or in :meth:`connect`."""
+        self.url = url
+        self.config = config or KVCacheConfig()
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def connect(self) -> None:  # noqa: B027 - optional hook
+        """Open connections eagerly (called once at start-up, bounded by a time-out)."""
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def ping(self) -> bool:
+        """True when the store answers; never raises."""
+        try:
+            await self.exists("__vllm_kvcache_plugin_ping__")
+            return True
+        except Exception:
+            return False
+
+    # -- single-key operations --------------------------------------------------------------
+    @abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    async def get(self, key: str) -> Buffer | None: ...
+
+    @abstractmethod
+    async def put(self, key: str, value: Buffer) -> None: ...
+
+    @abstractmethod
+    async def delete(self, key: str) -> bool: ...
+
+    @abstractmethod
+    async def list(self, prefix: str = "") -> list[str]: ...
+
+    # -- batched operations (override for one round trip) -----------------------------------
+    async def batched_exists(self, keys: Sequence[str]) -> list[bool]:
+        return list(await asyncio.gather(*(self.exists(k) for k in keys)))
+
+    async def batched_get(self, keys: Sequence[str]) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(k) for k in keys)))
+
+    async def batched_put(self, items: Sequence[tuple[str, Buffer]]) -> None:
+        await asyncio.gather(*(self.put(k, v) for k, v in items))
+
+    # -- helpers -----------------------------------------------------------------------------
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking client call on this connector's thread pool."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=max(1, self.blocking_threads), thread_name_prefix=f"kv-{self.url.scheme}"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url.redacted()!r})"

@@ -1,0 +1,47 @@
+"""The naive serde: header + the raw tensor bytes. One copy each way, no loss."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..memory import ChunkMeta, MemoryObj
+from .base import Serde
+from .header import HEADER_SIZE, pack_header, parse_header
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (bf16 included)."""
+    flat = tensor.contiguous().view(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def bytes_tensor(buffer, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A tensor over ``buffer`` without copying (read-only buffers are fine: we never write)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
+        return torch.frombuffer(buffer, dtype=dtype).view(shape) if len(buffer) else torch.empty(shape, dtype=dtype)
+
+
+class NaiveSerde(Serde):
+    name = "naive"
+    serde_id = 0
+
+    def serialize(self, obj: MemoryObj) -> bytearray:
+        assert obj.tensor is not None, "serialize of a freed chunk"
+        payload = tensor_bytes(obj.tensor.cpu())
+        out = bytearray(HEADER_SIZE + payload.nbytes)
+        out[HEADER_SIZE:] = payload
+        out[:HEADER_SIZE] = pack_header(self.serde_id, obj.meta, payload)
+        return out
+
+    def deserialize(self, data, expected: ChunkMeta | None = None) -> MemoryObj:
+        header, payload = parse_header(data, expected_serde_id=self.serde_id)
+        meta = header.meta
+        self.check_expected(meta, expected)
+        if payload.nbytes != meta.nbytes:
+            from ..errors import CorruptValueError
+
+            raise CorruptValueError(f"naive payload {payload.nbytes} bytes != {meta.nbytes} for {meta.shape}")
+        return self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape))
