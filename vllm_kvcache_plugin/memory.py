@@ -51,6 +51,11 @@ class ChunkMeta:
     def num_tokens(self) -> int:
         return self.shape[2]
 
+    def fits(self, expected: ChunkMeta) -> bool:
+        """Same format, dtype and every axis but the token count (partial chunks differ there)."""
+        return (self.fmt == expected.fmt and self.dtype == expected.dtype
+                and self.shape[:2] == expected.shape[:2] and self.shape[3:] == expected.shape[3:])
+
     @property
     def nbytes(self) -> int:
         n = 1

@@ -27,13 +27,10 @@ class Serde(ABC):
 
     @staticmethod
     def check_expected(meta: ChunkMeta, expected: ChunkMeta | None) -> None:
+        """Raise CorruptValueError if a stored chunk cannot stand for ``expected``
+        (another model, dtype or layout wrote the same key)."""
         from ..errors import CorruptValueError
 
-        if expected is None:
-            return
-        if meta.fmt != expected.fmt or meta.dtype != expected.dtype:
-            raise CorruptValueError(f"stored chunk is {meta.fmt.name}/{meta.dtype}, expected "
-                                    f"{expected.fmt.name}/{expected.dtype} (another model or dtype?)")
-        # Token count may differ (partial chunks); every other axis must match.
-        if meta.shape[:2] != expected.shape[:2] or meta.shape[3:] != expected.shape[3:]:
-            raise CorruptValueError(f"stored chunk shape {meta.shape} does not fit {expected.shape}")
+        if expected is not None and not meta.fits(expected):
+            raise CorruptValueError(f"stored chunk {meta.fmt.name}/{meta.dtype}/{meta.shape} does not fit "
+                                    f"{expected.fmt.name}/{expected.dtype}/{expected.shape} (another model or dtype?)")

@@ -12,7 +12,7 @@ Layout (little-endian, 64 bytes)::
     32 u64  payload length in bytes
     40 u64  xxh3-64 of the payload
     48 u64  xxh3-64 of bytes 0..47 (so a flipped header bit is caught too)
-    56 u64  reserved (0)
+    56 u64  reserved (must be 0)
 
 A value whose magic, version, length or checksums do not match raises CorruptValueError, which
 the storage layer turns into a miss; nothing in a value is ever unpickled.
@@ -70,7 +70,7 @@ def parse_header(data, expected_serde_id: int | None = None, verify: bool = True
     if magic != MAGIC:
         raise CorruptValueError(f"bad magic {bytes(magic)!r} (not a value written by this package)")
     (header_sum, _r2) = _SUFFIX.unpack(view[_PREFIX.size : HEADER_SIZE])
-    if header_sum != xxhash.xxh3_64_intdigest(prefix):
+    if header_sum != xxhash.xxh3_64_intdigest(prefix) or _r2 != 0:
         raise CorruptValueError("header checksum mismatch")
     if version != VERSION:
         raise CorruptValueError(f"format version {version} is not supported (this build reads {VERSION})")

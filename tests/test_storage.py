@@ -1,0 +1,190 @@
+"""Storage tiers: hot-cache budget, disk atomicity and index, manager order/promotion/queue."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from vllm_kvcache_plugin.config import load_config
+from vllm_kvcache_plugin.memory import Allocator
+from vllm_kvcache_plugin.serde.naive import NaiveSerde
+from vllm_kvcache_plugin.storage import StorageManager
+from vllm_kvcache_plugin.storage.disk import DiskTier, file_name
+from vllm_kvcache_plugin.storage.hot import HotCache
+
+
+def _obj(alloc, tokens=4, fill=None):
+    t = torch.randn(2, 2, tokens, 1, 8) if fill is None else torch.full((2, 2, tokens, 1, 8), float(fill))
+    return alloc.wrap(t)
+
+
+def test_hot_cache_never_exceeds_budget_over_10000_random_puts():
+    alloc = Allocator()
+    budget = 200_000
+    hot = HotCache(budget)
+    rng = random.Random(0)
+    for i in range(10_000):
+        obj = alloc.wrap(torch.empty(rng.randint(1, 30_000), dtype=torch.uint8))
+        hot.put(f"k{rng.randint(0, 500)}", obj)
+        obj.ref_down()
+        assert hot.bytes_used <= budget
+        if i % 1000 == 0:
+            assert hot.bytes_used == sum(o.nbytes for o in hot._entries.values())
+    assert alloc.live == len(hot)  # every evicted chunk was freed exactly once
+    hot.clear()
+    assert alloc.live == 0 and alloc.allocations == alloc.frees
+
+
+def test_hot_cache_lru_order_and_oversize():
+    alloc = Allocator()
+    a, b, c = (_obj(alloc) for _ in range(3))
+    hot = HotCache(a.nbytes * 2)
+    hot.put("a", a)
+    hot.put("b", b)
+    hot.get("a").ref_down()  # a is now most recent
+    hot.put("c", c)
+    assert hot.contains("a") and hot.contains("c") and not hot.contains("b")
+    big = alloc.wrap(torch.empty(a.nbytes * 3, dtype=torch.uint8))
+    assert hot.put("big", big) is False
+
+
+def test_disk_round_trip_index_rebuild_and_lru(tmp_path):
+    alloc = Allocator()
+    serde = NaiveSerde(alloc)
+    objs = [_obj(alloc) for _ in range(4)]
+    size = len(serde.serialize(objs[0]))
+    disk = DiskTier(str(tmp_path), size * 3, serde)
+    for i, obj in enumerate(objs[:3]):
+        assert disk.put(f"key{i}", obj)
+        time.sleep(0.01)  # distinct mtimes for the rebuilt LRU order
+    assert disk.get("key0") is not None  # key0 becomes most recent
+    time.sleep(0.01)
+    reopened = DiskTier(str(tmp_path), size * 3, serde)
+    assert len(reopened) == 3
+    assert reopened.put("key3", objs[3])
+    assert not reopened.contains("key1")  # least recently used went first
+    back = reopened.get("key0")
+    assert torch.equal(back.tensor, objs[0].tensor)
+    assert reopened.bytes_used <= size * 3
+
+
+def test_disk_corrupt_and_vanished_files_are_misses(tmp_path):
+    alloc = Allocator()
+    disk = DiskTier(str(tmp_path), 10**8, NaiveSerde(alloc))
+    disk.put("a", _obj(alloc))
+    disk.put("b", _obj(alloc))
+    path = tmp_path / file_name("a")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert disk.get("a") is None and disk.counters.corrupt == 1 and not path.exists()
+    os.unlink(tmp_path / file_name("b"))
+    assert disk.get("b") is None and not disk.contains("b")
+
+
+def test_disk_read_only_folder_is_a_warning_not_a_crash(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits; a full disk is simulated by a budget instead
+        disk = DiskTier(str(tmp_path), 10, NaiveSerde())
+        assert disk.put("a", _obj(Allocator())) is False
+        return
+    os.chmod(tmp_path, 0o500)
+    try:
+        disk = DiskTier(str(tmp_path), 10**8, NaiveSerde())
+        assert disk.put("a", _obj(Allocator())) is False
+        assert disk.counters.errors == 1
+    finally:
+        os.chmod(tmp_path, 0o700)
+
+
+KILLED_WRITER = r"""
+import os, sys, torch
+from vllm_kvcache_plugin.memory import Allocator
+from vllm_kvcache_plugin.serde.naive import NaiveSerde
+from vllm_kvcache_plugin.storage.disk import DiskTier
+disk = DiskTier(sys.argv[1], 10**10, NaiveSerde())
+obj = Allocator().wrap(torch.randn(2, 30, 256, 3, 64))
+real_write = os.write
+def slow_write(fd, data):
+    n = real_write(fd, bytes(data[:65536]))
+    print("wrote", flush=True)
+    import time; time.sleep(60)
+    return n
+os.write = slow_write
+disk.put("victim", obj)
+"""
+
+
+def test_killed_writer_leaves_nothing_readable(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "wrote"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / file_name("victim")).exists()
+    disk = DiskTier(str(tmp_path), 10**10, NaiveSerde())
+    assert not disk.contains("victim") and disk.get("victim") is None
+
+
+def test_manager_tiers_promotion_and_lookup(tmp_path):
+    cfg = load_config({"local_disk": str(tmp_path), "max_local_disk_size": 1, "max_local_cpu_size": 0.001}, env={})
+    mgr = StorageManager(cfg)
+    try:
+        objs = [_obj(mgr.allocator, tokens=16) for _ in range(3)]
+        for i, obj in enumerate(objs):
+            mgr.put(f"k{i}", obj)
+        assert mgr.flush(10)
+        assert mgr.lookup_prefix(["k0", "k1", "k2", "nope", "k0"]).hit_chunks == 3
+        mgr.hot.clear()
+        res = mgr.lookup_prefix(["k0", "k1"])
+        assert res.hit_chunks == 2 and res.sources == ["disk", "disk"]
+        got = mgr.get_many(["k1", "missing"])
+        assert torch.equal(got[0].tensor, objs[1].tensor) and got[1] is None
+        got[0].ref_down()
+        assert mgr.hot.contains("k1")  # promoted
+    finally:
+        mgr.close()
+    for obj in objs:
+        obj.ref_down()
+    assert mgr.allocator.live == 0
+
+
+def test_manager_queue_drops_oldest_when_full(tmp_path):
+    cfg = load_config({"local_disk": str(tmp_path), "put_queue_size": 2, "local_cpu": False}, env={})
+    mgr = StorageManager(cfg)
+    release = threading.Event()
+    real_write = mgr._write_batch
+    written: list[str] = []
+
+    def stalled_write(batch):  # a store that hangs until released (a fault injected on purpose)
+        release.wait(10)
+        written.extend(k for k, _ in batch)
+        real_write(batch)
+
+    mgr._write_batch = stalled_write
+    try:
+        first = _obj(mgr.allocator)
+        mgr.put("k0", first)
+        first.ref_down()
+        deadline = time.monotonic() + 5
+        while mgr._queue and time.monotonic() < deadline:  # the writer took k0 and is stuck on it
+            time.sleep(0.01)
+        for i in range(1, 5):
+            obj = _obj(mgr.allocator)
+            mgr.put(f"k{i}", obj)
+            obj.ref_down()
+        assert mgr.counters.puts_dropped == 2  # k1 and k2, the oldest pending ones
+        release.set()
+        assert mgr.flush(10)
+        assert written == ["k0", "k3", "k4"]
+        assert mgr.disk.contains("k4") and not mgr.disk.contains("k1")
+    finally:
+        release.set()
+        mgr.close()
+    assert mgr.allocator.live == 0

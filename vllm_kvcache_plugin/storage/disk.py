@@ -1,0 +1,199 @@
+"""The local disk tier: one file per chunk, written atomically, LRU within a byte budget.
+
+File name = SHA-256 of the key (keys contain '/' and '@'); content = the naive serde's bytes, whose
+header and checksums make a torn or foreign file detectable. A write goes to a temp file that is
+renamed into place, so a writer killed mid-write leaves only a temp file, never a readable half
+value; temp files are swept at start. The index is rebuilt from the folder at start (oldest
+modification first), so the LRU order survives a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+from ..errors import CorruptValueError
+from ..memory import ChunkMeta, MemoryObj
+from ..metrics import TierCounters
+from ..serde.base import Serde
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".kv"
+TMP_PREFIX = ".tmp-"
+STALE_TMP_SECS = 600.0
+
+
+def file_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest() + SUFFIX
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, path: str, max_bytes: int, serde: Serde, counters: TierCounters | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        self.serde = serde
+        self.counters = counters or TierCounters("disk")
+        self._index: OrderedDict[str, int] = OrderedDict()  # file name -> size
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._last_warning = 0.0
+        os.makedirs(self.path, exist_ok=True)
+        self._rebuild_index()
+
+    # -- index -----------------------------------------------------------------------------
+    def _rebuild_index(self) -> None:
+        entries = []
+        now = time.time()
+        with os.scandir(self.path) as it:
+            for entry in it:
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                if entry.name.startswith(TMP_PREFIX):
+                    if now - st.st_mtime > STALE_TMP_SECS:
+                        self._unlink(entry.path)
+                    continue
+                if entry.name.endswith(SUFFIX) and entry.is_file():
+                    entries.append((st.st_mtime, entry.name, st.st_size))
+        entries.sort()
+        for _, name, size in entries:
+            self._index[name] = size
+            self._bytes += size
+        if entries:
+            logger.info("Disk tier %s: %d chunks, %.1f MB found at start", self.path, len(entries), self._bytes / 1e6)
+        self._evict_to(self.max_bytes)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return file_name(key) in self._index
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            size = self._index.pop(name, None)
+            if size is not None:
+                self._bytes -= size
+
+    def _evict_to(self, budget: int) -> None:
+        victims = []
+        with self._lock:
+            while self._index and self._bytes > budget:
+                name, size = self._index.popitem(last=False)
+                self._bytes -= size
+                victims.append(name)
+                self.counters.evictions += 1
+        for name in victims:
+            self._unlink(os.path.join(self.path, name))
+
+    def _unlink(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def _warn(self, msg: str, *args: object) -> None:
+        self.counters.errors += 1
+        now = time.monotonic()
+        if now - self._last_warning > 10.0:  # a failing disk must not flood the log
+            self._last_warning = now
+            logger.warning(msg, *args)
+
+    # -- data ------------------------------------------------------------------------------
+    def put(self, key: str, obj: MemoryObj) -> bool:
+        """Write ``obj`` (the caller keeps its reference). False if the disk refused it."""
+        data = self.serde.serialize(obj)
+        size = len(data)
+        if size > self.max_bytes:
+            return False
+        name = file_name(key)
+        final = os.path.join(self.path, name)
+        tmp = os.path.join(self.path, f"{TMP_PREFIX}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        self._evict_to(self.max_bytes - size)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except OSError as exc:
+            self._unlink(tmp)
+            self._warn("Disk tier %s: write failed (%s); chunk not cached on disk", self.path, exc.strerror or exc)
+            return False
+        with self._lock:
+            old = self._index.pop(name, None)
+            if old is not None:
+                self._bytes -= old
+            self._index[name] = size
+            self._bytes += size
+            self.counters.puts += 1
+            self.counters.bytes_written += size
+        return True
+
+    def get(self, key: str, expected: ChunkMeta | None = None) -> MemoryObj | None:
+        name = file_name(key)
+        with self._lock:
+            known = name in self._index
+            if known:
+                self._index.move_to_end(name)
+        if not known:
+            self.counters.misses += 1
+            return None
+        path = os.path.join(self.path, name)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            self._forget(name)
+            self._warn("Disk tier %s: %s vanished underneath; treating as a miss", self.path, name)
+            self.counters.misses += 1
+            return None
+        except OSError as exc:
+            self._warn("Disk tier %s: read failed (%s); treating as a miss", self.path, exc.strerror or exc)
+            self.counters.misses += 1
+            return None
+        try:
+            obj = self.serde.deserialize(data, expected)
+        except CorruptValueError as exc:
+            self.counters.corrupt += 1
+            self._forget(name)
+            self._unlink(path)
+            self._warn("Disk tier %s: dropped corrupt chunk %s (%s)", self.path, name, exc)
+            self.counters.misses += 1
+            return None
+        try:
+            os.utime(path)  # persist recency for the index rebuilt at the next start
+        except OSError:
+            pass
+        self.counters.hits += 1
+        self.counters.bytes_read += len(data)
+        return obj
+
+    def remove(self, key: str) -> bool:
+        name = file_name(key)
+        with self._lock:
+            size = self._index.pop(name, None)
+            if size is not None:
+                self._bytes -= size
+        if size is None:
+            return False
+        self._unlink(os.path.join(self.path, name))
+        return True

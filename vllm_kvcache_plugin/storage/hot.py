@@ -1,0 +1,88 @@
+"""The CPU hot cache: an LRU of chunks that never holds more than its byte budget."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from ..memory import MemoryObj
+from ..metrics import TierCounters
+
+
+class HotCache:
+    """Thread-safe LRU. The cache holds one reference to each chunk it stores."""
+
+    name = "hot"
+
+    def __init__(self, max_bytes: int, counters: TierCounters | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.counters = counters or TierCounters("hot")
+        self._entries: OrderedDict[str, MemoryObj] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def get(self, key: str) -> MemoryObj | None:
+        """The chunk with a reference taken for the caller (who must ``ref_down``), or None."""
+        with self._lock:
+            obj = self._entries.get(key)
+            if obj is None:
+                self.counters.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.counters.hits += 1
+            self.counters.bytes_read += obj.nbytes
+            return obj.ref_up()
+
+    def put(self, key: str, obj: MemoryObj) -> bool:
+        """Store ``obj`` (taking a reference); evict least recently used chunks to fit.
+
+        A chunk larger than the whole budget is not stored (returns False)."""
+        if obj.nbytes > self.max_bytes:
+            return False
+        evicted: list[MemoryObj] = []
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+                evicted.append(old)
+            while self._entries and self._bytes + obj.nbytes > self.max_bytes:
+                _, victim = self._entries.popitem(last=False)
+                self._bytes -= victim.nbytes
+                evicted.append(victim)
+                self.counters.evictions += 1
+            self._entries[key] = obj.ref_up()
+            self._bytes += obj.nbytes
+            self.counters.puts += 1
+            self.counters.bytes_written += obj.nbytes
+        for victim in evicted:
+            victim.ref_down()
+        return True
+
+    def remove(self, key: str) -> bool:
+        with self._lock:
+            obj = self._entries.pop(key, None)
+            if obj is not None:
+                self._bytes -= obj.nbytes
+        if obj is None:
+            return False
+        obj.ref_down()
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+            self._bytes = 0
+        for obj in entries:
+            obj.ref_down()

@@ -1,0 +1,226 @@
+"""The storage manager: tier order, promotion, the asynchronous write queue, prefix lookups.
+
+Tiers are searched hot -> disk -> remote. ``put`` stores into the hot cache at once (the caller's
+tensor, no copy) and queues the disk and remote writes for a writer thread, so the caller (vLLM's
+forward loop) never waits on I/O. The queue is bounded: when full, the oldest pending write is
+dropped and counted. A hit in a lower tier is promoted to the hot cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..config import KVCacheConfig
+from ..connectors import RemoteConnector, create_connector
+from ..memory import Allocator, ChunkMeta, MemoryObj
+from ..metrics import StorageCounters, TierCounters
+from ..serde import create_serde
+from ..serde.naive import NaiveSerde
+from .disk import DiskTier
+from .hot import HotCache
+from .loop import EventLoopThread
+from .remote import RemoteTier
+
+logger = logging.getLogger(__name__)
+
+WRITE_BATCH = 8
+
+
+@dataclass
+class LookupResult:
+    """How many leading chunks exist, and which tier holds each of them."""
+
+    hit_chunks: int
+    sources: list[str] = field(default_factory=list)
+
+    def count_by_tier(self) -> dict[str, int]:
+        return dict(collections.Counter(self.sources))
+
+
+class StorageManager:
+    def __init__(self, config: KVCacheConfig, allocator: Allocator | None = None,
+                 connector: RemoteConnector | None = None, serde_options: dict | None = None) -> None:
+        self.config = config
+        self.allocator = allocator or Allocator()
+        self.counters = StorageCounters()
+        self.tier_counters = {name: TierCounters(name) for name in ("hot", "disk", "remote")}
+        self.hot = (HotCache(config.max_local_cpu_bytes, self.tier_counters["hot"])
+                    if config.local_cpu and config.max_local_cpu_bytes > 0 else None)
+        self.disk = None
+        if config.local_disk_path and config.max_local_disk_bytes > 0:
+            self.disk = DiskTier(config.local_disk_path, config.max_local_disk_bytes,
+                                 NaiveSerde(self.allocator), self.tier_counters["disk"])
+        self.remote = None
+        self._loop: EventLoopThread | None = None
+        if connector is None and config.remote_url:
+            connector = create_connector(config.remote_url, config)
+        if connector is not None:
+            self._loop = EventLoopThread()
+            serde = create_serde(config.remote_serde, allocator=self.allocator, **(serde_options or {}))
+            self.remote = RemoteTier(connector, serde, config, self._loop, self.tier_counters["remote"],
+                                     self.counters)
+            self.remote.start()
+        if self.hot is None and self.disk is None and self.remote is None:
+            logger.warning("No storage tier is enabled (local_cpu off, no local_disk, no remote_url): "
+                           "nothing will be cached")
+        self._queue: collections.deque[tuple[str, MemoryObj]] = collections.deque()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+        self._writer: threading.Thread | None = None
+        if self.disk is not None or self.remote:
+            self._writer = threading.Thread(target=self._write_loop, name="kvcache-writer", daemon=True)
+            self._writer.start()
+
+    @property
+    def tiers(self) -> list[str]:
+        return [name for name, tier in (("hot", self.hot), ("disk", self.disk), ("remote", self.remote))
+                if tier is not None]
+
+    # -- writes ----------------------------------------------------------------------------
+    def put(self, key: str, obj: MemoryObj) -> None:
+        """Store ``obj`` under ``key``. The caller keeps (and must drop) its own reference."""
+        if self.hot is not None:
+            self.hot.put(key, obj)
+        if self._writer is None:
+            return
+        dropped: MemoryObj | None = None
+        with self._cond:
+            if len(self._queue) >= self.config.put_queue_size:
+                _, dropped = self._queue.popleft()
+                self.counters.puts_dropped += 1
+            self._queue.append((key, obj.ref_up()))
+            self.counters.puts_queued += 1
+            self._cond.notify()
+        if dropped is not None:
+            dropped.ref_down()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(WRITE_BATCH, len(self._queue)))]
+                self._inflight = len(batch)
+            try:
+                self._write_batch(batch)
+            except Exception:  # never let the writer die: a lost write is only a future miss
+                logger.exception("Writing %d chunks failed", len(batch))
+            finally:
+                for _, obj in batch:
+                    obj.ref_down()
+                with self._cond:
+                    self._inflight = 0
+                    self.counters.puts_done += len(batch)
+                    self._cond.notify_all()
+
+    def _write_batch(self, batch: list[tuple[str, MemoryObj]]) -> None:
+        start = time.perf_counter()
+        if self.disk is not None:
+            for key, obj in batch:
+                self.disk.put(key, obj)
+        if self.remote is not None and not self.remote.batched_put(batch):
+            self.counters.puts_dropped += len(batch)
+        self.counters.put_latency.observe(time.perf_counter() - start)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued write is done (tests, shutdown). False on time-out."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._inflight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    # -- reads -----------------------------------------------------------------------------
+    def lookup_prefix(self, keys: Sequence[str]) -> LookupResult:
+        """How many leading ``keys`` exist in any tier, with at most ONE remote round trip."""
+        start = time.perf_counter()
+        sources: list[str | None] = []
+        for key in keys:
+            if self.hot is not None and self.hot.contains(key):
+                sources.append("hot")
+            elif self.disk is not None and self.disk.contains(key):
+                sources.append("disk")
+            else:
+                sources.append(None)
+        first_missing = next((i for i, s in enumerate(sources) if s is None), len(keys))
+        if self.remote is not None and first_missing < len(keys):
+            todo = [i for i in range(first_missing, len(keys)) if sources[i] is None]
+            for i, present in zip(todo, self.remote.batched_exists([keys[i] for i in todo]), strict=True):
+                if present:
+                    sources[i] = "remote"
+        hit = next((i for i, s in enumerate(sources) if s is None), len(keys))
+        self.counters.lookups += 1
+        self.counters.lookup_chunks_total += len(keys)
+        self.counters.lookup_chunks_hit += hit
+        self.counters.lookup_latency.observe(time.perf_counter() - start)
+        return LookupResult(hit, [s for s in sources[:hit] if s is not None])
+
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
+        """Each key's chunk (a reference the caller must drop) or None; lower-tier hits are promoted."""
+        start = time.perf_counter()
+        out: list[MemoryObj | None] = [None] * len(keys)
+        remote_todo: list[int] = []
+        for i, key in enumerate(keys):
+            obj = self.hot.get(key) if self.hot is not None else None
+            if obj is not None and expected is not None and not obj.meta.fits(expected):
+                obj.ref_down()
+                obj = None
+            if obj is None and self.disk is not None:
+                obj = self.disk.get(key, expected)
+                if obj is not None and self.hot is not None:
+                    self.hot.put(key, obj)
+            if obj is None:
+                remote_todo.append(i)
+            out[i] = obj
+        if remote_todo and self.remote is not None:
+            fetched = self.remote.batched_get([keys[i] for i in remote_todo], expected)
+            for i, obj in zip(remote_todo, fetched, strict=True):
+                out[i] = obj
+                if obj is not None and self.hot is not None:
+                    self.hot.put(keys[i], obj)
+        self.counters.get_latency.observe(time.perf_counter() - start)
+        return out
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = {"storage": self.counters.snapshot(),
+                                  "tiers": {n: c.snapshot() for n, c in self.tier_counters.items()},
+                                  "allocator": {"allocations": self.allocator.allocations,
+                                                "frees": self.allocator.frees,
+                                                "live": self.allocator.live,
+                                                "bytes_live": self.allocator.bytes_live}}
+        out["hot_bytes"] = self.hot.bytes_used if self.hot is not None else 0
+        out["disk_bytes"] = self.disk.bytes_used if self.disk is not None else 0
+        return out
+
+    def close(self, flush_timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self.flush(flush_timeout)
+        with self._cond:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for _, obj in pending:
+            obj.ref_down()
+        if self._writer:
+            self._writer.join(timeout=flush_timeout)
+        if self.remote is not None:
+            self.remote.close()
+        if self._loop:
+            self._loop.stop()
+        if self.hot is not None:
+            self.hot.clear()
+

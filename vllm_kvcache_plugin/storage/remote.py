@@ -1,0 +1,212 @@
+"""The remote tier: serde + a connector, behind deadlines, a health flag and an existence cache.
+
+Every connector failure or time-out becomes a miss here (never an exception to the caller). After
+a failure the tier is marked unhealthy: lookups and loads miss at once and writes are skipped,
+while a background task pings the store with exponential back-off and restores the tier when it
+answers. Positive existence answers (and our own successful writes) are remembered for
+``existence_cache_ttl_secs``, so a repeated lookup costs no round trip at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from ..config import KVCacheConfig
+from ..connectors.base import RemoteConnector
+from ..errors import CorruptValueError
+from ..memory import ChunkMeta, MemoryObj
+from ..metrics import StorageCounters, TierCounters
+from ..serde.base import Serde
+from .loop import EventLoopThread
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_START_SECS = 0.5
+BACKOFF_MAX_SECS = 30.0
+
+
+class ExistenceCache:
+    """Keys known to exist in the remote, each until its expiry (monotonic seconds)."""
+
+    def __init__(self, ttl: float, max_entries: int = 1_000_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._expiry: dict[str, float] = {}
+
+    def known(self, key: str, now: float) -> bool:
+        expiry = self._expiry.get(key)
+        if expiry is None:
+            return False
+        if expiry < now:
+            self._expiry.pop(key, None)
+            return False
+        return True
+
+    def add(self, key: str, now: float) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._expiry) >= self.max_entries:
+            self._expiry.clear()  # cheap and safe: the cache only saves round trips
+        self._expiry[key] = now + self.ttl
+
+    def discard(self, key: str) -> None:
+        self._expiry.pop(key, None)
+
+    def clear(self) -> None:
+        self._expiry.clear()
+
+
+class RemoteTier:
+    name = "remote"
+
+    def __init__(self, connector: RemoteConnector, serde: Serde, config: KVCacheConfig, loop: EventLoopThread,
+                 counters: TierCounters | None = None, storage_counters: StorageCounters | None = None) -> None:
+        self.connector = connector
+        self.serde = serde
+        self.timeout = config.blocking_timeout_secs
+        self.loop = loop
+        self.counters = counters or TierCounters("remote")
+        self.storage_counters = storage_counters or StorageCounters()
+        self.existence = ExistenceCache(config.existence_cache_ttl_secs)
+        self.healthy = False
+        self._reconnect_task: asyncio.Future | None = None
+        self._closed = False
+
+    # -- health ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect within the time-out; if the store is down, warn and keep retrying in the background."""
+        try:
+            self.loop.run(asyncio.wait_for(self.connector.connect(), self.timeout), self.timeout + 1.0)
+            self._set_healthy(True)
+            logger.info("Remote store %s connected", self.connector.url.redacted())
+        except Exception as exc:
+            logger.warning("Remote store %s is unreachable at start-up (%s); every lookup is a miss until it "
+                           "answers, retrying in the background", self.connector.url.redacted(), _reason(exc))
+            self._mark_failed(exc, log=False)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self.storage_counters.remote_healthy = int(healthy)
+
+    def _mark_failed(self, exc: BaseException, log: bool = True) -> None:
+        self.counters.errors += 1
+        if self.healthy and log:
+            logger.warning("Remote store %s failed (%s); serving misses and retrying in the background",
+                           self.connector.url.redacted(), _reason(exc))
+        self._set_healthy(False)
+        if not self._closed:
+            self.loop.loop.call_soon_threadsafe(self._ensure_reconnect)
+
+    def _ensure_reconnect(self) -> None:
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = BACKOFF_START_SECS
+        while not self._closed and not self.healthy:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self.connector.connect(), self.timeout)
+                ok = await asyncio.wait_for(self.connector.ping(), self.timeout)
+            except Exception:
+                ok = False
+            if ok:
+                self._set_healthy(True)
+                self.storage_counters.remote_reconnects += 1
+                logger.info("Remote store %s is back", self.connector.url.redacted())
+                return
+            delay = min(delay * 2, BACKOFF_MAX_SECS)
+
+    def _call(self, coro, what: str) -> tuple[bool, object]:
+        """Run a connector coroutine with the deadline: (True, result), or (False, None) after
+        marking the tier unhealthy on any failure."""
+        try:
+            return True, self.loop.run(asyncio.wait_for(coro, self.timeout), self.timeout + 1.0)
+        except Exception as exc:
+            logger.debug("Remote %s failed: %s", what, _reason(exc))
+            self._mark_failed(exc)
+            return False, None
+
+    # -- data ------------------------------------------------------------------------------
+    def batched_exists(self, keys: Sequence[str]) -> list[bool]:
+        """Existence of each key: the existence cache first, then ONE batched round trip."""
+        if not keys:
+            return []
+        now = time.monotonic()
+        answer = [self.existence.known(k, now) for k in keys]
+        unknown = [i for i, known in enumerate(answer) if not known]
+        self.storage_counters.existence_cache_hits += len(keys) - len(unknown)
+        if not unknown:
+            return answer
+        if not self.healthy:
+            return answer
+        ok, result = self._call(self.connector.batched_exists([keys[i] for i in unknown]), "exists")
+        if not ok:
+            return answer
+        for i, present in zip(unknown, result, strict=True):
+            if present:
+                answer[i] = True
+                self.existence.add(keys[i], now)
+        return answer
+
+    def batched_get(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
+        out: list[MemoryObj | None] = [None] * len(keys)
+        if not keys or not self.healthy:
+            self.counters.misses += len(keys)
+            return out
+        ok, values = self._call(self.connector.batched_get(list(keys)), "get")
+        if not ok:
+            self.counters.misses += len(keys)
+            return out
+        for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+            if value is None or len(value) == 0:
+                self.counters.misses += 1
+                self.existence.discard(key)
+                continue
+            try:
+                out[i] = self.serde.deserialize(value, expected)
+            except CorruptValueError as exc:
+                self.counters.corrupt += 1
+                self.counters.misses += 1
+                self.existence.discard(key)
+                logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, exc)
+                continue
+            self.counters.hits += 1
+            self.counters.bytes_read += len(value)
+        return out
+
+    def batched_put(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
+        """Serialize in the calling thread (the writer), send in one batch. False if not stored."""
+        if not items:
+            return True
+        if not self.healthy:
+            return False
+        now = time.monotonic()
+        todo = [(k, o) for k, o in items if not self.existence.known(k, now)]
+        if not todo:
+            return True
+        payload = [(k, self.serde.serialize(o)) for k, o in todo]
+        ok, _ = self._call(self.connector.batched_put(payload), "put")
+        if not ok:
+            return False
+        for key, value in payload:
+            self.existence.add(key, now)
+            self.counters.puts += 1
+            self.counters.bytes_written += len(value)
+        return True
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.loop.run(self.connector.close(), self.timeout)
+        except Exception as exc:
+            logger.debug("Remote close failed: %s", _reason(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    return str(exc) or type(exc).__name__
