@@ -1,0 +1,71 @@
+"""Portable torch gather/scatter: the reference every other implementation is tested against.
+
+It indexes the token views of :mod:`.layouts` with advanced indexing, one layer and one of K/V at a
+time. Data moves as same-width integers, so NaN payloads and fp8 bytes survive bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .copier import KVCopier, check_copy_args
+from .layouts import PagedKVSpec, token_views
+
+_BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory viewed as integers of the same width (a view, never a copy)."""
+    return tensor.view(_BITS_DTYPES[tensor.element_size()])
+
+
+def _token_index(slots: torch.Tensor, block_size: int, group: int) -> tuple[torch.Tensor, ...]:
+    blocks = torch.div(slots, block_size, rounding_mode="floor")
+    offsets = slots - blocks * block_size
+    return blocks, torch.div(offsets, group, rounding_mode="floor"), offsets % group
+
+
+class TorchCopier(KVCopier):
+    """Works on any device torch supports; slow (per-layer advanced indexing), but obviously right."""
+
+    name = "torch"
+
+    def gather(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+               out: torch.Tensor) -> None:
+        geo = check_copy_args(layers, spec, slots, out, "out")
+        if geo.num_tokens == 0:
+            return
+        device = layers[0].device
+        staging = out if out.device == device else torch.empty(out.shape, dtype=out.dtype, device=device)
+        staged = as_bits(staging)
+        slots = slots.to(device=device, dtype=torch.int64)
+        shape = (geo.num_tokens, spec.num_kv_heads, spec.head_size)
+        index_cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        for layer_index, layer in enumerate(layers):
+            for kv, view in enumerate(token_views(as_bits(layer), spec)):
+                if view.group not in index_cache:
+                    index_cache[view.group] = _token_index(slots, spec.block_size, view.group)
+                blocks, outer, inner = index_cache[view.group]
+                staged[kv, layer_index] = view.tensor[blocks, :, outer, inner].reshape(shape)
+        if staging is not out:
+            out.copy_(staging)
+
+    def scatter(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+                src: torch.Tensor) -> None:
+        geo = check_copy_args(layers, spec, slots, src, "src")
+        if geo.num_tokens == 0:
+            return
+        device = layers[0].device
+        source = as_bits(src.to(device))
+        slots = slots.to(device=device, dtype=torch.int64)
+        index_cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        for layer_index, layer in enumerate(layers):
+            for kv, view in enumerate(token_views(as_bits(layer), spec)):
+                if view.group not in index_cache:
+                    index_cache[view.group] = _token_index(slots, spec.block_size, view.group)
+                blocks, outer, inner = index_cache[view.group]
+                _, heads, _, _, pairs, pair = view.tensor.shape
+                values = source[kv, layer_index].reshape(geo.num_tokens, heads, pairs, pair)
+                view.tensor[blocks, :, outer, inner] = values
