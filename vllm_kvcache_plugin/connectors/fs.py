@@ -1,0 +1,237 @@
+"""``fs:///path``: a folder on a (shared) file system, one file per key.
+
+* Writes are atomic: the value goes to a hidden temp file in the same folder, then ``os.replace``
+  renames it over the final name. A writer killed mid-write leaves only a temp file, which no read
+  or listing ever sees; readers see the old value or the new one, never half of one. Temp files
+  older than an hour (left by killed writers) are removed at :meth:`connect`.
+* ``?fsync=true`` also flushes every file to the disk before the rename (survives a power loss,
+  costs throughput); a killed process needs no fsync.
+* Keys map to file names reversibly (:func:`key_to_relpath`), so :meth:`list` returns the original
+  key strings: bytes outside ``[A-Za-z0-9@._-]`` become ``%XX`` and a leading ``.`` is escaped (hidden
+  names are temp files). A name longer than 200 characters is cut into folders named
+  ``<200 characters>~`` (``~`` never occurs in an escaped name), keeping each part under NAME_MAX.
+* Blocking file I/O runs on :meth:`run_blocking`; a batch runs back to back in ONE pool call.
+  Measured here (5.9 MB files in the page cache): one thread read 3.1-3.3 GB/s, two threads reading
+  at once only 0.6-0.7 GB/s (fresh buffers page-fault under a shared lock), so batches stay serial.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar, TypeVar
+from urllib.parse import unquote
+
+from ..config import KVCacheConfig
+from ..errors import ConnectorError, URLError
+from .base import Buffer, RemoteConnector
+from .url import RemoteURL
+
+T = TypeVar("T")
+
+SEGMENT_CHARS = 200
+_DIR_MARK = "~"
+_TEMP_PREFIX = ".tmp-"
+_STALE_TEMP_SECS = 3600.0
+_UNSAFE = re.compile(rb"[^A-Za-z0-9@._-]")
+_QUERY_OPTIONS = ("fsync", "threads")
+
+
+def _escape_byte(match: re.Match[bytes]) -> bytes:
+    return b"%%%02X" % match.group()[0]
+
+
+def escape_key(key: str) -> str:
+    """The file-name-safe spelling of ``key`` (no ``/``, no leading ``.``, no ``~``)."""
+    name = _UNSAFE.sub(_escape_byte, key.encode()).decode("ascii")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def key_to_relpath(key: str) -> str:
+    """Relative path of the file holding ``key``; long names are split into ``~``-marked folders."""
+    name = escape_key(key)
+    parts = [name[i : i + SEGMENT_CHARS] for i in range(0, len(name), SEGMENT_CHARS)]
+    return os.path.join(*(p + _DIR_MARK for p in parts[:-1]), parts[-1])
+
+
+def relpath_to_key(relpath: str) -> str:
+    """Inverse of :func:`key_to_relpath`."""
+    parts = relpath.split(os.sep)
+    return unquote("".join(p[: -len(_DIR_MARK)] for p in parts[:-1]) + parts[-1], errors="strict")
+
+
+class FSConnector(RemoteConnector):
+    schemes = ("fs",)
+    blocking_threads: ClassVar[int] = 4
+
+    def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
+        super().__init__(url, config)
+        if url.hosts and url.hosts != (("localhost", None),):
+            raise URLError(f"remote URL {url.redacted()!r}: write fs:///absolute/path (three slashes, no host)")
+        if not url.path or not os.path.isabs(url.path):
+            raise URLError(f"remote URL {url.redacted()!r}: fs:// needs an absolute folder, e.g. fs:///mnt/kvcache")
+        unknown = sorted(set(url.query) - set(_QUERY_OPTIONS))
+        if unknown:
+            raise URLError(f"remote URL {url.redacted()!r}: unknown option(s) {', '.join(unknown)}; "
+                           f"fs:// accepts {', '.join(_QUERY_OPTIONS)}")
+        fsync = url.query.get("fsync", "false").lower()
+        if fsync not in ("true", "false", "1", "0"):
+            raise URLError(f"remote URL {url.redacted()!r}: fsync must be true or false")
+        threads = url.query.get("threads", str(self.blocking_threads))
+        if not threads.isdigit() or int(threads) < 1:
+            raise URLError(f"remote URL {url.redacted()!r}: threads {threads!r} is not an integer >= 1")
+        self.root = os.path.normpath(url.path)
+        self.fsync = fsync in ("true", "1")
+        self.blocking_threads = int(threads)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def path_of(self, key: str) -> str:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"a key must be a non-empty str, got {key!r:.80}")
+        return os.path.join(self.root, key_to_relpath(key))
+
+    async def _call(self, op: str, fn: Callable[[], T]) -> T:
+        def guarded() -> T:
+            try:
+                return fn()
+            except OSError as exc:
+                detail = " ".join(str(exc.strerror or exc).split())
+                raise ConnectorError(f"fs {self.root}: {op} failed: {type(exc).__name__}: {detail}") from None
+
+        return await self.run_blocking(guarded)
+
+    # -- blocking primitives -----------------------------------------------------------------
+    def _read(self, key: str) -> bytes | None:
+        try:
+            with open(self.path_of(key), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def _write(self, item: tuple[str, Buffer]) -> None:
+        key, value = item
+        path = self.path_of(key)
+        data = _as_view(key, value)
+        folder = os.path.dirname(path)
+        tmp = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            fh = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed below before the rename
+        except FileNotFoundError:  # first key in a long-name folder (or the root was removed)
+            os.makedirs(folder, exist_ok=True)
+            fh = open(tmp, "wb", buffering=0)  # noqa: SIM115
+        try:
+            with fh:
+                _write_all(fh, data)
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _exists(self, key: str) -> bool:
+        return os.path.isfile(self.path_of(key))
+
+    def _delete(self, key: str) -> bool:
+        try:
+            os.unlink(self.path_of(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _walk(self, folder: str, rel: str, name_prefix: str) -> Iterator[str]:
+        """Relative paths of value files under ``folder`` whose escaped name starts with the prefix."""
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):  # temp files
+                continue
+            if name.endswith(_DIR_MARK) and entry.is_dir(follow_symlinks=False):
+                head = name[: -len(_DIR_MARK)]
+                if head.startswith(name_prefix[: len(head)]):
+                    yield from self._walk(entry.path, os.path.join(rel, name), name_prefix[len(head) :])
+            elif name.startswith(name_prefix) and entry.is_file(follow_symlinks=False):
+                yield os.path.join(rel, name)
+
+    def _list(self, prefix: str) -> list[str]:
+        keys = []
+        for rel in self._walk(self.root, "", escape_key(prefix) if prefix else ""):
+            try:
+                keys.append(relpath_to_key(rel))
+            except UnicodeDecodeError:  # a file this connector did not write
+                continue
+        return keys
+
+    def _prepare(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        now = time.time()
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(_TEMP_PREFIX):
+                try:
+                    if now - entry.stat().st_mtime > _STALE_TEMP_SECS:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+
+    # -- RemoteConnector ---------------------------------------------------------------------
+    async def connect(self) -> None:
+        await self._call("connect", self._prepare)
+
+    async def ping(self) -> bool:
+        return os.path.isdir(self.root) and os.access(self.root, os.W_OK)
+
+    async def exists(self, key: str) -> bool:
+        return await self._call("exists", lambda: self._exists(key))
+
+    async def batched_exists(self, keys: Sequence[str]) -> list[bool]:
+        keys = list(keys)
+        return await self._call("batched_exists", lambda: [self._exists(k) for k in keys])
+
+    async def get(self, key: str) -> Buffer | None:
+        return await self._call("get", lambda: self._read(key))
+
+    async def batched_get(self, keys: Sequence[str]) -> list[Buffer | None]:
+        keys = list(keys)
+        return await self._call("batched_get", lambda: [self._read(k) for k in keys])
+
+    async def put(self, key: str, value: Buffer) -> None:
+        await self._call("put", lambda: self._write((key, value)))
+
+    async def batched_put(self, items: Sequence[tuple[str, Buffer]]) -> None:
+        items = list(items)
+        await self._call("batched_put", lambda: [self._write(item) for item in items])
+
+    async def delete(self, key: str) -> bool:
+        return await self._call("delete", lambda: self._delete(key))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        if not isinstance(prefix, str):
+            raise TypeError(f"list prefix must be a str, got {type(prefix).__name__}")
+        return await self._call("list", lambda: self._list(prefix))
+
+
+def _as_view(key: str, value: Buffer) -> memoryview:
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise TypeError(f"value of {key!r:.80} must be bytes-like, got {type(value).__name__}") from None
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _write_all(fh, data: memoryview) -> None:
+    """An unbuffered write may be short; loop until every byte is written (bounded by the size)."""
+    done = 0
+    while done < len(data):
+        written = fh.write(data[done:])
+        if not written:
+            raise OSError(f"short write: {done} of {len(data)} bytes")
+        done += written
