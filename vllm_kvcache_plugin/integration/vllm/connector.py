@@ -1,0 +1,230 @@
+"""``LMCacheConnector``: the KVConnectorBase_V1 face of the plugin. It picks a role and delegates.
+
+The scheduler-role instance (engine core process) owns a :class:`SchedulerSide`; the worker-role
+instance (each worker process) owns a :class:`WorkerSide` with the storage tiers. The per-step
+:class:`StepMetadata` is the only thing that flows from one to the other (plus lookups, which the
+scheduler sends over the workers' lookup channel).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from ...config import KVCacheConfig, load_config
+from ...engine import KVCacheEngine
+from ...errors import ConfigError
+from ...kernels import PagedKVSpec
+from .lookup import LookupClient, lookup_address
+from .metadata import StepMetadata
+from .scheduler import SchedulerSide
+from .stats import KVCacheConnectorStats, PromMetrics, flatten_storage_stats
+from .worker import WorkerSide, build_registered_cache
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig as VllmKVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm_kvcache_plugin")
+
+_TIER_SOURCE = {"hot": CacheHitSource.HOST, "disk": CacheHitSource.DISK,
+                "remote": CacheHitSource.EXTERNAL_UNSPECIFIED}
+
+
+def connector_config(vllm_config: VllmConfig) -> KVCacheConfig:
+    """Our settings: LMCACHE_CONFIG_FILE, LMCACHE_* env vars, then kv_connector_extra_config."""
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    config = load_config(extra)
+    logging.getLogger("vllm_kvcache_plugin").setLevel(config.log_level)
+    return config
+
+
+def model_name_for_keys(vllm_config: VllmConfig, config: KVCacheConfig) -> str:
+    return config.model_name or vllm_config.model_config.model
+
+
+class LMCacheConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.EXTERNAL_UNSPECIFIED
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: VllmKVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        try:
+            self.config = connector_config(vllm_config)
+        except ConfigError as exc:
+            # One line for the operator, not a traceback wall from deep inside vLLM's start-up.
+            logger.error("vllm-kvcache-plugin: invalid configuration: %s", exc)
+            raise SystemExit(f"vllm-kvcache-plugin: invalid configuration: {exc}") from None
+        ktc = vllm_config.kv_transfer_config
+        self.can_save = ktc.kv_role in ("kv_producer", "kv_both")
+        self.can_load = ktc.kv_role in ("kv_consumer", "kv_both")
+        parallel = vllm_config.parallel_config
+        self.world_size = parallel.tensor_parallel_size
+        self.block_size = vllm_config.cache_config.block_size
+        engine_id = ktc.engine_id or "default"
+        dp_rank = parallel.data_parallel_rank
+        self.scheduler_side: SchedulerSide | None = None
+        self.worker_side: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if ktc.kv_load_failure_policy != "recompute":
+                # A cache miss must never fail a request: recompute what could not be loaded.
+                ktc.kv_load_failure_policy = "recompute"
+                logger.info("vllm-kvcache-plugin: kv_load_failure_policy set to 'recompute' "
+                            "(a chunk that cannot be loaded is recomputed, not an error)")
+            addresses = [lookup_address(engine_id, dp_rank, r) for r in range(self.world_size)]
+            self.scheduler_side = SchedulerSide(self.config, LookupClient(addresses, self.config.blocking_timeout_secs),
+                                                self.can_load, self.can_save, self.block_size)
+            logger.info("vllm-kvcache-plugin scheduler side ready: role %s, chunk %d tokens, remote %s, serde %s",
+                        ktc.kv_role, self.config.chunk_size, _redacted(self.config.remote_url),
+                        self.config.remote_serde)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+            engine = KVCacheEngine(self.config, model_name_for_keys(vllm_config, self.config), self.world_size, rank)
+            self.worker_side = WorkerSide(engine, self.block_size, lookup_address(engine_id, dp_rank, rank))
+            logger.info("vllm-kvcache-plugin worker %d/%d ready: tiers %s, keys vllm@%s@%d@%d@<hash>",
+                        rank, self.world_size, "+".join(engine.storage.tiers) or "none",
+                        engine.keys.model, self.world_size, rank)
+
+    # ==============================  worker side  ==============================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.worker_side is not None
+        names, layers = _distinct_layers(kv_caches)
+        spec = self._paged_spec(names[0], layers[0])
+        self.worker_side.register(build_registered_cache(names, layers, spec))
+
+    def _paged_spec(self, first_name: str, first_layer: torch.Tensor) -> PagedKVSpec:
+        from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
+
+        groups = self._kv_cache_config.kv_cache_groups
+        specs = [g.kv_cache_spec for g in groups if isinstance(g.kv_cache_spec, AttentionSpec)]
+        if not specs:
+            raise RuntimeError("vllm-kvcache-plugin supports attention KV caches only")
+        attn = specs[0]
+        kind = "mla" if isinstance(attn, MLAAttentionSpec) else "mha"
+        packing = "plain"
+        layer_module = self._vllm_config.compilation_config.static_forward_context.get(first_name)
+        isa = getattr(layer_module, "isa", None)
+        if isa is not None and first_layer.device.type == "cpu":
+            packing = PagedKVSpec.packing_for_cpu_isa(isa)
+        block_size = first_layer.shape[2]
+        head_size = first_layer.shape[3] // (2 if kind == "mha" else 1)
+        return PagedKVSpec(kind=kind, block_size=block_size, num_kv_heads=first_layer.shape[1],
+                           head_size=head_size, dtype=first_layer.dtype, packing=packing)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        if self.worker_side is not None and self.can_load:
+            self.worker_side.load(self._step_meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are complete when start_load_kv returns
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # all layers are gathered at once in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if self.worker_side is not None and self.can_save and self.has_connector_metadata():
+            self.worker_side.save(self._step_meta())
+
+    def _step_meta(self) -> StepMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, StepMetadata)
+        return meta
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.take_load_errors() if self.worker_side is not None else set()
+
+    def get_kv_connector_stats(self) -> KVCacheConnectorStats | None:
+        if self.worker_side is None:
+            return None
+        snapshot = flatten_storage_stats(self.worker_side.engine.storage.stats())
+        data = self.worker_side.stats.take(snapshot)
+        return KVCacheConnectorStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVCacheConnectorStats:
+        return KVCacheConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> PromMetrics:
+        return PromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        if self.worker_side is not None:
+            self.worker_side.close()
+            self.worker_side = None
+        if self.scheduler_side is not None:
+            self.scheduler_side.lookup_client.close()
+
+    # ==============================  scheduler side  ==============================
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self.scheduler_side is not None
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self.scheduler_side is not None
+        self.scheduler_side.update_state_after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        if not num_external_tokens or self.scheduler_side is None:
+            return {}
+        tracker = self.scheduler_side.trackers.get(request.request_id)
+        if tracker is None:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        # The outermost tier that served the request, for vLLM's prefix-cache hit metrics.
+        tiers = tracker.tiers
+        for tier in ("remote", "disk", "hot"):
+            if tiers.get(tier):
+                return {_TIER_SOURCE[tier]: num_external_tokens}
+        return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> StepMetadata:
+        assert self.scheduler_side is not None
+        return self.scheduler_side.build_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self.scheduler_side is not None:
+            self.scheduler_side.request_finished(request)
+        return False, None
+
+
+def _distinct_layers(kv_caches: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    """Layers in model order, each storage once (layers that share KV appear under several names)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    def order(name: str) -> tuple[int, str]:
+        try:
+            return extract_layer_index(name), name
+        except (AssertionError, ValueError):
+            return 1 << 30, name
+
+    names, layers, seen = [], [], set()
+    for name in sorted(kv_caches, key=order):
+        tensor = kv_caches[name]
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        names.append(name)
+        layers.append(tensor)
+    return names, layers
+
+
+def _redacted(url: str | None) -> str:
+    if not url:
+        return "none"
+    from ...connectors.url import parse_remote_url
+
+    try:
+        return parse_remote_url(url).redacted()
+    except Exception:
+        return "<invalid>"
+

@@ -1,0 +1,155 @@
+"""The lookup channel: the scheduler asks the worker's tiers how much of a prompt is stored.
+
+vLLM runs the scheduler (engine core) and each worker in different processes, but the hot cache
+and the disk index live in the worker. So each worker serves lookups on a Linux abstract unix
+socket (no file to clean up, not reachable from the network), and the scheduler asks every
+tensor-parallel rank and takes the smallest answer. A worker that does not answer within the
+time-out counts as a miss.
+
+Frame (little-endian): request ``u32 magic, u32 n, n * 32 bytes`` (raw SHA-256 chunk hashes);
+reply ``u32 hit_chunks, u32 hot, u32 disk, u32 remote``. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+MAGIC = 0x4B564C4B  # "KVLK"
+_REQ = struct.Struct("<II")
+_REPLY = struct.Struct("<IIII")
+HASH_BYTES = 32
+MAX_CHUNKS = 1 << 20
+
+
+@dataclass(frozen=True)
+class LookupReply:
+    hit_chunks: int
+    hot: int = 0
+    disk: int = 0
+    remote: int = 0
+
+    def by_tier(self) -> dict[str, int]:
+        return {k: v for k, v in (("hot", self.hot), ("disk", self.disk), ("remote", self.remote)) if v}
+
+
+def lookup_address(engine_id: str, dp_rank: int, tp_rank: int) -> str:
+    return f"\0vllm-kvcache-plugin/{engine_id}/{dp_rank}/{tp_rank}"
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("peer closed")
+        got += k
+    return bytes(buf)
+
+
+class LookupServer:
+    """Answers lookups on a background thread with ``handler(hashes) -> LookupReply``."""
+
+    def __init__(self, address: str, handler: Callable[[list[str]], LookupReply]) -> None:
+        self.address = address
+        self.handler = handler
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(address)
+        self._sock.listen(16)
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="kvcache-lookup", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="kvcache-lookup-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while not self._closed:
+                try:
+                    magic, n = _REQ.unpack(_recv_exact(conn, _REQ.size))
+                    if magic != MAGIC or n > MAX_CHUNKS:
+                        logger.warning("Lookup channel: bad frame, closing the connection")
+                        return
+                    raw = _recv_exact(conn, n * HASH_BYTES)
+                except (OSError, ConnectionError):
+                    return
+                hashes = [raw[i * HASH_BYTES:(i + 1) * HASH_BYTES].hex() for i in range(n)]
+                try:
+                    reply = self.handler(hashes)
+                except Exception:
+                    logger.exception("Lookup failed; answering a miss")
+                    reply = LookupReply(0)
+                try:
+                    conn.sendall(_REPLY.pack(reply.hit_chunks, reply.hot, reply.disk, reply.remote))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+class LookupClient:
+    """One persistent connection per worker; any failure or time-out is a miss (and a reconnect)."""
+
+    def __init__(self, addresses: Sequence[str], timeout: float) -> None:
+        self.addresses = list(addresses)
+        self.timeout = timeout
+        self._socks: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    def _ask(self, address: str, frame: bytes) -> LookupReply:
+        sock = self._socks.get(address)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(address)
+            self._socks[address] = sock
+        sock.sendall(frame)
+        return LookupReply(*_REPLY.unpack(_recv_exact(sock, _REPLY.size)))
+
+    def lookup(self, hashes: Sequence[str]) -> LookupReply:
+        if not hashes:
+            return LookupReply(0)
+        frame = _REQ.pack(MAGIC, len(hashes)) + b"".join(bytes.fromhex(h) for h in hashes)
+        replies = []
+        with self._lock:
+            for address in self.addresses:
+                try:
+                    replies.append(self._ask(address, frame))
+                    self._warned.discard(address)
+                except (OSError, ConnectionError, struct.error) as exc:
+                    sock = self._socks.pop(address, None)
+                    if sock is not None:
+                        sock.close()
+                    if address not in self._warned:
+                        self._warned.add(address)
+                        logger.warning("Worker lookup channel %r not answering (%s); treating as a miss",
+                                       address.lstrip("\0"), exc)
+                    return LookupReply(0)
+        return min(replies, key=lambda r: r.hit_chunks)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._socks.values():
+                sock.close()
+            self._socks.clear()
