@@ -1,0 +1,294 @@
+"""``lm://host:port[?token=SECRET]``: the client of our own lm server (``python -m vllm_kvcache_plugin.server``).
+
+One TCP connection carries every request, pipelined: each request gets an id, replies are matched by
+id, so many coroutines can wait on one connection at once. Replies are received straight into
+their own buffers (``asyncio.BufferedProtocol``), and a value is written after its header without
+being joined to it. A batched exists or get is one frame and one round trip.
+
+A connector instance belongs to the event loop it first connects on (the storage layer runs one
+loop in a background thread); calling it from another running loop raises :class:`ConnectorError`.
+Any transport or protocol failure, or a time-out, raises :class:`ConnectorError` and drops the
+connection; the next call connects again. Settings (``remote_options``): ``request_timeout_secs``
+(default 30, per request) and ``token`` (if not in the URL); connecting (TCP + HELLO) is bounded by
+``blocking_timeout_secs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+
+from ..config import KVCacheConfig
+from ..errors import ConnectorError, URLError
+from ..lm_protocol import (
+    MISSING,
+    Limits,
+    LMServerError,
+    Op,
+    Status,
+    as_byte_view,
+    decode_keys,
+    decode_lengths,
+    encode_keys,
+    encode_put_meta,
+)
+from ..lm_protocol.client import ClientConnection, Reply
+from .base import Buffer, RemoteConnector
+from .url import RemoteURL
+
+
+class LMConnector(RemoteConnector):
+    schemes = ("lm",)
+
+    def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
+        super().__init__(url, config)
+        if len(url.hosts) != 1 or url.port is None:
+            raise URLError(f"remote URL {url.redacted()!r}: lm:// needs one host:port, e.g. lm://127.0.0.1:65432")
+        if url.path not in ("", "/"):
+            raise URLError(f"remote URL {url.redacted()!r}: lm:// takes no path")
+        unknown = sorted(set(url.query) - {"token"})
+        if unknown:
+            raise URLError(f"remote URL lm://{url.host}:{url.port}: unknown option(s) {', '.join(unknown)}; "
+                           "allowed: token")
+        options = self.config.remote_options
+        self.host, self.port = url.host, url.port
+        self.where = f"lm://{self.host}:{self.port}"  # never includes the token
+        self._token = str(url.query.get("token") or options.get("token") or "").encode()
+        self._connect_timeout = self.config.blocking_timeout_secs
+        self._request_timeout = _positive_option(options, "request_timeout_secs", 30.0)
+        self.limits = Limits()
+        self.server_info: dict = {}
+        self._proto: ClientConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connect_lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"LMConnector({self.where!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def connect(self) -> None:
+        await self._connection()
+
+    async def close(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None and self._loop is asyncio.get_running_loop():
+            proto.transport.close()
+        await super().close()
+
+    async def ping(self) -> bool:
+        try:
+            await self._call(Op.HEALTH)
+            return True
+        except ConnectorError:
+            return False
+
+    async def stats(self) -> dict:
+        """The server's STATS (keys, bytes, budget, hits, misses, evictions, connections, requests)."""
+        reply = await self._call(Op.STATS)
+        return json.loads(_joined(reply.body))
+
+    # -- single keys -------------------------------------------------------------------------
+    async def exists(self, key: str) -> bool:
+        return (await self._call(Op.EXISTS, self._key(key))).status == Status.OK
+
+    async def get(self, key: str) -> Buffer | None:
+        reply = await self._call(Op.GET, self._key(key))
+        if reply.status == Status.NOT_FOUND:
+            return None
+        return reply.body[0].obj if reply.body else bytearray()  # type: ignore[return-value]
+
+    async def get_into(self, key: str, out: Buffer) -> int | None:
+        """Receive the value of ``key`` straight into ``out`` (a writable buffer, e.g. a pooled
+        tensor's memory, so no new pages are touched); returns its length, or None for a miss.
+        A value larger than ``out`` raises ConnectorError (and is discarded)."""
+        reply = await self._call(Op.GET, self._key(key), into=[_writable_view(out)])
+        return None if reply.status == Status.NOT_FOUND else sum(len(b) for b in reply.body)
+
+    async def put(self, key: str, value: Buffer) -> None:
+        view = self._value(value)
+        await self._call(Op.PUT, self._key(key), [view], view.nbytes)
+
+    async def delete(self, key: str) -> bool:
+        return (await self._call(Op.DELETE, self._key(key))).status == Status.OK
+
+    async def list(self, prefix: str = "") -> list[str]:
+        reply = await self._call(Op.LIST, prefix.encode("utf-8"))
+        keys = decode_keys(_joined(reply.body), max_count=1 << 31)
+        return [k.decode("utf-8", errors="replace") for k in keys]
+
+    # -- batches: one frame per max_batch keys, all sent before any reply is awaited ---------
+    async def batched_exists(self, keys: Sequence[str]) -> list[bool]:
+        replies = await self._call_many(Op.BATCH_EXISTS, [encode_keys(g) for g in self._key_groups(keys)])
+        return [flag == 1 for reply in replies for flag in _joined(reply.body)]
+
+    async def batched_get(self, keys: Sequence[str]) -> list[Buffer | None]:
+        replies = await self._call_many(Op.BATCH_GET, [encode_keys(g) for g in self._key_groups(keys)])
+        values: list[Buffer | None] = []
+        for reply in replies:
+            bodies = iter(reply.body)
+            for n in decode_lengths(reply.meta, self.limits.max_batch):
+                values.append(None if n == MISSING else next(bodies).obj if n else bytearray())
+        return values
+
+    async def batched_get_into(self, keys: Sequence[str], outs: Sequence[Buffer]) -> list[int | None]:
+        """:meth:`batched_get` into the caller's buffers, one per key: each value's length or None."""
+        if len(keys) != len(outs):
+            raise ValueError(f"batched_get_into: {len(keys)} keys but {len(outs)} buffers")
+        views = [_writable_view(o) for o in outs]
+        groups = list(self._key_groups(keys))
+        frames, into, start = [], [], 0
+        for group in groups:
+            frames.append(encode_keys(group))
+            into.append(views[start : start + len(group)])
+            start += len(group)
+        replies = await self._call_many(Op.BATCH_GET, frames, into)
+        return [None if n == MISSING else n for reply in replies
+                for n in decode_lengths(reply.meta, self.limits.max_batch)]
+
+    async def batched_put(self, items: Sequence[tuple[str, Buffer]]) -> None:
+        frames = []
+        for group in self._put_groups([(self._key(k), self._value(v)) for k, v in items]):
+            keys, views = [k for k, _v in group], [v for _k, v in group]
+            meta = encode_put_meta(keys, [v.nbytes for v in views])
+            frames.append((meta, views, sum(v.nbytes for v in views)))
+        await self._call_many(Op.BATCH_PUT, frames)
+
+    async def batched_delete(self, keys: Sequence[str]) -> list[bool]:
+        replies = await self._call_many(Op.BATCH_DELETE, [encode_keys(g) for g in self._key_groups(keys)])
+        return [flag == 1 for reply in replies for flag in _joined(reply.body)]
+
+    # -- request plumbing --------------------------------------------------------------------
+    async def _call(self, op: Op, meta: bytes = b"", parts: Sequence[memoryview] = (), body_len: int = 0,
+                    into: Sequence[memoryview | None] | None = None) -> Reply:
+        proto = await self._connection()
+        future = proto.send(op, meta, parts, body_len, into)
+        if proto.needs_drain:
+            await proto.drain()
+        return self._checked(op, await future)  # the connection's watchdog bounds the wait
+
+    async def _call_many(self, op: Op, frames: Sequence, into: Sequence | None = None) -> list[Reply]:
+        """Send every frame, then collect the replies: one round trip however many frames."""
+        if not frames:
+            return []
+        proto = await self._connection()
+        futures = []
+        for i, frame in enumerate(frames):
+            meta, parts, body_len = frame if isinstance(frame, tuple) else (frame, (), 0)
+            futures.append(proto.send(op, meta, parts, body_len, into[i] if into else None))
+            if proto.needs_drain:
+                await proto.drain()
+        return [self._checked(op, await f) for f in futures]
+
+    def _checked(self, op: Op, reply: Reply) -> Reply:
+        if reply.status >= Status.BAD_REQUEST:
+            message = _joined(reply.body).decode("utf-8", errors="replace")
+            raise LMServerError(reply.status, f"{self.where} refused {op.name}: {message}")
+        return reply
+
+    async def _connection(self) -> ClientConnection:
+        loop = asyncio.get_running_loop()
+        proto = self._proto
+        if proto is not None and proto.usable and self._loop is loop:
+            return proto
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed() and self._loop.is_running():
+                raise ConnectorError(f"{self.where}: connector used from a second event loop; "
+                                     "use one connector per loop")
+            self._loop, self._proto, self._connect_lock = loop, None, asyncio.Lock()
+        assert self._connect_lock is not None
+        async with self._connect_lock:
+            if self._proto is not None and self._proto.usable:
+                return self._proto
+            self._proto = await self._open()
+            return self._proto
+
+    async def _open(self) -> ClientConnection:
+        loop = asyncio.get_running_loop()
+        timeout = self._connect_timeout
+        try:
+            _transport, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: ClientConnection(self.where, self.limits, self._request_timeout), self.host, self.port
+                ),
+                timeout,
+            )
+        except asyncio.TimeoutError:
+            raise ConnectorError(f"{self.where}: connect timed out after {timeout:g}s") from None
+        except OSError as exc:
+            raise ConnectorError(f"{self.where}: cannot connect: {exc.strerror or exc}") from None
+        try:
+            reply = await asyncio.wait_for(proto.send(Op.HELLO, self._token), timeout)
+            self._checked(Op.HELLO, reply)
+            info = json.loads(_joined(reply.body))
+            names = {f.name for f in fields(Limits)}
+            self.limits = proto.limits = Limits(**{k: int(v) for k, v in info.items() if k in names})
+            self.server_info = info
+        except asyncio.TimeoutError:
+            proto.abort(ConnectorError(f"{self.where}: no HELLO reply"))
+            raise ConnectorError(f"{self.where}: no HELLO reply within {timeout:g}s") from None
+        except (ConnectorError, ValueError, TypeError) as exc:
+            proto.abort(exc if isinstance(exc, ConnectorError) else ConnectorError(str(exc)))
+            if isinstance(exc, ConnectorError):
+                raise
+            raise ConnectorError(f"{self.where}: bad HELLO reply: {exc}") from None
+        return proto
+
+    def _key(self, key: str) -> bytes:
+        if not isinstance(key, str):
+            raise TypeError(f"a key must be a str, not {type(key).__name__}")
+        raw = key.encode("utf-8")
+        if not raw:
+            raise LMServerError(Status.BAD_REQUEST, f"{self.where}: empty key")
+        if len(raw) > self.limits.max_key_len:
+            raise LMServerError(Status.KEY_TOO_LONG,
+                                f"{self.where}: key of {len(raw)} bytes is over {self.limits.max_key_len}")
+        return raw
+
+    def _value(self, value: Buffer) -> memoryview:
+        view = as_byte_view(value)
+        if view.nbytes > self.limits.max_value_size:
+            raise LMServerError(Status.VALUE_TOO_LARGE, f"{self.where}: value of {view.nbytes} bytes is over "
+                                f"{self.limits.max_value_size}")
+        return view
+
+    def _key_groups(self, keys: Sequence[str]) -> Iterator[list[bytes]]:
+        encoded = [self._key(k) for k in keys]
+        step = self.limits.max_batch
+        for i in range(0, len(encoded), step):
+            yield encoded[i : i + step]
+
+    def _put_groups(self, items: list[tuple[bytes, memoryview]]) -> Iterator[list[tuple[bytes, memoryview]]]:
+        group: list[tuple[bytes, memoryview]] = []
+        size = 0
+        for item in items:
+            if group and (len(group) == self.limits.max_batch or size + item[1].nbytes > self.limits.max_value_size):
+                yield group
+                group, size = [], 0
+            group.append(item)
+            size += item[1].nbytes
+        if group:
+            yield group
+
+
+def _writable_view(out: Buffer) -> memoryview:
+    view = as_byte_view(out)
+    if view.readonly:
+        raise TypeError("the output buffer is read-only")
+    return view
+
+
+def _joined(parts: list[memoryview]) -> bytes:
+    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+
+def _positive_option(options: dict, name: str, default: float) -> float:
+    raw = options.get(name, default)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise URLError(f"remote_options.{name}: {raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise URLError(f"remote_options.{name}: {raw!r} must be > 0")
+    return value

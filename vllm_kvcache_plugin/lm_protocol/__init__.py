@@ -1,0 +1,39 @@
+"""The lm:// protocol: wire format (:mod:`.wire`), framing over asyncio (:mod:`.framing`) and the
+client side of a connection (:mod:`.client`). Floor 1: imports nothing from the connectors or the
+server, which both build on it. docs/lm-protocol.md is the specification."""
+
+from .framing import FrameHandler, FrameReader, FrameWriter, ScratchPool
+from .wire import (
+    HEADER_SIZE,
+    KNOWN_OPS,
+    KNOWN_STATUSES,
+    MAGIC,
+    MAX_ERROR_MESSAGE,
+    MISSING,
+    OPS_WITH_BODY,
+    PROTOCOL_VERSION,
+    Header,
+    Limits,
+    LMServerError,
+    Op,
+    Status,
+    VersionMismatch,
+    as_byte_view,
+    decode_keys,
+    decode_lengths,
+    decode_put_meta,
+    encode_keys,
+    encode_lengths,
+    encode_put_meta,
+    new_buffer,
+    pack_header,
+    unpack_header,
+)
+
+__all__ = [
+    "HEADER_SIZE", "KNOWN_OPS", "KNOWN_STATUSES", "MAGIC", "MAX_ERROR_MESSAGE", "MISSING", "OPS_WITH_BODY",
+    "PROTOCOL_VERSION", "FrameHandler", "FrameReader", "FrameWriter", "Header", "LMServerError", "Limits", "Op",
+    "ScratchPool", "Status", "VersionMismatch", "as_byte_view", "decode_keys", "decode_lengths",
+    "decode_put_meta", "encode_keys", "encode_lengths", "encode_put_meta", "new_buffer", "pack_header",
+    "unpack_header",
+]

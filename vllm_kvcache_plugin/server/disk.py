@@ -1,0 +1,155 @@
+"""The server's disk spill: values evicted from memory, one file each, LRU within a byte budget.
+
+A file is written to a temporary name and renamed into place, so a reader (or a restarted server
+rebuilding its index) never sees half a value. Each file starts with its key, so the index is
+rebuilt from the folder at start-up and a hash collision in file names cannot return the wrong
+value. Disk faults (full, read-only, files deleted underneath) lose the value, never the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..lm_protocol import new_buffer
+
+logger = logging.getLogger(__name__)
+
+FILE_MAGIC = b"LMKVSPIL"
+FILE_HEADER = struct.Struct("<8sIQ")  # magic, key length, value length
+SUFFIX = ".kv"
+TMP_SUFFIX = ".tmp"
+
+
+class DiskSpill:
+    """Synchronous file store used from the server's event loop thread."""
+
+    def __init__(self, folder: str | os.PathLike[str], budget: int) -> None:
+        self.folder = Path(folder)
+        self.budget = budget
+        self.used = 0
+        self.write_failures = 0
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
+        self._tmp_counter = itertools.count()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._rebuild_index()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self._index))
+
+    def write(self, key: bytes, value: bytes | bytearray | memoryview) -> bool:
+        """Store ``key``; False when it does not fit the budget or the disk failed."""
+        size = FILE_HEADER.size + len(key) + len(value)
+        if size > self.budget:
+            return False
+        self.delete(key)
+        while self.used + size > self.budget and self._index:
+            self._remove(next(iter(self._index)))
+        final = self._path(key)
+        tmp = final.with_name(f".{final.stem}.{os.getpid()}.{next(self._tmp_counter)}{TMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(FILE_HEADER.pack(FILE_MAGIC, len(key), len(value)) + key)
+                fh.write(value)
+            os.replace(tmp, final)
+        except OSError as exc:
+            self.write_failures += 1
+            logger.warning("disk spill: cannot write %s: %s (value dropped)", final, exc.strerror or exc)
+            _unlink(tmp)
+            return False
+        self._index[key] = size
+        self.used += size
+        return True
+
+    def read(self, key: bytes) -> bytearray | None:
+        """The value of ``key`` (and mark it recently used), or None; a bad file is removed."""
+        if key not in self._index:
+            return None
+        path = self._path(key)
+        try:
+            with open(path, "rb") as fh:
+                stored_key, value_len = _read_header(fh)
+                if stored_key != key:
+                    raise ValueError("file holds another key")
+                value = new_buffer(value_len)
+                if fh.readinto(value) != value_len or fh.read(1):
+                    raise ValueError("file length does not match its header")
+        except (OSError, ValueError, struct.error) as exc:
+            logger.warning("disk spill: dropping unreadable %s: %s", path, exc)
+            self._remove(key)
+            return None
+        self._index.move_to_end(key)
+        return value
+
+    def delete(self, key: bytes) -> bool:
+        if key not in self._index:
+            return False
+        self._remove(key)
+        return True
+
+    def _remove(self, key: bytes) -> None:
+        self.used -= self._index.pop(key)
+        _unlink(self._path(key))
+
+    def _path(self, key: bytes) -> Path:
+        return self.folder / (hashlib.blake2b(key, digest_size=16).hexdigest() + SUFFIX)
+
+    def _rebuild_index(self) -> None:
+        """Index the files a previous run left, oldest first; drop temporaries and over-budget files."""
+        found: list[tuple[float, bytes, int]] = []
+        for path in self.folder.iterdir():
+            if path.name.endswith(TMP_SUFFIX):
+                _unlink(path)  # a writer died before its rename
+                continue
+            if path.suffix != SUFFIX:
+                continue
+            try:
+                stat = path.stat()
+                with open(path, "rb") as fh:
+                    key, value_len = _read_header(fh)
+                if stat.st_size != FILE_HEADER.size + len(key) + value_len or path != self._path(key):
+                    raise ValueError("size or name does not match its header")
+            except (OSError, ValueError, struct.error) as exc:
+                logger.warning("disk spill: removing unreadable %s: %s", path, exc)
+                _unlink(path)
+                continue
+            found.append((stat.st_mtime, key, stat.st_size))
+        for _mtime, key, size in sorted(found):
+            self._index[key] = size
+            self.used += size
+        while self.used > self.budget and self._index:
+            self._remove(next(iter(self._index)))
+        if self._index:
+            logger.info("disk spill: %d values (%d bytes) found in %s", len(self._index), self.used, self.folder)
+
+
+def _read_header(fh) -> tuple[bytes, int]:
+    raw = fh.read(FILE_HEADER.size)
+    magic, key_len, value_len = FILE_HEADER.unpack(raw)
+    if magic != FILE_MAGIC:
+        raise ValueError("not a spill file")
+    key = fh.read(key_len)
+    if len(key) != key_len:
+        raise ValueError("truncated key")
+    return key, value_len
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("disk spill: cannot remove %s: %s", path, exc)

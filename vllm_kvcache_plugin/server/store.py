@@ -1,0 +1,204 @@
+"""The server's store: key -> value in memory, least recently used first out, within a byte budget.
+
+The budget covers stored values, the buffers of values still arriving and the free buffers kept
+for reuse. A PUT allocates (evicting as needed) before its body is received, so a thousand
+half-sent values cannot push memory past the budget. Each entry costs its value, its key and a
+fixed overhead.
+
+Buffers of evicted, deleted or replaced values are kept (within the budget) and handed to the next
+value of the same size: KV chunks mostly share one size, and fresh memory costs page faults that
+on this kind of VM are slower than the network copy itself. With a :class:`DiskSpill`, evicted
+values move to disk; a value read back is promoted to memory and keeps its disk copy (evicting it
+again costs no write until it changes).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..lm_protocol import new_buffer
+from .disk import DiskSpill
+
+ENTRY_OVERHEAD = 64  # bytes charged per entry for the dict slot, the key object and the value object
+RECYCLE_MIN = 64 * 1024  # smaller buffers are cheap to allocate: not worth keeping
+
+
+def entry_cost(key_len: int, value_len: int) -> int:
+    return key_len + value_len + ENTRY_OVERHEAD
+
+
+@dataclass
+class StoreCounters:
+    hits: int = 0
+    misses: int = 0
+    disk_hits: int = 0
+    evictions: int = 0
+    spills: int = 0
+    rejected_no_space: int = 0
+    recycled_buffers: int = 0
+
+
+class MemoryStore:
+    """Single-threaded (the server's event loop); every method is synchronous."""
+
+    def __init__(self, budget: int, disk: DiskSpill | None = None) -> None:
+        if budget <= 0:
+            raise ValueError(f"memory budget must be positive, got {budget}")
+        self.budget = budget
+        self.disk = disk
+        self.used = 0  # cost of stored entries
+        self.reserved = 0  # cost of entries being received
+        self.pooled = 0  # bytes of free buffers kept for reuse
+        self.counters = StoreCounters()
+        self._entries: OrderedDict[bytes, bytearray] = OrderedDict()
+        self._clean: set[bytes] = set()  # keys whose disk copy equals the memory value
+        self._free: dict[int, list[bytearray]] = {}  # size -> free buffers
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def total(self) -> int:
+        """Bytes charged against the budget (stored + reserved + pooled); never above it."""
+        return self.used + self.reserved + self.pooled
+
+    # -- writes ------------------------------------------------------------------------------
+    def allocate(self, key_len: int, value_len: int) -> bytearray | None:
+        """Reserve an entry's cost and return the buffer to receive its value into; None when
+        values still arriving hold the memory (or the entry is larger than the budget)."""
+        cost = entry_cost(key_len, value_len)
+        if cost > self.budget:
+            return None
+        buffer = self._take_free(value_len)
+        while self.total + cost > self.budget:
+            if self.pooled:
+                self._drop_free()
+            elif self._entries:
+                self._evict_oldest()
+                if buffer is None:
+                    buffer = self._take_free(value_len)
+            else:
+                break
+        if self.total + cost > self.budget:
+            self.counters.rejected_no_space += 1
+            return None
+        self.reserved += cost
+        return buffer if buffer is not None else new_buffer(value_len)
+
+    def release(self, key_len: int, buffer: bytearray) -> None:
+        """Give back an allocation whose value never arrived."""
+        self.reserved -= entry_cost(key_len, len(buffer))
+        self._recycle(buffer)
+
+    def commit(self, key: bytes, buffer: bytearray) -> None:
+        """Store a value received into an :meth:`allocate` buffer (replacing any old value)."""
+        self.reserved -= entry_cost(len(key), len(buffer))
+        self._drop_memory(key)
+        if self.disk is not None:
+            self.disk.delete(key)  # stale now
+        self._entries[key] = buffer
+        self.used += entry_cost(len(key), len(buffer))
+
+    def delete(self, key: bytes) -> bool:
+        found = self._drop_memory(key)
+        if self.disk is not None and self.disk.delete(key):
+            found = True
+        return found
+
+    # -- reads -------------------------------------------------------------------------------
+    def get(self, key: bytes) -> bytearray | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+            self.counters.hits += 1
+            return value
+        if self.disk is not None:
+            value = self.disk.read(key)
+            if value is not None:
+                self.counters.hits += 1
+                self.counters.disk_hits += 1
+                self._promote(key, value)
+                return value
+        self.counters.misses += 1
+        return None
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._entries or (self.disk is not None and key in self.disk)
+
+    def keys(self, prefix: bytes = b"") -> list[bytes]:
+        found = {k for k in self._entries if k.startswith(prefix)}
+        if self.disk is not None:
+            found.update(k for k in self.disk if k.startswith(prefix))
+        return sorted(found)
+
+    def key_count(self) -> int:
+        if self.disk is None:
+            return len(self._entries)
+        return len(self._entries) + sum(1 for k in self.disk if k not in self._entries)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _promote(self, key: bytes, value: bytearray) -> None:
+        cost = entry_cost(len(key), len(value))
+        if cost > self.budget:
+            return
+        while self.total + cost > self.budget and (self.pooled or self._entries):
+            self._drop_free() if self.pooled else self._evict_oldest()
+        if self.total + cost > self.budget:
+            return  # values still arriving hold the memory: serve from disk only
+        self._entries[key] = value
+        self._clean.add(key)
+        self.used += cost
+
+    def _drop_memory(self, key: bytes) -> bool:
+        value = self._entries.pop(key, None)
+        if value is None:
+            return False
+        self._clean.discard(key)
+        self.used -= entry_cost(len(key), len(value))
+        self._recycle(value)
+        return True
+
+    def _evict_oldest(self) -> None:
+        key, value = self._entries.popitem(last=False)
+        self.used -= entry_cost(len(key), len(value))
+        self.counters.evictions += 1
+        clean = key in self._clean
+        self._clean.discard(key)
+        if self.disk is not None and not (clean and key in self.disk) and self.disk.write(key, value):
+            self.counters.spills += 1
+        self._recycle(value)
+
+    def _recycle(self, buffer: bytearray) -> None:
+        """Keep ``buffer`` for reuse if it is large, fits the budget and nobody holds a view of it
+        (a reply still being sent does): shrinking a bytearray fails while views exist, and
+        shrinking by one byte and appending it back never reallocates."""
+        size = len(buffer)
+        if size < RECYCLE_MIN or self.total + size > self.budget:
+            return
+        last = buffer[-1]
+        try:
+            del buffer[-1]
+        except BufferError:
+            return
+        buffer.append(last)
+        self._free.setdefault(size, []).append(buffer)
+        self.pooled += size
+
+    def _take_free(self, size: int) -> bytearray | None:
+        buffers = self._free.get(size)
+        if not buffers:
+            return None
+        buffer = buffers.pop()
+        if not buffers:
+            del self._free[size]
+        self.pooled -= size
+        self.counters.recycled_buffers += 1
+        return buffer
+
+    def _drop_free(self) -> None:
+        size, buffers = next(iter(self._free.items()))
+        buffers.pop()
+        if not buffers:
+            del self._free[size]
+        self.pooled -= size
