@@ -17,7 +17,14 @@ import pytest
 
 from tests.servers import wait_for
 from vllm_kvcache_plugin.connectors import create_connector
-from vllm_kvcache_plugin.connectors.fs import FSConnector, escape_key, key_to_relpath, relpath_to_key
+from vllm_kvcache_plugin.connectors.fs import (
+    LOCAL_FS_TYPES,
+    FSConnector,
+    escape_key,
+    filesystem_type,
+    key_to_relpath,
+    relpath_to_key,
+)
 from vllm_kvcache_plugin.errors import ConnectorError, URLError
 
 CHUNK_256 = 2 * 30 * 256 * 3 * 64 * 2
@@ -193,6 +200,19 @@ def test_store_failures_are_connector_errors(tmp_path: Path) -> None:
     assert run(conn.ping()) is False
 
 
+@pytest.mark.parametrize("mode", ["auto", "true", "false"])
+def test_exists_inline_or_on_the_pool_agree(tmp_path: Path, mode: str) -> None:
+    conn = create_connector(f"fs://{tmp_path}/s?inline_exists={mode}")
+    run(conn.connect())
+    if mode == "auto":  # pytest's tmp_path is on a local file system here
+        assert filesystem_type(str(tmp_path)) in LOCAL_FS_TYPES and conn.inline_exists is True
+    else:
+        assert conn.inline_exists is (mode == "true")
+    run(conn.batched_put([(key(i), b"v") for i in range(0, 8, 2)]))
+    assert run(conn.batched_exists([key(i) for i in range(8)])) == [i % 2 == 0 for i in range(8)]
+    assert run(conn.exists(key(0))) is True and run(conn.exists(key(1))) is False
+
+
 def test_fsync_option_round_trips(tmp_path: Path) -> None:
     conn = create_connector(f"fs://{tmp_path}/s?fsync=true")
     assert conn.fsync is True
@@ -208,6 +228,7 @@ def test_fsync_option_round_trips(tmp_path: Path) -> None:
         ("fs:///tmp/x?colour=red", "unknown option(s) colour"),
         ("fs:///tmp/x?fsync=maybe", "fsync must be"),
         ("fs:///tmp/x?threads=none", "threads 'none'"),
+        ("fs:///tmp/x?inline_exists=sometimes", "inline_exists must be"),
     ],
 )
 def test_bad_urls_get_one_line_errors(url: str, message: str) -> None:

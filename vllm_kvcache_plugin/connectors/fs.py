@@ -10,6 +10,9 @@
   key strings: bytes outside ``[A-Za-z0-9@._-]`` become ``%XX`` and a leading ``.`` is escaped (hidden
   names are temp files). A name longer than 200 characters is cut into folders named
   ``<200 characters>~`` (``~`` never occurs in an escaped name), keeping each part under NAME_MAX.
+* ``exists`` checks run inline on a local file system (``?inline_exists=auto``, the default, reads the
+  type from /proc/self/mounts): a stat is cheaper than a thread hop. On NFS and other network file
+  systems they go to the pool like everything else, since a stat there can wait on the network.
 * Blocking file I/O runs on :meth:`run_blocking`; a batch runs back to back in ONE pool call.
   Measured here (5.9 MB files in the page cache): one thread read 3.1-3.3 GB/s, two threads reading
   at once only 0.6-0.7 GB/s (fresh buffers page-fault under a shared lock), so batches stay serial.
@@ -17,6 +20,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -37,7 +41,12 @@ _DIR_MARK = "~"
 _TEMP_PREFIX = ".tmp-"
 _STALE_TEMP_SECS = 3600.0
 _UNSAFE = re.compile(rb"[^A-Za-z0-9@._-]")
-_QUERY_OPTIONS = ("fsync", "threads")
+_QUERY_OPTIONS = ("fsync", "threads", "inline_exists")
+# File systems whose metadata calls answer from the local kernel: a stat never waits on a network.
+LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "overlay", "zfs", "f2fs"})
+# Temp names unique across hosts sharing the folder (random per process) and across threads.
+_WRITER_ID = uuid.uuid4().hex[:16]
+_temp_counter = itertools.count()
 
 
 def _escape_byte(match: re.Match[bytes]) -> bytes:
@@ -86,6 +95,11 @@ class FSConnector(RemoteConnector):
         self.root = os.path.normpath(url.path)
         self.fsync = fsync in ("true", "1")
         self.blocking_threads = int(threads)
+        inline = url.query.get("inline_exists", "auto").lower()
+        if inline not in ("auto", "true", "false", "1", "0"):
+            raise URLError(f"remote URL {url.redacted()!r}: inline_exists must be auto, true or false")
+        # None: decide at connect() from the file system type.
+        self.inline_exists: bool | None = None if inline == "auto" else inline in ("true", "1")
 
     # -- plumbing ----------------------------------------------------------------------------
     def path_of(self, key: str) -> str:
@@ -116,7 +130,7 @@ class FSConnector(RemoteConnector):
         path = self.path_of(key)
         data = _as_view(key, value)
         folder = os.path.dirname(path)
-        tmp = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+        tmp = os.path.join(folder, f"{_TEMP_PREFIX}{_WRITER_ID}-{next(_temp_counter)}")
         try:
             fh = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed below before the rename
         except FileNotFoundError:  # first key in a long-name folder (or the root was removed)
@@ -185,15 +199,25 @@ class FSConnector(RemoteConnector):
     # -- RemoteConnector ---------------------------------------------------------------------
     async def connect(self) -> None:
         await self._call("connect", self._prepare)
+        if self.inline_exists is None:
+            self.inline_exists = filesystem_type(self.root) in LOCAL_FS_TYPES
 
     async def ping(self) -> bool:
         return os.path.isdir(self.root) and os.access(self.root, os.W_OK)
 
     async def exists(self, key: str) -> bool:
-        return await self._call("exists", lambda: self._exists(key))
+        return await self.batched_exists([key]) == [True]
 
     async def batched_exists(self, keys: Sequence[str]) -> list[bool]:
         keys = list(keys)
+        if self.inline_exists:
+            # A stat on a local file system takes microseconds: cheaper than the hop to a thread
+            # (measured here: 32 stats 0.2 ms, the hop alone 0.1-0.5 ms on a loaded machine).
+            try:
+                return [self._exists(k) for k in keys]
+            except OSError as exc:
+                raise ConnectorError(f"fs {self.root}: batched_exists failed: {type(exc).__name__}: "
+                                     f"{exc.strerror or exc}") from None
         return await self._call("batched_exists", lambda: [self._exists(k) for k in keys])
 
     async def get(self, key: str) -> Buffer | None:
@@ -217,6 +241,25 @@ class FSConnector(RemoteConnector):
         if not isinstance(prefix, str):
             raise TypeError(f"list prefix must be a str, got {type(prefix).__name__}")
         return await self._call("list", lambda: self._list(prefix))
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the file system holding ``path`` (longest mount point in /proc/self/mounts)."""
+    real = os.path.realpath(path)
+    best, fstype = -1, None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > best:
+                    best, fstype = len(mount), fields[2]
+    except OSError:
+        return None
+    return fstype
 
 
 def _as_view(key: str, value: Buffer) -> memoryview:

@@ -1,36 +1,25 @@
 """Redis-family connectors: ``redis://``, ``rediss://``, ``unix://``, ``valkey://``,
-``redis-sentinel://`` and ``redis-cluster://``.
+``redis-sentinel://`` and ``redis-cluster://`` (URL forms and options: :data:`QUERY_OPTIONS`)::
 
-URL forms (query options are listed in :data:`QUERY_OPTIONS`)::
-
-    redis://[user:pass@]127.0.0.1:6379[/db]          valkey:// is the same
-    rediss://127.0.0.1:6380?ssl_ca_certs=/ca.pem      TLS; also ssl_certfile, ssl_keyfile,
-                                                      ssl_cert_reqs (none|optional|required),
-                                                      ssl_check_hostname (true|false)
+    redis://[user:pass@]127.0.0.1:6379[/db]        valkey:// is the same
+    rediss://127.0.0.1:6380?ssl_ca_certs=/ca.pem    also ssl_certfile, ssl_keyfile, ssl_check_hostname,
+                                                    ssl_cert_reqs (none|optional|required)
     unix:///run/redis.sock[?db=N]
     redis-sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster[?password=..&sentinel_password=..]
     redis-cluster://127.0.0.1:7000,127.0.0.1:7001
 
-Design, chosen by measurement on this project's 2-core machine (5.9 MB values, loopback):
-
-* The SYNC redis-py client with hiredis, on a small thread pool (:meth:`run_blocking`), with a
-  connection pool of the same size. ``redis.asyncio`` read large values at 0.31 GB/s against
-  0.6-2.1 GB/s for the sync client: its pure-Python reader is the bottleneck.
-* Commands are packed by :class:`ZeroCopyPacker`. redis-py's hiredis packer copies a value twice
-  (``bytes(memoryview)`` then ``hiredis.pack_command``): a 5.9 MB SET ran at 0.2-0.3 GB/s, bound by
-  those copies, while a plain socket moved the same command at 0.55-0.85 GB/s.
-* ``batched_get`` runs plain GETs back to back on one connection in ONE pool call: pipelined GETs and
-  MGET of 5.9 MB values were slower (0.25-0.47 GB/s against 0.58-0.92 GB/s), and no faster for
-  368 KB values.
-* ``batched_exists`` writes all EXISTS commands in one send and reads the replies: one round trip,
-  0.19 ms for 32 keys (redis-py's Pipeline 0.31 ms, a Lua script 0.21 ms, one EXISTS 0.08 ms).
-  In cluster mode redis-py's cluster pipeline sends each node its share: one round trip per node.
-* Each value lives under ONE key (the serde puts header and payload in one buffer), so a reader
-  never sees half a value.
-
-Every failure (refused, timed out, cluster down, READONLY, ...) raises :class:`ConnectorError` with
-one line. Socket time-outs are half of ``blocking_timeout_secs`` and redis-py retries a broken
-connection once, so a call gives up within the time-out (a time-out is not retried).
+Chosen by measurement here (2 cores, loopback, 5.9 MB values):
+* the SYNC redis-py client with hiredis on a small thread pool (``redis.asyncio`` read 0.31 GB/s,
+  the sync client 0.6-2.1 GB/s), with a connection pool of the pool's size;
+* :class:`ZeroCopyPacker`: redis-py's hiredis packer copies a value twice and held SET to
+  0.2-0.3 GB/s; passing the value to ``sendall`` as it is gives 1.1-2 GB/s;
+* ``batched_get`` = GETs back to back in ONE pool call: pipelined GETs / MGET of 5.9 MB values
+  were slower (0.25-0.47 against 0.58-0.92 GB/s) and no faster at 368 KB;
+* ``batched_exists`` = every EXISTS in one write, then the replies: one round trip, 0.19 ms for 32
+  keys (redis-py Pipeline 0.31 ms, Lua 0.21 ms); a cluster pipeline sends one batch per node.
+Each value is ONE key (header and payload are one buffer), so no reader sees half a value. Every
+failure raises :class:`ConnectorError` in one line. Socket time-outs are half of
+``blocking_timeout_secs`` and only a broken connection is retried (once), so a call ends in time.
 """
 
 from __future__ import annotations
@@ -54,14 +43,18 @@ from .url import RemoteURL
 T = TypeVar("T")
 
 #: Query options each scheme accepts (anything else is an error naming these).
+_BASIC = ("db", "password", "threads")
 QUERY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "redis": ("db", "password", "threads"),
-    "valkey": ("db", "password", "threads"),
-    "unix": ("db", "password", "threads"),
-    "rediss": ("db", "password", "threads", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
-               "ssl_check_hostname"),
-    "redis-sentinel": ("db", "password", "threads", "service_name", "sentinel_password"),
+    "redis": _BASIC, "valkey": _BASIC, "unix": _BASIC,
+    "rediss": (*_BASIC, "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"),
+    "redis-sentinel": (*_BASIC, "service_name", "sentinel_password"),
     "redis-cluster": ("password", "threads"),
+}
+#: What each scheme's host part must look like (checked offline, in the error message).
+_URL_SHAPES = {
+    "unix": "unix:///path/to/redis.sock[?db=N]",
+    "redis-sentinel": "redis-sentinel://h1:p1,h2:p2,h3:p3/<service>",
+    "redis-cluster": "redis-cluster://h1:p1,h2:p2,...",
 }
 DEFAULT_PORTS = {"redis-sentinel": 26379}
 DEFAULT_SENTINEL_SERVICE = "mymaster"
@@ -102,7 +95,12 @@ def _as_bytes(arg: Any) -> bytes | memoryview:
         raise redis.DataError("a bool is not a Redis argument; use bytes, str, int or float")
     if isinstance(arg, (int, float)):
         return repr(arg).encode()
-    view = memoryview(arg)  # bytearray, memoryview, numpy/torch buffers
+    return _byte_view(arg)
+
+
+def _byte_view(value: Any) -> memoryview:
+    """A flat byte view of any contiguous buffer (bytearray, memoryview, numpy/torch arrays)."""
+    view = memoryview(value)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
@@ -132,6 +130,15 @@ class RedisOptions:
     @classmethod
     def from_url(cls, url: RemoteURL) -> RedisOptions:
         scheme, query = url.scheme, url.query
+        if scheme == "unix":
+            shape_ok = not url.hosts and bool(url.path)
+        elif scheme in ("redis-sentinel", "redis-cluster"):
+            shape_ok = bool(url.hosts)
+        else:
+            shape_ok = len(url.hosts) == 1
+        if not shape_ok:
+            shape = _URL_SHAPES.get(scheme, f"{scheme}://host:port[/db] (exactly one host:port)")
+            raise URLError(f"remote URL {url.redacted()!r}: write {shape}")
         allowed = QUERY_OPTIONS.get(scheme, QUERY_OPTIONS["redis"])
         unknown = sorted(set(query) - set(allowed))
         if unknown:
@@ -191,12 +198,9 @@ def _glob_escape(prefix: str) -> str:
     return _GLOB_SPECIAL.sub(r"\\\1", prefix)
 
 
-def _decode_keys(raw: Iterable[bytes | str]) -> list[str]:
+def _decode_keys(raw: Iterable[bytes]) -> list[str]:
     keys = []
     for item in raw:
-        if isinstance(item, str):
-            keys.append(item)
-            continue
         try:
             keys.append(item.decode())
         except UnicodeDecodeError:  # not a key this package wrote
@@ -223,7 +227,22 @@ class _RedisFamilyConnector(RemoteConnector):
         raise NotImplementedError
 
     def _exists_many(self, client: Any, keys: Sequence[str]) -> list[bool]:
-        raise NotImplementedError
+        """All EXISTS commands in one write, then every reply: one round trip on one connection."""
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        commands = [("EXISTS", key) for key in keys]
+
+        def send_and_read() -> list[bool]:
+            conn.send_packed_command(conn.pack_commands(commands))
+            return [bool(conn.read_response()) for _ in commands]
+
+        try:
+            return conn.retry.call_with_retry(send_and_read, lambda _err: conn.disconnect())
+        except BaseException:
+            conn.disconnect()  # replies may be pending on it
+            raise
+        finally:
+            pool.release(conn)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _retry(self) -> Retry:
@@ -337,43 +356,15 @@ def _check_value(key: str, value: Buffer) -> bytes | memoryview:
     if isinstance(value, bytes):
         return value
     try:
-        view = memoryview(value)
-        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        return _byte_view(value)
     except (TypeError, ValueError):
         raise TypeError(f"value of {key!r:.80} must be bytes-like (contiguous), got {type(value).__name__}") from None
-
-
-def _exists_one_round_trip(client: redis.Redis, keys: Sequence[str]) -> list[bool]:
-    """All EXISTS commands in one write, then every reply: one round trip on one connection."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    commands = [("EXISTS", key) for key in keys]
-
-    def send_and_read() -> list[bool]:
-        conn.send_packed_command(conn.pack_commands(commands))
-        return [bool(conn.read_response()) for _ in commands]
-
-    try:
-        return conn.retry.call_with_retry(send_and_read, lambda _err: conn.disconnect())
-    except BaseException:
-        conn.disconnect()  # replies may be pending on it
-        raise
-    finally:
-        pool.release(conn)
 
 
 class RedisConnector(_RedisFamilyConnector):
     """Standalone Redis or Valkey over TCP, TLS (``rediss://``) or a unix socket."""
 
     schemes = ("redis", "rediss", "unix", "valkey")
-
-    def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
-        super().__init__(url, config)
-        if url.scheme == "unix":
-            if url.hosts or not url.path:
-                raise URLError(f"remote URL {url.redacted()!r}: write unix:///path/to/redis.sock[?db=N]")
-        elif not url.hosts or len(url.hosts) != 1:
-            raise URLError(f"remote URL {url.redacted()!r}: {url.scheme}:// takes exactly one host:port")
 
     def _build_client(self) -> redis.Redis:
         kwargs = self._connection_kwargs()
@@ -389,20 +380,12 @@ class RedisConnector(_RedisFamilyConnector):
         )
         return redis.Redis(connection_pool=pool)
 
-    def _exists_many(self, client: redis.Redis, keys: Sequence[str]) -> list[bool]:
-        return _exists_one_round_trip(client, keys)
-
 
 class RedisSentinelConnector(_RedisFamilyConnector):
     """The master of a Sentinel-managed set; follows a failover (redis-py re-asks the sentinels
     when a connection breaks or the old master answers READONLY)."""
 
     schemes = ("redis-sentinel",)
-
-    def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
-        super().__init__(url, config)
-        if not url.hosts:
-            raise URLError(f"remote URL {url.redacted()!r}: write redis-sentinel://h1:p1,h2:p2,h3:p3/<service>")
 
     def _build_client(self) -> redis.Redis:
         from redis.sentinel import Sentinel
@@ -418,19 +401,11 @@ class RedisSentinelConnector(_RedisFamilyConnector):
         kwargs.update(db=self.options.db, command_packer=_PACKER, max_connections=self.blocking_threads)
         return manager.master_for(self.options.service_name, **kwargs)
 
-    def _exists_many(self, client: redis.Redis, keys: Sequence[str]) -> list[bool]:
-        return _exists_one_round_trip(client, keys)
-
 
 class RedisClusterConnector(_RedisFamilyConnector):
     """A Redis Cluster; keys hash to slots on different nodes, so batches go out per node."""
 
     schemes = ("redis-cluster",)
-
-    def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
-        super().__init__(url, config)
-        if not url.hosts:
-            raise URLError(f"remote URL {url.redacted()!r}: write redis-cluster://h1:p1,h2:p2,...")
 
     def _build_client(self) -> Any:
         from redis.cluster import ClusterNode, RedisCluster
