@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -88,12 +89,23 @@ def test_settings_precedence_file_then_options_then_url(tmp_path):
     assert got.replica_num == 2 and got.transfer_timeout == 3.5
 
 
-def test_settings_defaults_and_seed_file():
+def test_settings_defaults():
     got = settings(local_hostname="127.0.0.1", metadata_server="P2PHANDSHAKE")
     assert (got.global_segment_size, got.local_buffer_size, got.replica_num) == (512 * MiB, 128 * MiB, 1)
     assert got.protocol == "tcp" and got.device_name == "" and got.master_server_address == "127.0.0.1:50051"
-    seed = json.loads((Path(__file__).parent.parent / "configs" / "mooncake.json").read_text())
-    assert settings(**seed).metadata_server == "etcd://127.0.0.1:2379"
+
+
+@pytest.mark.parametrize(("yaml_name", "json_name", "metadata", "serde"), [
+    ("mooncake.yaml", "mooncake.json", "etcd://127.0.0.1:2379", "naive"),
+    ("mooncake-cachegen.yaml", "mooncake-p2p.json", "P2PHANDSHAKE", "cachegen"),
+])
+def test_repository_configs(monkeypatch, yaml_name, json_name, metadata, serde):
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    config = load_config(env={"LMCACHE_CONFIG_FILE": str(configs / yaml_name)})
+    monkeypatch.setenv(CONFIG_PATH_ENV, str(configs / json_name))
+    conn = create_connector(config.remote_url, config)  # offline: nothing connects yet
+    assert config.remote_serde == serde and conn.settings.metadata_server == metadata
+    assert conn.settings.master_server_address == "127.0.0.1:50051" and conn.settings.local_hostname == "127.0.0.1"
 
 
 @pytest.mark.parametrize(("file_text", "options", "expected"), [
@@ -209,6 +221,13 @@ def test_values_larger_than_staging_and_no_staging(mooncake_p2p):
                 assert bytes(got[0]) == value and bytes(got[1]) == value and got[2] is None
             finally:
                 await conn.close()
+        conn = connector(mooncake_p2p, staging_buffer_size=0, local_buffer_size="4MB")
+        await conn.connect()
+        try:  # too big for both paths: a ConnectorError that says what to raise
+            with pytest.raises(ConnectorError, match=r"put .* failed: -600 .*local_buffer_size"):
+                await conn.put(unique("huge"), value)
+        finally:
+            await conn.close()
     run(scenario())
 
 
@@ -260,6 +279,13 @@ def test_master_killed_then_restarted(mooncake_master_factory, tmp_path):
         try:
             old = unique("old")
             await conn.put(old, b"old" * 1000)
+            os.kill(master.process.pid, signal.SIGSTOP)  # a hung master: calls end at the time-out
+            start = time.monotonic()
+            with pytest.raises(ConnectorError, match="no answer within 1s"):
+                await conn.exists(old)
+            assert time.monotonic() - start < 1.5
+            os.kill(master.process.pid, signal.SIGCONT)
+            assert await conn.exists(old)
             master.kill()
             deadline = time.monotonic() + 15
             while True:  # each failure is bounded; within a few seconds they become immediate

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -39,10 +40,10 @@ _EVICTION_PAUSES = (0.005, 0.01, 0.02, 0.05, 0.1)
 # Mooncake return codes (mooncake-store ErrorCode).
 NO_SPACE, INVALID_PARAMS, OBJECT_ALREADY_EXISTS = -200, -600, -705
 _MISSING = {-703: "replica not ready", -704: "object not found", -712: "replica gone"}
-_CODE_NAMES = {-1: "internal error", NO_SPACE: "no space left in the segments", INVALID_PARAMS: "invalid parameters",
+_CODE_NAMES = {-1: "internal error", NO_SPACE: "no space left in the segments",
+               INVALID_PARAMS: "invalid parameters, or a value over local_buffer_size",
                -706: "object has a lease", -707: "lease expired during transfer", -800: "transfer failed",
                -900: "RPC to the master failed", -901: "RPC timed out", **_MISSING}
-_METADATA_RE = re.compile(r"^(P2PHANDSHAKE|(etcd|http|https|redis)://\S+|[\w.\-]+:\d+(;[\w.\-]+:\d+)*)$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -67,32 +68,18 @@ def parse_size(raw: Any) -> int:
     return value
 
 
-def _text(raw: Any) -> str:
-    if not isinstance(raw, str):
-        raise ValueError(f"{raw!r} is not a string")
-    return raw.strip()
+def _string(pattern: str = "", hint: str = "", lower: bool = False) -> Callable[[Any], str]:
+    regex = re.compile(pattern, re.I) if pattern else None
 
+    def parse(raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise ValueError(f"{raw!r} is not a string")
+        text = raw.strip().lower() if lower else raw.strip()
+        if regex is not None and not regex.match(text):
+            raise ValueError(f"{raw!r} is not {hint}")
+        return text
 
-def _address(raw: Any) -> str:
-    text = _text(raw)
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"{raw!r} is not host:port")
-    return text
-
-
-def _metadata_server(raw: Any) -> str:
-    text = _text(raw)
-    if not _METADATA_RE.match(text):
-        raise ValueError(f"{raw!r} is not P2PHANDSHAKE, etcd://host:port, http://host:port/metadata or redis://...")
-    return text
-
-
-def _protocol(raw: Any) -> str:
-    text = _text(raw).lower()
-    if text not in ("tcp", "rdma"):
-        raise ValueError(f"{raw!r} is not tcp or rdma")
-    return text
+    return parse
 
 
 def _positive(kind: type) -> Callable[[Any], Any]:
@@ -146,11 +133,14 @@ class MooncakeSettings:
         return cls(**values)
 
 
+_text, _address = _string(), _string(r"^\S+:\d+$", "host:port")
 _PARSERS: dict[str, Callable[[Any], Any]] = {
-    "local_hostname": _text, "metadata_server": _metadata_server, "master_server_address": _address,
-    "protocol": _protocol, "device_name": _text, "global_segment_size": parse_size,
-    "local_buffer_size": parse_size, "replica_num": _positive(int), "transfer_timeout": _positive(float),
-    "staging_buffer_size": parse_size, "metrics_address": _address, "tenant_id": _text,
+    "local_hostname": _text, "master_server_address": _address, "metrics_address": _address,
+    "metadata_server": _string(r"^(P2PHANDSHAKE|(etcd|http|https|redis)://\S+|[\w.\-]+:\d+(;[\w.\-]+:\d+)*)$",
+                               "P2PHANDSHAKE, etcd://host:port, http://host:port/metadata or redis://..."),
+    "protocol": _string(r"^(tcp|rdma)$", "tcp or rdma", lower=True), "device_name": _text, "tenant_id": _text,
+    "global_segment_size": parse_size, "local_buffer_size": parse_size, "staging_buffer_size": parse_size,
+    "replica_num": _positive(int), "transfer_timeout": _positive(float),
 }
 assert set(_PARSERS) == {f.name for f in fields(MooncakeSettings)}
 _ALIASES = {"replica_count": "replica_num", "rdma_devices": "device_name", "master_metrics_address": "metrics_address"}
@@ -346,8 +336,12 @@ class MooncakeStoreConnector(RemoteConnector):
         return store
 
     async def _call(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the pool, bounded by ``timeout``; every failure becomes a ConnectorError."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.blocking_threads, thread_name_prefix="kv-mooncake")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         try:
-            return await asyncio.wait_for(self.run_blocking(fn, *args), timeout)
+            return await asyncio.wait_for(future, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise ConnectorError(f"{self.url.redacted()}: no answer within {timeout:g}s") from None
         except asyncio.CancelledError:
