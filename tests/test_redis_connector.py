@@ -340,3 +340,19 @@ def test_zero_copy_packer_passes_large_values_through() -> None:
     assert any(isinstance(p, memoryview) and p.obj is big for p in parts), "the value must not be copied"
     expected = b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$1\r\nx\r\n$1\r\n7\r\n"
     assert b"".join(packer.pack("CLIENT SETNAME", "x", 7)) == expected
+
+
+CONFIGS = ["redis", "redis-cachegen", "redis-sentinel", "redis-cluster", "valkey", "rediss", "fs", "blackhole"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_load_and_build_their_connector(name: str) -> None:
+    from pathlib import Path
+
+    from vllm_kvcache_plugin.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    config = load_config(env={"LMCACHE_CONFIG_FILE": str(path)})
+    conn = create_connector(config.remote_url, config)
+    assert conn.url.scheme == config.remote_url.split(":", 1)[0]
+    assert all(host in ("127.0.0.1", None) for host, _ in conn.url.hosts), "configs point at loopback only"
