@@ -432,3 +432,73 @@ def test_server_stop_fails_clients_cleanly(lm_server_factory) -> None:
 
     run(body())
     assert "lm server stopping" in server.log()
+
+
+# -- in-process units: the frame reader and the store ---------------------------------------
+class _Collect:
+    """A FrameHandler that records frames, receiving bodies into fresh buffers."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, int, bytes, bytes]] = []
+
+    def frame_started(self, header) -> bool:
+        return header.code != 99  # frames with code 99 are skipped unread
+
+    def body_targets(self, header, meta):
+        cut = min(header.body_len, 3)  # two targets, to cross a target boundary too
+        return [memoryview(bytearray(cut)), memoryview(bytearray(header.body_len - cut))]
+
+    def frame_received(self, header, meta, body) -> None:
+        self.frames.append((header.code, header.request_id, meta, b"".join(bytes(b) for b in body)))
+
+
+def test_frame_reader_reassembles_any_split() -> None:
+    from vllm_kvcache_plugin.lm_protocol import FrameReader, ScratchPool
+
+    rng = random.Random(7)
+    for chunking, body_sizes in (("bytes", [0, 2, 5, 40]), ("random", [0, 5, 40_000, 100_000]),
+                                 ("whole", [0, 5, 40_000, 100_000])):
+        frames = [(code, rid, rng.randbytes(rng.choice([0, 1, 30])), rng.randbytes(rng.choice(body_sizes)))
+                  for rid, code in enumerate([1, 2, 99, 3, 2, 99, 4] * 3)]
+        stream = b"".join(pack_header(c, r, len(m), len(b)) + m + b for c, r, m, b in frames)
+        handler = _Collect()
+        reader = FrameReader(handler, max_meta_len=1024, pool=ScratchPool(size=4096))
+        pos = 0
+        while pos < len(stream):
+            view = reader.get_buffer()
+            limit = {"bytes": 1, "random": rng.randrange(1, 70_000), "whole": len(view)}[chunking]
+            n = min(len(view), limit, len(stream) - pos)
+            view[:n] = stream[pos : pos + n]
+            reader.buffer_updated(n)
+            pos += n
+        assert handler.frames == [f for f in frames if f[0] != 99], chunking
+        assert not reader.mid_frame
+
+
+def test_store_never_exceeds_budget_and_recycles_free_buffers() -> None:
+    from vllm_kvcache_plugin.server.store import MemoryStore, entry_cost
+
+    budget = 5 * MB
+    store = MemoryStore(budget)
+    rng = random.Random(3)
+    held = []  # values still "being sent": a view is held, so they must not be reused
+    for i in range(3000):
+        key = f"k{rng.randrange(50)}".encode()
+        size = rng.choice([100_000, 100_000, 700_000, rng.randrange(0, 2 * MB)])
+        buffer = store.allocate(len(key), size)
+        assert buffer is not None and len(buffer) == size
+        assert store.total <= budget
+        assert all(buffer is not view.obj for view in held)  # never hand out a buffer in use
+        if i % 3:
+            store.commit(key, buffer)
+        else:
+            store.release(len(key), buffer)
+        if rng.random() < 0.1 and store.get(key) is not None:
+            held.append(memoryview(store.get(key)))
+            held = held[-5:]
+        if rng.random() < 0.05:
+            store.delete(key)
+        assert store.total <= budget and store.used >= 0 and store.reserved == 0
+    assert store.counters.recycled_buffers > 100 and store.counters.evictions > 100
+    assert store.allocate(1, budget) is None  # larger than the budget with its overhead
+    assert store.allocate(1, budget - entry_cost(1, 0)) is not None  # exactly the budget

@@ -233,7 +233,7 @@ class FrameReader:
                     return
                 target = self._targets[self._target_index]
                 n = min(available, len(target) - self._target_offset)
-                target[self._target_offset : self._target_offset + n] = buf[self._start : self._start + n]
+                target[self._target_offset : self._target_offset + n] = memoryview(buf)[self._start : self._start + n]
                 self._start += n
                 self._target_offset += n
                 self._advance_body()
