@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from tests.fixtures.redis_servers import start_redis, start_sentinel_set
+from tests.fixtures.redis_servers import start_redis, start_redis_cluster, start_sentinel_set
 from vllm_kvcache_plugin.config import KVCacheConfig
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.connectors.redis import RedisConnector, ZeroCopyPacker
@@ -203,6 +203,41 @@ def test_cluster_batched_exists_is_one_round_trip_per_node(fresh_redis_cluster) 
             admin.close()
     # Each node: 1 read for its share of the pipeline + 1 for the second INFO.
     assert [min(col) for col in zip(*per_node, strict=True)] == [2, 2, 2], per_node
+
+
+@pytest.mark.timeout(90)
+def test_cluster_batched_exists_follows_a_moved_slot() -> None:
+    cluster = start_redis_cluster()
+    loop = asyncio.new_event_loop()
+    conn = create_connector(cluster.url)
+    try:
+        keys = [key(i) for i in range(32)]
+        loop.run_until_complete(conn.batched_put([(k, b"x") for k in keys[1:]]))  # keys[0] absent
+        assert loop.run_until_complete(conn.batched_exists(keys)) == [False] + [True] * 31  # slot map cached
+        slot = cluster.nodes[0].call(lambda c: c.cluster("keyslot", keys[0]))
+        ids = {n.port: n.call(lambda c: c.cluster("myid")) for n in cluster.nodes}
+        owner_port = _slot_owner(cluster.nodes[0].call(lambda c: c.execute_command("CLUSTER SLOTS")), slot)
+        owner = next(n for n in cluster.nodes if n.port == owner_port)
+        target = next(n for n in cluster.nodes if n is not owner)
+        assert owner.call(lambda c: c.cluster("countkeysinslot", slot)) == 0
+        target.call(lambda c: c.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[owner.port]))
+        owner.call(lambda c: c.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.port]))
+        for node in cluster.nodes:
+            node.call(lambda c: c.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target.port]))
+        # The connector still maps the slot to the old owner: its fast path meets MOVED and falls back.
+        assert loop.run_until_complete(conn.batched_exists(keys)) == [False] + [True] * 31
+        loop.run_until_complete(conn.put(keys[0], b"moved"))
+        assert target.call(lambda c: c.get(keys[0])) == b"moved"
+        assert loop.run_until_complete(conn.batched_exists(keys)) == [True] * 32
+    finally:
+        loop.run_until_complete(conn.close())
+        loop.close()
+        cluster.stop()
+
+
+def _slot_owner(slots_reply, slot: int) -> int:
+    """Port of the master serving ``slot``, from CLUSTER SLOTS ([lo, hi, [host, port, id], ...])."""
+    return next(int(primary[1]) for lo, hi, primary, *_ in slots_reply if lo <= slot <= hi)
 
 
 @pytest.mark.timeout(90)

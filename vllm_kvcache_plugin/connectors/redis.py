@@ -32,7 +32,7 @@ from typing import Any, ClassVar, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException, RedisError, TryAgainError
 from redis.retry import Retry
 
 from ..config import KVCacheConfig
@@ -425,10 +425,41 @@ class RedisClusterConnector(_RedisFamilyConnector):
         )
 
     def _exists_many(self, client: Any, keys: Sequence[str]) -> list[bool]:
-        pipe = client.pipeline()  # a cluster pipeline groups commands by node: one send per node
-        for key in keys:
-            pipe.exists(key)
-        return [bool(n) for n in pipe.execute()]
+        try:
+            return _exists_by_node(client, keys)
+        except (AskError, TryAgainError, ClusterDownError):  # slots moved: redis-py's pipeline follows
+            pipe = client.pipeline()
+            for key in keys:
+                pipe.exists(key)
+            return [bool(n) for n in pipe.execute()]
+
+
+def _exists_by_node(client: Any, keys: Sequence[str]) -> list[bool]:
+    """Each node's EXISTS commands in one write, every node before any read: one round trip per
+    node, in parallel (redis-py's cluster pipeline took 2 ms for 32 keys here, mostly Python)."""
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, key in enumerate(keys):
+        node = client.get_node_from_key(key)
+        groups.setdefault(node.name, (node, []))[1].append(i)
+    held: list[tuple[Any, Any, list[int]]] = []
+    answers = [False] * len(keys)
+    try:
+        for node, indexes in groups.values():
+            pool = client.get_redis_connection(node).connection_pool
+            conn = pool.get_connection()
+            held.append((pool, conn, indexes))
+            conn.send_packed_command(conn.pack_commands([("EXISTS", keys[i]) for i in indexes]))
+        for _pool, conn, indexes in held:
+            for i in indexes:
+                answers[i] = bool(conn.read_response())
+        return answers
+    except BaseException:
+        for _pool, conn, _indexes in held:
+            conn.disconnect()  # replies may be pending on it
+        raise
+    finally:
+        for pool, conn, _indexes in held:
+            pool.release(conn)
 
 
 __all__ = ["QUERY_OPTIONS", "RedisClusterConnector", "RedisConnector", "RedisOptions", "RedisSentinelConnector",
