@@ -324,14 +324,20 @@ def test_tls_without_the_ca_is_refused(fresh_redis_tls) -> None:
     assert run(with_connector(insecure, lambda conn: conn.exists("k"))) is False
 
 
-def test_password_never_leaks(redis_server) -> None:
-    url = f"redis://user:s3cret-pw@127.0.0.1:{redis_server.node.port}/0"
+@pytest.mark.parametrize("form", ["userinfo", "query"])
+def test_password_never_leaks(redis_server, form: str) -> None:
+    # userinfo: the server rejects the credentials; query: nothing listens on port 1 (refused).
+    url = (f"redis://user:s3cret-pw@127.0.0.1:{redis_server.node.port}/0" if form == "userinfo"
+           else "redis://127.0.0.1:1/0?password=s3cret-pw&threads=2")
     conn = create_connector(url)
-    assert "s3cret-pw" not in repr(conn)
+    assert conn.options.password == "s3cret-pw"
+    assert "s3cret-pw" not in repr(conn) and "s3cret-pw" not in conn.url.redacted()
     with pytest.raises(ConnectorError) as err:
         run(conn.connect())
     assert "s3cret-pw" not in str(err.value) and "***" in str(err.value)
     run(conn.close())
+    sentinel = create_connector("redis-sentinel://127.0.0.1:1/m?password=s3cret-pw&sentinel_password=other-pw")
+    assert "s3cret-pw" not in sentinel.url.redacted() and "other-pw" not in sentinel.url.redacted()
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ failure raises :class:`ConnectorError` in one line. Socket time-outs are half of
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -189,6 +190,16 @@ def _ssl_options(url: RemoteURL) -> dict[str, Any]:
     return options
 
 
+_SECRET_QUERY = re.compile(r"([?&](?:password|sentinel_password)=)[^&]*")
+
+
+def _mask_query_secrets(url: RemoteURL) -> RemoteURL:
+    """The URL with ``?password=`` values masked in its text (``redacted()`` only masks the
+    ``user:pass@`` form), so logs and reprs that print ``url.redacted()`` never show them."""
+    masked = _SECRET_QUERY.sub(r"\1***", url.raw)
+    return url if masked == url.raw else dataclasses.replace(url, raw=masked)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or "no detail"
     return f"{type(exc).__name__}: {text}"
@@ -214,7 +225,7 @@ class _RedisFamilyConnector(RemoteConnector):
     blocking_threads: ClassVar[int] = 4
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
-        super().__init__(url, config)
+        super().__init__(_mask_query_secrets(url), config)
         self.options = RedisOptions.from_url(url)
         self.blocking_threads = self.options.threads
         # Half the time-out per socket operation: one retry of a broken connection stays inside it.
