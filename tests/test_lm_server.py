@@ -201,11 +201,17 @@ def test_half_sent_values_count_against_the_budget(lm_server_factory) -> None:
         sock.sendall(pack_header(Op.PUT, 2, 2, 4 * MB) + f"h{i}".encode() + b"\0" * MB)
         stalled.append(sock)
     wait_for(lambda: stats(server.url)["bytes_reserved"] >= 8 * MB, 10, "reservations")
+    big_meta = raw_client(server.port)  # a large meta is a buffer too: it is charged while it arrives
+    big_meta.sendall(pack_header(Op.BATCH_EXISTS, 4, 1_000_000) + b"\0" * 1000)
+    wait_for(lambda: stats(server.url)["bytes_reserved"] >= 9 * MB, 10, "meta reservation")
     sock = raw_client(server.port)
     sock.sendall(pack_header(Op.PUT, 3, 2, 4 * MB) + b"h3")
     assert read_reply(sock)[:2] == (Status.NO_SPACE, 3)  # would exceed the budget
+    sock.sendall(b"\0" * (4 * MB) + pack_header(Op.BATCH_EXISTS, 5, 1_000_000))  # the refused body is skipped
+    assert read_reply(sock)[:2] == (Status.NO_SPACE, 5)
     s = stats(server.url)
-    assert charged(s) <= s["budget"] and s["rejected_no_space"] == 1
+    assert charged(s) <= s["budget"] and s["rejected_no_space"] == 2
+    big_meta.close()
     stalled[0].close()  # a client gone mid-frame: its reservation is released
     wait_for(lambda: stats(server.url)["bytes_reserved"] < 8 * MB, 10, "release on close")
     assert all(closed_by_peer(s, timeout=10) for s in stalled[1:])  # the frame timeout closes the other
@@ -250,6 +256,7 @@ def test_bad_token_on_the_wire(lm_server_factory) -> None:
 
 def test_ten_thousand_random_frames_then_a_round_trip(lm_server_factory) -> None:
     server = lm_server_factory("--max-size-gb", "0.02", "--max-value-mb", "8", "--frame-timeout", "2")
+    rss_start = rss_bytes(server.pid)
     rng = random.Random(1234)
     ops = [int(op) for op in Op] + [0, 99, 255]
 
@@ -278,6 +285,8 @@ def test_ten_thousand_random_frames_then_a_round_trip(lm_server_factory) -> None
                 pass  # the server hung up on us: expected
     s = stats(server.url)
     assert charged(s) <= s["budget"] and s["protocol_errors"] > 0
+    rss_growth = rss_bytes(server.pid) - rss_start
+    assert rss_growth < s["budget"] + 16 * MB, f"RSS grew {rss_growth / MB:.0f} MB with a 20 MB budget"
     value = os.urandom(3 * MB)
 
     async def body() -> None:

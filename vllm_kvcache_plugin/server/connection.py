@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm_kvcache_plugin.server")
 
 MAX_QUEUED_REPLY_BYTES = 8 << 20  # stop reading a client's requests while more than this waits to be sent
+MAX_TOKEN_LEN = 4096
 SKIP_LIMIT = 1 << 32  # a refused frame's body up to this size is read and discarded, not disconnected
 
 
@@ -72,6 +73,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.connected_at = self.last_data_at = time.monotonic()
         self._reading_paused = False
         self._incoming: list[tuple[bytes, bytearray]] = []
+        self._meta_reserved = 0  # a large meta being received is charged to the memory budget
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -91,6 +93,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.server.connections.discard(self)
             self.server.stats.connections -= 1
         self._drop_incoming()
+        self._unreserve_meta()
         self.reader.release()
         if self.writer is not None:
             self.writer.clear()
@@ -133,6 +136,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         op = header.code
         if not self.authenticated and op != Op.HELLO:
             raise _Disconnect(Status.UNAUTHORIZED, "the first frame must be HELLO", header.request_id)
+        if op == Op.HELLO and header.meta_len > MAX_TOKEN_LEN:
+            raise _Disconnect(Status.BAD_REQUEST, f"token over {MAX_TOKEN_LEN} bytes", header.request_id)
         if op not in KNOWN_OPS:
             return self._refuse(header, Status.UNKNOWN_COMMAND, f"unknown command {op}")
         self.server.stats.requests[Op(op).name] += 1
@@ -141,6 +146,10 @@ class ServerConnection(asyncio.BufferedProtocol):
         limit = self.limits.max_value_size if op == Op.PUT else self.server.store.budget
         if header.body_len > limit:
             return self._refuse(header, Status.VALUE_TOO_LARGE, f"{header.body_len} bytes is over the limit of {limit}")
+        if header.meta_len > self.server.pool.size:  # a large meta is a buffer too: charge it
+            if not self.server.store.reserve(header.meta_len):
+                return self._refuse(header, Status.NO_SPACE, "memory is held by values still arriving; retry later")
+            self._meta_reserved = header.meta_len
         return True
 
     def body_targets(self, header: Header, meta: bytes) -> list[memoryview] | None:
@@ -157,6 +166,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                     raise _Disconnect(Status.BAD_REQUEST, "value lengths do not add up to the body", header.request_id)
             self._allocate(keys, lengths)
         except _RequestError as exc:
+            self._unreserve_meta()
             self._reply_error(header.request_id, exc.status, str(exc))
             return None
         return [memoryview(value) for _key, value in self._incoming]
@@ -173,6 +183,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         except _Disconnect as exc:
             exc.request_id = request_id
             raise
+        finally:
+            self._unreserve_meta()
         self._reply(request_id, status, reply_meta, parts)
 
     # -- commands: each returns (status, reply meta, reply body parts) ----------------------
@@ -266,6 +278,11 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._drop_incoming()
                 raise _RequestError(Status.NO_SPACE, "memory is held by values still arriving; retry later")
             self._incoming.append((key, buffer))
+
+    def _unreserve_meta(self) -> None:
+        if self._meta_reserved:
+            self.server.store.unreserve(self._meta_reserved)
+            self._meta_reserved = 0
 
     def _drop_incoming(self) -> None:
         incoming, self._incoming = self._incoming, []

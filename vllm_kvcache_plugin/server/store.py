@@ -86,6 +86,20 @@ class MemoryStore:
         self.reserved += cost
         return buffer if buffer is not None else new_buffer(value_len)
 
+    def reserve(self, nbytes: int) -> bool:
+        """Charge ``nbytes`` of transient buffers (a large frame's meta) to the budget, evicting
+        as needed; False when that is impossible. Give them back with :meth:`unreserve`."""
+        while self.total + nbytes > self.budget and (self.pooled or self._entries):
+            self._drop_free() if self.pooled else self._evict_oldest()
+        if self.total + nbytes > self.budget:
+            self.counters.rejected_no_space += 1
+            return False
+        self.reserved += nbytes
+        return True
+
+    def unreserve(self, nbytes: int) -> None:
+        self.reserved -= nbytes
+
     def release(self, key_len: int, buffer: bytearray) -> None:
         """Give back an allocation whose value never arrived."""
         self.reserved -= entry_cost(key_len, len(buffer))
@@ -140,12 +154,9 @@ class MemoryStore:
     # -- internals ---------------------------------------------------------------------------
     def _promote(self, key: bytes, value: bytearray) -> None:
         cost = entry_cost(len(key), len(value))
-        if cost > self.budget:
-            return
-        while self.total + cost > self.budget and (self.pooled or self._entries):
-            self._drop_free() if self.pooled else self._evict_oldest()
-        if self.total + cost > self.budget:
+        if not self.reserve(cost):
             return  # values still arriving hold the memory: serve from disk only
+        self.reserved -= cost
         self._entries[key] = value
         self._clean.add(key)
         self.used += cost
