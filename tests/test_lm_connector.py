@@ -237,6 +237,10 @@ def test_silent_peer_times_out_at_connect() -> None:
             with pytest.raises(ConnectorError, match="no HELLO reply"):
                 await c.get("k")
             assert time.monotonic() - start < 2.0
+            start = time.monotonic()  # ten callers queued behind one attempt share its failure
+            results = await asyncio.gather(*(c.exists(f"k{i}") for i in range(10)), return_exceptions=True)
+            assert all(isinstance(r, ConnectorError) for r in results)
+            assert time.monotonic() - start < 2.0
 
         run(body())
 

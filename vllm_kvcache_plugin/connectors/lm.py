@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 
@@ -63,6 +64,7 @@ class LMConnector(RemoteConnector):
         self._proto: ClientConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connect_lock: asyncio.Lock | None = None
+        self._last_failure: tuple[float, ConnectorError] | None = None
 
     def __repr__(self) -> str:
         return f"LMConnector({self.where!r})"
@@ -162,7 +164,9 @@ class LMConnector(RemoteConnector):
     # -- request plumbing --------------------------------------------------------------------
     async def _call(self, op: Op, meta: bytes = b"", parts: Sequence[memoryview] = (), body_len: int = 0,
                     into: Sequence[memoryview | None] | None = None) -> Reply:
-        proto = await self._connection()
+        proto = self._proto
+        if proto is None or not proto.usable or self._loop is not asyncio.get_running_loop():
+            proto = await self._connection()
         future = proto.send(op, meta, parts, body_len, into)
         if proto.needs_drain:
             await proto.drain()
@@ -198,10 +202,18 @@ class LMConnector(RemoteConnector):
                                      "use one connector per loop")
             self._loop, self._proto, self._connect_lock = loop, None, asyncio.Lock()
         assert self._connect_lock is not None
+        waiting_since = time.monotonic()
         async with self._connect_lock:
             if self._proto is not None and self._proto.usable:
                 return self._proto
-            self._proto = await self._open()
+            failure = self._last_failure
+            if failure is not None and failure[0] >= waiting_since:
+                raise ConnectorError(str(failure[1]))  # callers that queued behind one attempt share its result
+            try:
+                self._proto = await self._open()
+            except ConnectorError as exc:
+                self._last_failure = (time.monotonic(), exc)
+                raise
             return self._proto
 
     async def _open(self) -> ClientConnection:
@@ -223,17 +235,22 @@ class LMConnector(RemoteConnector):
             self._checked(Op.HELLO, reply)
             info = json.loads(_joined(reply.body))
             names = {f.name for f in fields(Limits)}
-            self.limits = proto.limits = Limits(**{k: int(v) for k, v in info.items() if k in names})
-            self.server_info = info
+            limits = Limits(**{k: int(v) for k, v in info.items() if k in names})
         except asyncio.TimeoutError:
-            proto.abort(ConnectorError(f"{self.where}: no HELLO reply"))
-            raise ConnectorError(f"{self.where}: no HELLO reply within {timeout:g}s") from None
-        except (ConnectorError, ValueError, TypeError) as exc:
-            proto.abort(exc if isinstance(exc, ConnectorError) else ConnectorError(str(exc)))
-            if isinstance(exc, ConnectorError):
-                raise
-            raise ConnectorError(f"{self.where}: bad HELLO reply: {exc}") from None
-        return proto
+            error = ConnectorError(f"{self.where}: no HELLO reply within {timeout:g}s")
+        except ConnectorError as exc:
+            error = exc
+        except (ValueError, TypeError, AttributeError) as exc:
+            error = ConnectorError(f"{self.where}: bad HELLO reply: {exc}")
+        except BaseException:  # cancelled: do not leave the socket open
+            proto.abort(ConnectorError(f"{self.where}: connect cancelled"))
+            raise
+        else:
+            self.limits = proto.limits = limits
+            self.server_info = info
+            return proto
+        proto.abort(error)
+        raise error
 
     def _key(self, key: str) -> bytes:
         if not isinstance(key, str):

@@ -21,6 +21,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ConnectorError, ProtocolError
 
@@ -87,8 +88,7 @@ class VersionMismatch(ProtocolError):
     """The peer speaks another protocol version."""
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):  # a NamedTuple: built once per frame on the hot path
     code: int  # an Op in a request, a Status in a response
     request_id: int
     meta_len: int
