@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from ...engine import ChunkShape, KVCacheEngine
 from ...kernels import KVCopier, PagedKVSpec, get_copier
@@ -36,6 +37,13 @@ class RegisteredCache:
     spec: PagedKVSpec
     shape: ChunkShape
     copier: KVCopier
+
+
+def chunk_checksum(tensor: torch.Tensor) -> int:
+    """xxh3 of a chunk's bytes (the naive serde's payload), for DEBUG logs that prove bit-exactness."""
+    from ...serde.naive import tensor_bytes
+
+    return xxhash.xxh3_64_intdigest(tensor_bytes(tensor.cpu()))
 
 
 def slots_for(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
@@ -97,6 +105,9 @@ class WorkerSide:
                     break
                 loaded_to = b
                 nbytes += src.numel() * src.element_size()
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("loaded chunk %s tokens %d-%d xxh3=%016x", span.key, span.start, span.end,
+                                 chunk_checksum(obj.tensor))
         finally:
             for obj in chunks:
                 if obj is not None:
@@ -132,6 +143,9 @@ class WorkerSide:
                 cache.copier.gather(cache.layers, cache.spec, slots_for(save.block_ids, self.block_size, start, end),
                                     obj.tensor)
                 self.engine.store([span], [obj])
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("saved chunk %s tokens %d-%d xxh3=%016x", span.key, start, end,
+                                 chunk_checksum(obj.tensor))
             except Exception:
                 logger.exception("Saving chunk %s of request %s failed; it stays uncached", span.key, save.req_id)
             finally:

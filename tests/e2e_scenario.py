@@ -1,0 +1,166 @@
+"""The end-to-end scenario every store goes through on the real vLLM CPU engine (float32).
+
+A test module defines a module-scoped ``backend`` fixture (a :class:`Backend`) and imports the
+tests below with ``from tests.e2e_scenario import *``. The scenario starts vLLM with the connector
+("cold"), sends prompts, stops it, starts a fresh vLLM ("warm", a restart: vLLM's own prefix cache
+is empty) and checks that the prompts are loaded from the store and give the reference output, the
+output of a vLLM without the connector and without prefix caching.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pytest
+import xxhash
+
+from tests import prompts
+from tests.vllm_process import VLLMServer, clean_env, ensure_model
+from vllm_kvcache_plugin.serde.header import parse_header
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+MAX_TOKENS = 16
+LONG = prompts.text(700, offset=0)  # ~900 tokens: three full 256-token chunks and a partial one
+SHARES_PREFIX = prompts.text(450, offset=0) + " " + prompts.text(120, offset=9000)
+FAMILY = prompts.shared_prefix_family(16, prefix_words=300, tail_words=40, offset=2000)
+UNSEEN = prompts.text(400, offset=12000)
+LATE = prompts.text(500, offset=15000)  # stored by the cold run, first asked for after the store broke
+ALL_PROMPTS = [LONG, SHARES_PREFIX, UNSEEN, LATE, *FAMILY]
+
+KEY_RE = r"vllm@{model}@1@0@[0-9a-f]{{64}}"
+SAVED_RE = re.compile(r"saved chunk (\S+) tokens (\d+)-(\d+) xxh3=([0-9a-f]{16})")
+LOADED_RE = re.compile(r"loaded chunk (\S+) tokens (\d+)-(\d+) xxh3=([0-9a-f]{16})")
+HIT_RE = re.compile(r"Request (\S+): cache hit, loading (\d+) of (\d+) prompt tokens")
+
+
+@dataclass
+class Backend:
+    """A store under test: the settings for vLLM, and ways to look into (and break) the store."""
+
+    name: str
+    env: dict[str, str]
+    list_keys: Callable[[], list[str]] | None  # None: the store cannot list keys (disk: hashed names)
+    read_value: Callable[[str], bytes | None]
+    break_store: Callable[[], None]
+    extra: dict = field(default_factory=dict)
+
+
+def start_vllm(backend: Backend, tmp_path_factory, name: str) -> VLLMServer:
+    env = clean_env(LMCACHE_LOG_LEVEL="DEBUG", **backend.env)
+    log_dir = str(tmp_path_factory.mktemp(f"{backend.name}-{name}"))
+    return VLLMServer(env, dtype="float32", name=f"vllm-{name}", log_dir=log_dir).start()
+
+
+def hits_for(log: str, completion_id: str) -> list[int]:
+    return [int(m.group(2)) for m in HIT_RE.finditer(log) if m.group(1).startswith(completion_id)]
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, str]:
+    """Greedy continuations from vLLM with no connector and no prefix caching (float32)."""
+    ensure_model()
+    server = VLLMServer(clean_env(), dtype="float32", connector=False, name="vllm-reference",
+                        extra_args=("--no-enable-prefix-caching",))
+    with server, ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda p: server.text(p, MAX_TOKENS), ALL_PROMPTS))
+    return dict(zip(ALL_PROMPTS, texts, strict=True))
+
+
+@dataclass
+class ColdRun:
+    texts: dict[str, str]
+    log: str
+    model: str
+
+
+@pytest.fixture(scope="module")
+def cold(backend: Backend, reference, tmp_path_factory) -> ColdRun:
+    server = start_vllm(backend, tmp_path_factory, "cold")
+    try:
+        texts = {LONG: server.text(LONG, MAX_TOKENS), LATE: server.text(LATE, MAX_TOKENS)}
+        with ThreadPoolExecutor(16) as pool:
+            texts.update(zip(FAMILY, pool.map(lambda p: server.text(p, MAX_TOKENS), FAMILY), strict=True))
+    finally:
+        server.stop()  # a clean stop flushes pending writes
+    return ColdRun(texts, server.log(), server.model)
+
+
+@pytest.fixture(scope="module")
+def warm(backend: Backend, cold: ColdRun, tmp_path_factory):
+    server = start_vllm(backend, tmp_path_factory, "warm")
+    yield server
+    server.stop()
+
+
+def test_cold_run_matches_reference(cold: ColdRun, reference):
+    for prompt, text in cold.texts.items():
+        assert text == reference[prompt]
+
+
+def test_cold_run_stored_chunks_under_seed_keys(cold: ColdRun, backend: Backend):
+    pattern = re.compile(KEY_RE.format(model=re.escape(cold.model)))
+    saved = {m.group(1) for m in SAVED_RE.finditer(cold.log)}
+    assert saved, "the cold run saved nothing"
+    assert all(pattern.fullmatch(k) for k in saved), sorted(saved)[:3]
+    for key in saved:
+        assert backend.read_value(key) is not None, f"saved chunk {key} is not in the store"
+    if backend.list_keys is not None:
+        keys = backend.list_keys()
+        assert all(pattern.fullmatch(k) for k in keys), keys[:3]
+        assert saved <= set(keys)
+
+
+def test_prompt_sharing_a_prefix_loads_only_that_prefix(warm: VLLMServer, reference, backend: Backend):
+    # First request of the restarted instance: vLLM's own prefix cache is empty, so any hit is ours.
+    result = warm.complete(SHARES_PREFIX, MAX_TOKENS)
+    assert result["choices"][0]["text"] == reference[SHARES_PREFIX]
+    shared_tokens = len(warm.tokenize(prompts.text(450, offset=0)))
+    chunk = int(backend.extra.get("chunk_size", 256))
+    (loaded,) = hits_for(warm.log(), result["id"])
+    # Whole chunks of the shared prefix only (the boundary token may tokenize differently).
+    assert loaded % chunk == 0 and 0 < loaded <= shared_tokens
+    assert loaded >= (shared_tokens - 1) // chunk * chunk - chunk
+
+
+def test_restart_loads_prompt_and_gives_reference_output(warm: VLLMServer, reference):
+    result = warm.complete(LONG, MAX_TOKENS)
+    assert result["choices"][0]["text"] == reference[LONG]
+    prompt_tokens = result["usage"]["prompt_tokens"]
+    assert hits_for(warm.log(), result["id"]) == [prompt_tokens - 1]  # all but the one token to compute
+
+
+def test_stored_kv_is_bit_exact(cold: ColdRun, warm: VLLMServer, backend: Backend):
+    warm.text(LONG, 1)  # loaded by the previous test, or now
+    saved = {m.group(1): m.group(4) for m in SAVED_RE.finditer(cold.log)}
+    loaded = {m.group(1): m.group(4) for m in LOADED_RE.finditer(warm.log())}
+    assert loaded, "the warm instance loaded nothing"
+    for key, checksum in loaded.items():
+        assert saved[key] == checksum, f"chunk {key} changed between save and load"
+        value = backend.read_value(key)
+        if value is not None:  # the disk tier may hold what the remote does not, and vice versa
+            _, payload = parse_header(value)
+            assert f"{xxhash.xxh3_64_intdigest(payload):016x}" == checksum
+
+
+def test_sixteen_concurrent_shared_prefix_requests_match_reference(warm: VLLMServer, reference):
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: warm.complete(p, MAX_TOKENS), FAMILY))
+    for prompt, result in zip(FAMILY, results, strict=True):
+        assert result["choices"][0]["text"] == reference[prompt]
+    log = warm.log()
+    assert sum(bool(hits_for(log, r["id"])) for r in results) >= 8, "most requests should be store hits"
+
+
+def test_connector_metrics_are_in_vllm_metrics(warm: VLLMServer):
+    assert warm.metric_value("vllm:kvcache_plugin_load_tokens_total") > 0
+    assert warm.metric_value("vllm:kvcache_plugin_lookup_chunks_total") > 0
+
+
+def test_broken_store_still_serves_reference_output(warm: VLLMServer, backend: Backend, reference):
+    backend.break_store()
+    for prompt in (LATE, UNSEEN):
+        assert warm.text(prompt, MAX_TOKENS) == reference[prompt]

