@@ -45,14 +45,14 @@ class LMConnector(RemoteConnector):
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
         super().__init__(url, config)
+        shown = url.redacted().split("?", 1)[0]  # the token lives in the query: never in a message
         if len(url.hosts) != 1 or url.port is None:
-            raise URLError(f"remote URL {url.redacted()!r}: lm:// needs one host:port, e.g. lm://127.0.0.1:65432")
+            raise URLError(f"remote URL {shown!r}: lm:// needs one host:port, e.g. lm://127.0.0.1:65432")
         if url.path not in ("", "/"):
-            raise URLError(f"remote URL {url.redacted()!r}: lm:// takes no path")
+            raise URLError(f"remote URL {shown!r}: lm:// takes no path")
         unknown = sorted(set(url.query) - {"token"})
         if unknown:
-            raise URLError(f"remote URL lm://{url.host}:{url.port}: unknown option(s) {', '.join(unknown)}; "
-                           "allowed: token")
+            raise URLError(f"remote URL {shown!r}: unknown option(s) {', '.join(unknown)}; allowed: token")
         options = self.config.remote_options
         self.host, self.port = url.host, url.port
         self.where = f"lm://{self.host}:{self.port}"  # never includes the token

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _runner(args.loop)(serve(config))
     except OSError as exc:  # port taken, address not available, disk folder not writable
-        print(f"vllm-kvcache-server: error: {exc.strerror or exc} ({config.host}:{config.port})", file=sys.stderr)
+        print(f"vllm-kvcache-server: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
