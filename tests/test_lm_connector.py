@@ -53,6 +53,25 @@ def test_round_trips(lm_url: str) -> None:
     run(body())
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_pipelined_big_values_on_each_server_loop(lm_server_factory, loop: str) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is optional; the server falls back to asyncio")
+    server = lm_server_factory("--max-size-gb", "0.2", "--loop", loop)
+    values = {f"big/{i}": os.urandom(CHUNK_BYTES // (1 + i % 3)) for i in range(12)}
+
+    async def body() -> None:
+        c = make(server.url)
+        await asyncio.gather(*(c.put(k, v) for k, v in values.items()))
+        got = await asyncio.gather(*(c.get(k) for k in values), c.batched_get(list(values)))
+        for value, expected in zip(got[:-1], values.values(), strict=True):
+            assert bytes(value) == expected
+        assert [bytes(v) for v in got[-1]] == list(values.values())
+        await c.close()
+
+    run(body())
+
+
 def test_buffer_inputs_and_overwrite(lm_url: str) -> None:
     array = np.arange(50_000, dtype=np.float32).reshape(100, 500)
 

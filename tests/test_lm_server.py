@@ -139,7 +139,7 @@ def test_default_bind_is_loopback_and_start_line(lm_server_factory) -> None:
 
 # -- memory budget ---------------------------------------------------------------------------
 def test_lru_eviction_stays_within_budget(lm_server_factory) -> None:
-    server = lm_server_factory("--max-size-gb", "0.02")  # 20 MB
+    server = lm_server_factory("--max-size-gb", "0.02", "--loop", "asyncio")  # 20 MB; the stdlib loop
     value_size = 3 * MB
 
     async def body() -> None:
@@ -194,7 +194,7 @@ def test_oversize_values_rejected(lm_server_factory) -> None:
 
 
 def test_half_sent_values_count_against_the_budget(lm_server_factory) -> None:
-    server = lm_server_factory("--max-size-gb", "0.01", "--frame-timeout", "1")  # 10 MB
+    server = lm_server_factory("--max-size-gb", "0.01", "--frame-timeout", "1", "--loop", "asyncio")  # 10 MB
     stalled = []
     for i in range(2):  # 2 x 4 MB announced, 1 MB sent each
         sock = raw_client(server.port)
