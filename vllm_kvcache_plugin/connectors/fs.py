@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -40,7 +41,7 @@ SEGMENT_CHARS = 200
 _DIR_MARK = "~"
 _TEMP_PREFIX = ".tmp-"
 _STALE_TEMP_SECS = 3600.0
-_UNSAFE = re.compile(rb"[^A-Za-z0-9@._-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9@._-]")
 _QUERY_OPTIONS = ("fsync", "threads", "inline_exists")
 # File systems whose metadata calls answer from the local kernel: a stat never waits on a network.
 LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "overlay", "zfs", "f2fs"})
@@ -49,19 +50,27 @@ _WRITER_ID = uuid.uuid4().hex[:16]
 _temp_counter = itertools.count()
 
 
-def _escape_byte(match: re.Match[bytes]) -> bytes:
-    return b"%%%02X" % match.group()[0]
+@functools.lru_cache(maxsize=4096)
+def _escaped(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode())
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    return _escaped(match.group())
 
 
 def escape_key(key: str) -> str:
     """The file-name-safe spelling of ``key`` (no ``/``, no leading ``.``, no ``~``)."""
-    name = _UNSAFE.sub(_escape_byte, key.encode()).decode("ascii")
+    name = _UNSAFE.sub(_escape_char, key)
     return "%2E" + name[1:] if name.startswith(".") else name
 
 
+@functools.lru_cache(maxsize=1 << 16)  # lookups ask for the same keys again and again
 def key_to_relpath(key: str) -> str:
     """Relative path of the file holding ``key``; long names are split into ``~``-marked folders."""
     name = escape_key(key)
+    if len(name) <= SEGMENT_CHARS:
+        return name
     parts = [name[i : i + SEGMENT_CHARS] for i in range(0, len(name), SEGMENT_CHARS)]
     return os.path.join(*(p + _DIR_MARK for p in parts[:-1]), parts[-1])
 
