@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ def clean_env(**overrides: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    ttft: float  # seconds from sending the request to the first streamed token
+    text: str
+    id: str
 
 
 class VLLMServer:
@@ -111,25 +119,27 @@ class VLLMServer:
     def text(self, prompt: str | list[int], max_tokens: int = 16) -> str:
         return self.complete(prompt, max_tokens)["choices"][0]["text"]
 
-    def ttft(self, prompt: str | list[int], max_tokens: int = 1, timeout: float = 300.0) -> tuple[float, str]:
-        """Seconds to the first streamed token event, and the whole streamed text."""
+    def ttft(self, prompt: str | list[int], max_tokens: int = 1, timeout: float = 300.0) -> StreamResult:
+        """Seconds to the first streamed token event, the whole streamed text and the completion id."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
         req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         start = time.perf_counter()
         first = None
         text = []
+        completion_id = ""
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             for raw in resp:
                 line = raw.decode().strip()
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[5:])
+                completion_id = event.get("id", completion_id)
                 piece = event["choices"][0].get("text", "")
                 if first is None:
                     first = time.perf_counter() - start
                 text.append(piece)
-        return (first if first is not None else float("nan")), "".join(text)
+        return StreamResult(first if first is not None else float("nan"), "".join(text), completion_id)
 
     def tokenize(self, prompt: str) -> list[int]:
         return self._post("/tokenize", {"model": self.model, "prompt": prompt}, 30)["tokens"]

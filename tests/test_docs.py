@@ -1,0 +1,31 @@
+"""Docs that are generated from code stay in step with it, and nothing unpickles."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_config_table_is_current():
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "config_table.py")], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- config-table:start", 1)[1].split("-->", 1)[1].split("<!-- config-table:end -->")[0]
+    assert block.strip() == table, "README config table is stale: run scripts/config_table.py"
+
+
+def test_readme_starts_with_the_two_commands():
+    head = (REPO / "README.md").read_text().split("\n## ", 1)[0]
+    assert "make demo" in head and "make test" in head
+
+
+def test_no_pickle_on_any_wire_or_disk_path():
+    pattern = re.compile(r"^\s*(import (c?pickle|cloudpickle|dill|marshal|shelve)\b|from (c?pickle|cloudpickle|dill|"
+                         r"marshal|shelve) import)|\b(c?pickle|marshal|dill)\.loads?\(|torch\.load\(", re.M)
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "vllm_kvcache_plugin").rglob("*.py")
+                 if pattern.search(p.read_text())]
+    assert not offenders, f"pickle-like deserialisation in {offenders}"
