@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from tests.test_kernels_support import (
-    BLOCK_SIZES,
-    DTYPES,
     LAYOUTS,
+    MODEL_CASES,
     assert_same_bits,
     build_layers,
     check_gather,
@@ -112,10 +111,7 @@ def test_allocate_matches_vllm_views(layout, padded):
 
 # -- the reference against the element model ---------------------------------------------------------
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["mha", "mla"])
+@pytest.mark.parametrize(("kind", "layout", "block_size", "dtype"), MODEL_CASES, ids=str)
 def test_reference_matches_model(layout, block_size, dtype, kind):
     spec = make_spec(kind, block_size, dtype, head_size=16 if kind == "mha" else 24)
     layers = build_layers(spec, layout, num_layers=3, num_blocks=6, seed=block_size)

@@ -18,6 +18,20 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _model_cases() -> list[tuple[str, str, int, torch.dtype]]:
+    """(kind, layout, block size, dtype) covering every layout x dtype for MHA and every layout for
+    MLA, with the block size rotating so each layout and each dtype meets all three block sizes."""
+    cases = []
+    for index, (layout, dtype) in enumerate((lay, dt) for lay in LAYOUTS for dt in DTYPES):
+        cases.append(("mha", layout, BLOCK_SIZES[index % len(BLOCK_SIZES)], dtype))
+    for index, layout in enumerate(LAYOUTS):
+        cases.append(("mla", layout, BLOCK_SIZES[index % len(BLOCK_SIZES)], DTYPES[index % len(DTYPES)]))
+    return cases
+
+
+MODEL_CASES = _model_cases()
+
+
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(_BITS[tensor.element_size()])
 

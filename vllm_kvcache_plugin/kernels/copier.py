@@ -7,6 +7,7 @@ bad slot or a mismatched tensor never leaves a half-written cache behind.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,19 +18,60 @@ from .layouts import PagedKVSpec
 
 
 @dataclass(frozen=True)
+class LayerSet:
+    """A checked group of layers: same shape, strides, dtype and device; remembered by identity."""
+
+    layers: tuple[torch.Tensor, ...]
+    spec: PagedKVSpec
+    num_blocks: int
+    strides: tuple[int, int, int]  # elements: block, head, token (content stride is 1)
+    addresses: tuple[int, ...]  # data_ptr() of each layer
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+
+@dataclass(frozen=True)
 class CopyGeometry:
     """What a kernel needs to address every element, after the arguments were checked."""
 
-    num_layers: int
-    num_blocks: int
+    layer_set: LayerSet
     num_tokens: int
-    layer_strides: tuple[int, int, int]  # elements: block, head, token (content stride is 1)
     chunk_strides: tuple[int, int, int, int]  # elements: kv, layer, token, head (channel stride is 1)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_set.layers)
 
-def check_copy_args(layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-                    chunk: torch.Tensor, chunk_name: str = "out") -> CopyGeometry:
-    """Validate a gather/scatter call; raise ValueError with one clear line on the first problem."""
+    @property
+    def layer_strides(self) -> tuple[int, int, int]:
+        return self.layer_set.strides
+
+
+# The worker passes the same layer list on every call: checking 30+ layers costs more than copying
+# a small chunk, so checked sets are remembered by the identity of their tensors (held here, so the
+# ids cannot be reused while cached).
+_MAX_CACHED_SETS = 16
+_layer_sets: dict[tuple[int, ...], LayerSet] = {}
+_layer_sets_lock = threading.Lock()
+
+
+def check_layers(layers: Sequence[torch.Tensor], spec: PagedKVSpec) -> LayerSet:
+    """Validate the paged layers against ``spec`` (cached by tensor identity)."""
+    key = (id(spec), *map(id, layers))
+    cached = _layer_sets.get(key)
+    if cached is not None and cached.spec == spec:
+        return cached
+    checked = _check_layers(layers, spec)
+    with _layer_sets_lock:
+        if len(_layer_sets) >= _MAX_CACHED_SETS:
+            _layer_sets.pop(next(iter(_layer_sets)))
+        _layer_sets[key] = checked
+    return checked
+
+
+def _check_layers(layers: Sequence[torch.Tensor], spec: PagedKVSpec) -> LayerSet:
     if len(layers) == 0:
         raise ValueError("no KV layers given")
     first = layers[0]
@@ -46,40 +88,48 @@ def check_copy_args(layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: to
     if first.stride(3) != 1:
         raise ValueError(f"KV layer content axis must be contiguous, got strides {tuple(first.stride())}")
     for index, layer in enumerate(layers[1:], start=1):
-        if (layer.shape != first.shape or layer.stride() != first.stride() or layer.dtype != first.dtype
-                or layer.device != first.device):
+        if (not isinstance(layer, torch.Tensor) or layer.shape != first.shape or layer.stride() != first.stride()
+                or layer.dtype != first.dtype or layer.device != first.device):
             raise ValueError(f"KV layer {index} ({tuple(layer.shape)}, strides {tuple(layer.stride())}, "
                              f"{layer.dtype}, {layer.device}) differs from layer 0 ({tuple(first.shape)}, "
                              f"strides {tuple(first.stride())}, {first.dtype}, {first.device})")
     if spec.packing != "plain" and first.stride(2) != content:
         raise ValueError(f"packing {spec.packing!r} needs each (block, head) region contiguous, "
                          f"got layer strides {tuple(first.stride())}")
+    return LayerSet(tuple(layers), spec, num_blocks, (first.stride(0), first.stride(1), first.stride(2)),
+                    tuple(layer.data_ptr() for layer in layers))
 
+
+def slot_error(slot: int, layer_set: LayerSet) -> ValueError:
+    spec = layer_set.spec
+    return ValueError(f"slot {slot} out of range [0, {layer_set.num_blocks * spec.block_size}) "
+                      f"({layer_set.num_blocks} blocks of {spec.block_size})")
+
+
+def check_copy_args(layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+                    chunk: torch.Tensor, chunk_name: str = "out", check_slots: bool = True) -> CopyGeometry:
+    """Validate a gather/scatter call; raise ValueError with one clear line on the first problem.
+
+    ``check_slots=False`` is for kernels that range-check every slot themselves before writing.
+    """
+    layer_set = check_layers(layers, spec)
     if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
         raise ValueError(f"slots must be a 1-D tensor, got {getattr(slots, 'shape', type(slots))}")
     if slots.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"slots must be int64 (or int32), got {slots.dtype}")
     num_tokens = slots.numel()
     want = spec.chunk_shape(len(layers), num_tokens)
-    if tuple(chunk.shape) != want:
+    if chunk.shape != want:
         raise ValueError(f"{chunk_name} has shape {tuple(chunk.shape)}, expected {list(want)}")
     if chunk.dtype != spec.dtype:
         raise ValueError(f"{chunk_name} dtype {chunk.dtype} does not match the KV dtype {spec.dtype}")
     if chunk.stride(4) != 1 and spec.head_size > 1:
         raise ValueError(f"{chunk_name} channel axis must be contiguous, got strides {tuple(chunk.stride())}")
-    if num_tokens:
-        limit = num_blocks * block_size
-        low, high = int(slots.min()), int(slots.max())
-        if low < 0 or high >= limit:
-            bad = low if low < 0 else high
-            raise ValueError(f"slot {bad} out of range [0, {limit}) ({num_blocks} blocks of {block_size})")
-    return CopyGeometry(
-        num_layers=len(layers),
-        num_blocks=num_blocks,
-        num_tokens=num_tokens,
-        layer_strides=(first.stride(0), first.stride(1), first.stride(2)),
-        chunk_strides=(chunk.stride(0), chunk.stride(1), chunk.stride(2), chunk.stride(3)),
-    )
+    if num_tokens and check_slots:
+        low, high = (int(v) for v in torch.aminmax(slots))
+        if low < 0 or high >= layer_set.num_blocks * spec.block_size:
+            raise slot_error(low if low < 0 else high, layer_set)
+    return CopyGeometry(layer_set, num_tokens, chunk.stride()[:4])
 
 
 class KVCopier(ABC):

@@ -104,7 +104,7 @@ class PagedKVSpec:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def chunk_shape(self, num_layers: int, num_tokens: int) -> tuple[int, int, int, int, int]:
         """Canonical chunk shape: [2, L, T, H, D] (MHA) or [1, L, T, 1, C] (MLA)."""

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Gather/scatter bandwidth of every KV copier next to a plain contiguous copy of the same bytes.
+
+For each model shape (SmolLM2-135M: 30 layers, 3 KV heads, head 64; Llama-8B: 32 layers, 8 KV heads,
+head 128; bf16, 256-token chunks) and each cache layout case, it times gather (cache -> chunk) and
+scatter (chunk -> cache) of every implementation that runs on the device, and a contiguous copy of
+the same number of bytes in the same run. Chunks rotate over a cache larger than the last-level
+cache, and each figure is the best of several trials (the machine may be shared: best-of is the
+least disturbed estimate). Writes a table (stdout and results.md), results.json and a PNG plot.
+
+    python benchmarks/bench_kernels.py --quick --device cpu --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_kvcache_plugin.kernels import PagedKVSpec, allocate_paged_layers, available_copiers
+
+SHAPES = {"smollm2": (30, 3, 64), "llama8b": (32, 8, 128)}
+CHUNK_TOKENS = 256
+# (layout, block size, packing, chunk memory): vLLM's CPU attention case, the GPU FlashAttention
+# default, and a head-major GPU layout; on CUDA also the gather straight into pinned host memory.
+CPU_CASES = [("LBHNC", 128, "cpu_vec", "cpu"), ("LBNHC", 16, "plain", "cpu")]
+CUDA_CASES = [("LBNHC", 16, "plain", "cuda"), ("LBHNC", 16, "plain", "cuda"), ("LBNHC", 16, "plain", "pinned")]
+
+
+@dataclass
+class Row:
+    shape: str
+    layout: str
+    block_size: int
+    packing: str
+    chunk_memory: str
+    implementation: str
+    direction: str
+    mbytes: float
+    gbps: float
+    copy_gbps: float
+
+    @property
+    def ratio(self) -> float:
+        return self.gbps / self.copy_gbps if self.copy_gbps else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(step, device: torch.device, iterations: int, trials: int) -> float:
+    """Best mean time per call over ``trials`` runs of ``iterations`` calls (call i gets index i)."""
+    step(0)
+    _sync(device)
+    best = float("inf")
+    for trial in range(trials):
+        start = time.perf_counter()
+        for i in range(iterations):
+            step(trial * iterations + i + 1)
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / iterations)
+    return best
+
+
+def run_case(shape: str, case: tuple, device: torch.device, implementations: list[str],
+             iterations: int, trials: int) -> list[Row]:
+    num_layers, heads, head_size = SHAPES[shape]
+    layout, block_size, packing, chunk_memory = case
+    spec = PagedKVSpec("mha", block_size, heads, head_size, torch.bfloat16, packing)
+    chunk_bytes = 2 * num_layers * CHUNK_TOKENS * heads * head_size * 2
+    llc = 64 << 20 if device.type == "cpu" else 128 << 20
+    rotation = max(4, -(-llc // chunk_bytes))
+    blocks_per_chunk = CHUNK_TOKENS // block_size
+    layers = allocate_paged_layers(spec, layout, num_layers, rotation * blocks_per_chunk, device=device)
+    torch.empty(0, dtype=torch.uint8, device=device).set_(layers[0].untyped_storage()).random_(0, 256)
+    host = chunk_memory == "pinned"
+    chunk_device = torch.device("cpu") if host else device
+    chunks = [torch.ones(spec.chunk_shape(num_layers, CHUNK_TOKENS), dtype=spec.dtype, device=chunk_device,
+                         pin_memory=host) for _ in range(rotation)]
+    generator = torch.Generator().manual_seed(0)
+    slot_sets = []
+    for index in range(rotation):  # each chunk's blocks in a shuffled order, as a real block table has
+        blocks = index * blocks_per_chunk + torch.randperm(blocks_per_chunk, generator=generator)
+        slot_sets.append((blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1).to(device))
+    sources = torch.ones(rotation, chunk_bytes // 2, dtype=spec.dtype, device=device)
+
+    def plain_copy(i: int) -> None:
+        chunks[i % rotation].view(-1).copy_(sources[(i + 1) % rotation], non_blocking=host)
+
+    def plain_copy_back(i: int) -> None:
+        sources[(i + 1) % rotation].copy_(chunks[i % rotation].view(-1), non_blocking=host)
+
+    copy_in = chunk_bytes / best_seconds(plain_copy, device, iterations, trials) / 1e9
+    copy_out = chunk_bytes / best_seconds(plain_copy_back, device, iterations, trials) / 1e9
+    found = available_copiers(spec, device)
+    rows = []
+    for name in implementations:
+        copier = found.get(name)
+        if isinstance(copier, str) or copier is None:
+            continue
+        reps = iterations if name != "torch" else max(2, iterations // 5)
+
+        def gather(i: int, copier=copier) -> None:
+            copier.gather(layers, spec, slot_sets[i % rotation], chunks[i % rotation])
+
+        def scatter(i: int, copier=copier) -> None:
+            copier.scatter(layers, spec, slot_sets[i % rotation], chunks[i % rotation])
+
+        for direction, step, baseline in (("gather", gather, copy_in), ("scatter", scatter, copy_out)):
+            seconds = best_seconds(step, device, reps, trials)
+            rows.append(Row(shape, layout, block_size, packing, chunk_memory, name, direction,
+                            chunk_bytes / 1e6, chunk_bytes / seconds / 1e9, baseline))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| shape | layout | N | packing | chunk in | impl | dir | MB | GB/s | copy GB/s | % of copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.layout} | {r.block_size} | {r.packing} | {r.chunk_memory} | "
+                     f"{r.implementation} | {r.direction} | {r.mbytes:.1f} | {r.gbps:.2f} | {r.copy_gbps:.2f} | "
+                     f"{100 * r.ratio:.0f}% |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    labels = [f"{r.shape}\n{r.layout}/{r.block_size}/{r.packing}\n->{r.chunk_memory} {r.direction}\n{r.implementation}"
+              for r in rows]
+    figure, axis = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 5))
+    positions = range(len(rows))
+    axis.bar([p - 0.2 for p in positions], [r.gbps for r in rows], width=0.4, label="copier")
+    axis.bar([p + 0.2 for p in positions], [r.copy_gbps for r in rows], width=0.4, label="contiguous copy")
+    axis.set_xticks(list(positions), labels, fontsize=6)
+    axis.set_ylabel("GB/s")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and trials (a smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.md, results.json, plot.png")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    parser.add_argument("--impl", nargs="+", default=None, help="implementations to time (default: all available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cases = CPU_CASES if device.type == "cpu" else CUDA_CASES
+    implementations = args.impl or (["cpu", "torch"] if device.type == "cpu" else ["cuda", "triton", "torch"])
+    iterations, trials = (3, 2) if args.quick else (20, 5)
+    if device.type == "cuda":
+        iterations, trials = (10, 3) if args.quick else (50, 5)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# KV copy bandwidth on {name} (torch {torch.__version__}, load avg "
+          f"{os.getloadavg()[0]:.1f}); best of {trials} x {iterations} calls", flush=True)
+    rows: list[Row] = []
+    for shape in args.shapes:
+        for case in cases:
+            rows.extend(run_case(shape, case, device, implementations, iterations, trials))
+            print(format_table(rows[-2 * len(implementations):]).splitlines()[-1], flush=True)
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(f"KV copy bandwidth on {name}\n\n{table}\n")
+        (args.out / "results.json").write_text(json.dumps(
+            {"device": name, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=1))
+        plot(rows, args.out / "plot.png", f"KV gather/scatter vs contiguous copy ({name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
