@@ -25,12 +25,14 @@ class FrameWriter:
 
     asyncio's transport copies whatever the socket does not accept at once into its own buffer;
     written whole, a reply of forty 5.9 MB values would be copied (and the buffer grown) in full.
-    This queue holds views of the values instead and hands the transport one slice at a time,
-    only when its buffer is empty: at most one slice's tail is ever copied. The owning protocol
-    forwards ``pause_writing``/``resume_writing`` here.
+    This queue holds views of the values instead and hands the transport one part (at most one
+    slice) at a time, only when its buffer is empty: at most one slice's tail is ever copied. The
+    owning protocol forwards ``pause_writing``/``resume_writing`` here. Slices are large on
+    purpose: measured on loopback, each extra pause/resume round costs more CPU than copying the
+    tail of a 5.9 MB value.
     """
 
-    SLICE = 1 << 20
+    SLICE = 8 << 20
     SMALL = 16 * 1024  # header + body up to this size go out as one write
 
     def __init__(self, transport: WriteTransport) -> None:
