@@ -11,7 +11,7 @@ length tables), then ``body_len`` bytes of body (values)::
     12 u64 body length
 
 Values never travel in the meta, so a receiver knows every value's length before its bytes arrive
-and can receive it straight into a buffer of its own (:class:`FrameReader`). docs/lm-protocol.md
+and can receive it straight into a buffer of its own (see :mod:`.framing`). docs/lm-protocol.md
 describes each command. This module imports nothing from the connectors or the server.
 """
 
