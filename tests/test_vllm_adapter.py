@@ -1,0 +1,226 @@
+"""The vLLM adapter's scheduler and worker sides, driven step by step with vLLM's own data classes.
+
+No engine is started: the tests play the scheduler's part (Request, NewRequestData,
+CachedRequestData, SchedulerOutput are vLLM's real classes), while the worker side runs for real:
+its storage, its lookup server on a unix socket, and the kernels on vLLM-shaped paged caches.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vLLM adapter needs vLLM (pip install -e '.[cpu]')")
+
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.request import Request
+
+from vllm_kvcache_plugin.config import load_config
+from vllm_kvcache_plugin.engine import KVCacheEngine
+from vllm_kvcache_plugin.integration.vllm.lookup import LookupClient
+from vllm_kvcache_plugin.integration.vllm.scheduler import SchedulerSide
+from vllm_kvcache_plugin.integration.vllm.worker import WorkerSide, build_registered_cache, slots_for
+from vllm_kvcache_plugin.kernels import PagedKVSpec, TorchCopier, allocate_paged_layers
+
+BLOCK = 16
+CHUNK = 32
+SPEC = PagedKVSpec(kind="mha", block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
+NUM_LAYERS = 3
+
+
+class Harness:
+    """One worker (real storage + lookup server) and one scheduler side talking to it."""
+
+    def __init__(self, role: str = "kv_both", **config) -> None:
+        self.config = load_config({"chunk_size": CHUNK, **config}, env={})
+        self.address = f"\0kvtest-{uuid.uuid4().hex}"
+        self.engine = KVCacheEngine(self.config, "test-model")
+        self.worker = WorkerSide(self.engine, BLOCK, self.address)
+        self.layers = allocate_paged_layers(SPEC, "LBNHC", NUM_LAYERS, num_blocks=64)
+        self.worker.register(build_registered_cache([f"layers.{i}.attn" for i in range(NUM_LAYERS)],
+                                                    self.layers, SPEC))
+        self.sched = SchedulerSide(self.config, LookupClient([self.address], 2.0), can_load=role != "kv_producer",
+                                   can_save=role != "kv_consumer", block_size=BLOCK)
+        self.next_block = 0
+
+    def blocks(self, n: int) -> list[int]:
+        out = list(range(self.next_block, self.next_block + n))
+        self.next_block += n
+        return out
+
+    def forward(self, block_ids: list[int], start: int, end: int, kv: torch.Tensor) -> None:
+        """What vLLM's forward does to the paged cache: write the KV of tokens [start, end)."""
+        TorchCopier().scatter(self.layers, SPEC, slots_for(block_ids, BLOCK, start, end), kv[:, :, start:end])
+
+    def read(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        out = torch.empty(2, NUM_LAYERS, end - start, SPEC.num_kv_heads, SPEC.head_size, dtype=SPEC.dtype)
+        TorchCopier().gather(self.layers, SPEC, slots_for(block_ids, BLOCK, start, end), out)
+        return out
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def make_request(tokens: list[int], req_id: str | None = None) -> Request:
+    return Request(req_id or uuid.uuid4().hex, tokens, SamplingParams(max_tokens=4), None)
+
+
+def step(new=(), cached=(), scheduled: dict[str, int] | None = None, finished=()) -> SchedulerOutput:
+    """A SchedulerOutput with ``new`` = [(request, block_ids, num_computed)] and
+    ``cached`` = [(req_id, new_block_ids, num_computed, resumed)]."""
+    new_data = [NewRequestData.from_request(req, (blocks,)) for req, blocks, _ in new]
+    for data, (_, _, computed) in zip(new_data, new, strict=True):
+        data.num_computed_tokens = computed
+    cached_data = CachedRequestData(
+        req_ids=[c[0] for c in cached], resumed_req_ids={c[0] for c in cached if c[3]}, new_token_ids=[],
+        all_token_ids={}, new_block_ids=[(c[1],) if c[1] is not None else None for c in cached],
+        num_computed_tokens=[c[2] for c in cached], num_output_tokens=[0] * len(cached))
+    scheduled = scheduled or {}
+    return SchedulerOutput(scheduled_new_reqs=new_data, scheduled_cached_reqs=cached_data,
+                           num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
+                           scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={},
+                           num_common_prefix_blocks=[], finished_req_ids=set(finished),
+                           free_encoder_mm_hashes=[])
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+def run_chunked_prefill(h: Harness, tokens: list[int], kv: torch.Tensor, steps: list[int]) -> tuple[Request, list]:
+    """Schedule ``tokens`` as vLLM's chunked prefill would, ``steps`` tokens at a time, saving each step."""
+    req = make_request(tokens)
+    assert h.sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    blocks = h.blocks((steps[0] + BLOCK - 1) // BLOCK)
+    h.sched.update_state_after_alloc(req, blocks, 0)
+    saves = []
+    computed = 0
+    for i, n in enumerate(steps):
+        if i == 0:
+            out = step(new=[(req, blocks, 0)], scheduled={req.request_id: n})
+            new_blocks = blocks
+        else:
+            need = (computed + n + BLOCK - 1) // BLOCK - len(blocks)
+            new_blocks = h.blocks(need)
+            blocks = blocks + new_blocks
+            out = step(cached=[(req.request_id, new_blocks, computed, False)], scheduled={req.request_id: n})
+        meta = h.sched.build_meta(out)
+        h.forward(blocks, computed, computed + n, kv)
+        h.worker.save(meta)
+        saves.extend(c for s in meta.saves for c in s.chunks)
+        computed += n
+    return req, saves
+
+
+def test_chunked_prefill_saves_each_chunk_once_and_a_new_instance_loads_it(harness: Harness):
+    tokens = list(range(1000, 1300))  # 9 full chunks of 32 and a partial one of 12
+    kv = torch.randn(2, NUM_LAYERS, 300, 2, 32).to(torch.bfloat16)
+    _, saves = run_chunked_prefill(harness, tokens, kv, [100, 100, 100])
+    assert [(s, e) for s, e, _ in saves] == [(i, min(i + CHUNK, 300)) for i in range(0, 300, CHUNK)]
+    assert len({h for _, _, h in saves}) == len(saves)  # no chunk saved twice
+
+    # Another request with the same prompt (as after a restart: nothing computed locally).
+    again = make_request(tokens)
+    hit, is_async = harness.sched.get_num_new_matched_tokens(again, 0)
+    assert (hit, is_async) == (299, False)  # capped: one token is left for the forward to compute
+    blocks = harness.blocks(300 // BLOCK + 1)
+    harness.sched.update_state_after_alloc(again, blocks, hit)
+    meta = harness.sched.build_meta(step(new=[(again, blocks, 299)], scheduled={again.request_id: 1}))
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 299)] and not meta.saves
+    harness.worker.load(meta)
+    assert harness.worker.take_load_errors() == set()
+    assert torch.equal(harness.read(blocks, 0, 299), kv[:, :, :299])
+
+
+def test_load_starts_after_vllms_own_prefix_hit(harness: Harness):
+    tokens = list(range(5000, 5160))
+    kv = torch.randn(2, NUM_LAYERS, 160, 2, 32).to(torch.bfloat16)
+    run_chunked_prefill(harness, tokens, kv, [160])
+    again = make_request(tokens)
+    local = 64  # vLLM's prefix cache already holds 4 blocks
+    hit, _ = harness.sched.get_num_new_matched_tokens(again, local)
+    assert hit == 159 - local
+    blocks = harness.blocks(10)
+    harness.forward(blocks, 0, local, kv)  # those blocks already hold the local hit
+    harness.sched.update_state_after_alloc(again, blocks, hit)
+    meta = harness.sched.build_meta(step(new=[(again, blocks, 159)], scheduled={again.request_id: 1}))
+    (load,) = meta.loads
+    assert (load.start, load.end) == (local, 159)
+    assert [c[:2] for c in load.chunks] == [(64, 96), (96, 128), (128, 160)]
+    harness.worker.load(meta)
+    assert torch.equal(harness.read(blocks, 0, 159), kv[:, :, :159])
+
+
+def test_preempted_request_resumes_with_new_blocks(harness: Harness):
+    tokens = list(range(7000, 7128))
+    kv = torch.randn(2, NUM_LAYERS, 128, 2, 32).to(torch.bfloat16)
+    req = make_request(tokens)
+    harness.sched.get_num_new_matched_tokens(req, 0)
+    blocks = harness.blocks(4)
+    harness.sched.update_state_after_alloc(req, blocks, 0)
+    meta = harness.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: 64}))
+    harness.forward(blocks, 0, 64, kv)
+    harness.worker.save(meta)
+    # Preempted: its blocks are freed. On resumption the scheduler looks it up again and gives it new
+    # blocks, which replace the old ones (resumed_req_ids).
+    hit, _ = harness.sched.get_num_new_matched_tokens(req, 0)
+    assert hit == 64
+    new_blocks = harness.blocks(8)
+    harness.sched.update_state_after_alloc(req, new_blocks, hit)
+    out = step(cached=[(req.request_id, new_blocks, 64, True)], scheduled={req.request_id: 64})
+    meta = harness.sched.build_meta(out)
+    assert [(ld.start, ld.end, ld.block_ids) for ld in meta.loads] == [(0, 64, new_blocks)]
+    harness.worker.load(meta)
+    harness.forward(new_blocks, 64, 128, kv)
+    harness.worker.save(meta)
+    assert [c[:2] for s in meta.saves for c in s.chunks] == [(64, 96), (96, 128)]  # not the first two again
+    assert torch.equal(harness.read(new_blocks, 0, 128), kv)
+
+
+def test_a_chunk_gone_between_lookup_and_load_is_a_load_error(harness: Harness):
+    tokens = list(range(9000, 9100))
+    kv = torch.randn(2, NUM_LAYERS, 100, 2, 32).to(torch.bfloat16)
+    _, saves = run_chunked_prefill(harness, tokens, kv, [100])
+    again = make_request(tokens)
+    hit, _ = harness.sched.get_num_new_matched_tokens(again, 0)
+    harness.engine.storage.hot.remove(harness.engine.keys.key(saves[2][2]))  # evicted before the load
+    blocks = harness.blocks(7)
+    harness.sched.update_state_after_alloc(again, blocks, hit)
+    meta = harness.sched.build_meta(step(new=[(again, blocks, hit)], scheduled={again.request_id: 1}))
+    harness.worker.load(meta)
+    # Tokens 0..63 loaded; from token 64 (block 4) on vLLM must recompute.
+    assert harness.worker.take_load_errors() == set(blocks[64 // BLOCK:(hit - 1) // BLOCK + 1])
+    assert torch.equal(harness.read(blocks, 0, 64), kv[:, :, :64])
+
+
+def test_roles_consumer_never_saves_producer_never_loads():
+    consumer = Harness("kv_consumer")
+    producer = Harness("kv_producer")
+    try:
+        tokens = list(range(300, 364))
+        kv = torch.randn(2, NUM_LAYERS, 64, 2, 32).to(torch.bfloat16)
+        req = make_request(tokens)
+        consumer.sched.get_num_new_matched_tokens(req, 0)
+        blocks = consumer.blocks(4)
+        consumer.sched.update_state_after_alloc(req, blocks, 0)
+        meta = consumer.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: 64}))
+        assert not meta.saves
+
+        _, saves = run_chunked_prefill(producer, tokens, kv, [64])
+        assert len(saves) == 2
+        assert producer.sched.get_num_new_matched_tokens(make_request(tokens), 0) == (0, False)
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_unreachable_worker_is_a_miss():
+    config = load_config({"chunk_size": CHUNK}, env={})
+    sched = SchedulerSide(config, LookupClient([f"\0kvtest-nobody-{uuid.uuid4().hex}"], 0.5), True, True, BLOCK)
+    assert sched.get_num_new_matched_tokens(make_request(list(range(100))), 0) == (0, False)
