@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..lm_protocol import PROTOCOL_VERSION, Limits, ScratchPool
-from .connection import ServerConnection
+from .connection import CLOSE_GRACE_SECS, ServerConnection
 from .disk import DiskSpill
 from .store import MemoryStore
 
@@ -90,6 +90,12 @@ class LMServer:
                 server.close()
         for conn in list(self.connections):
             conn.close()
+        deadline = time.monotonic() + CLOSE_GRACE_SECS
+        while self.connections and time.monotonic() < deadline:  # let queued replies go out
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()  # peers that do not read
         for server in (self._server, self._metrics_server):
             if server is not None:
                 await server.wait_closed()

@@ -40,6 +40,7 @@ logger = logging.getLogger("vllm_kvcache_plugin.server")
 
 MAX_QUEUED_REPLY_BYTES = 8 << 20  # stop reading a client's requests while more than this waits to be sent
 MAX_TOKEN_LEN = 4096
+CLOSE_GRACE_SECS = 5.0  # a closed connection whose peer does not take its last replies is aborted
 SKIP_LIMIT = 1 << 32  # a refused frame's body up to this size is read and discarded, not disconnected
 
 
@@ -74,6 +75,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._incoming: list[tuple[bytes, bytearray]] = []
         self._meta_reserved = 0  # a large meta being received is charged to the memory budget
+        self._closing_since: float | None = None
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -321,13 +323,18 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.close()
 
     def close(self) -> None:
+        """Close after the queued replies are sent (a peer that never reads them is aborted later)."""
         self._drop_incoming()
         if self.transport is not None and not self.transport.is_closing():
+            self._closing_since = time.monotonic()
             self.transport.close()
 
     def close_if_stuck(self, now: float) -> None:
         config = self.server.config
-        if not self.authenticated and now - self.connected_at > config.handshake_timeout_secs:
+        if self._closing_since is not None:
+            if now - self._closing_since > CLOSE_GRACE_SECS and self.transport is not None:
+                self.transport.abort()
+        elif not self.authenticated and now - self.connected_at > config.handshake_timeout_secs:
             self._disconnect(Status.UNAUTHORIZED, "no HELLO in time")
         elif (
             self.reader.mid_frame
