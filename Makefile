@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/smollm2-135m
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := redis-server redis-sentinel libibverbs1 etcd-server
+APT_PACKAGES := redis-server redis-sentinel libibverbs1 etcd-server openssl
 PYTEST_ARGS ?=
 
 .PHONY: help install system-deps model test test-fast lint demo bench clean
@@ -28,7 +28,7 @@ help:
 
 # Debian packages for the real servers the tests use (redis, sentinel, etcd) and Mooncake's libibverbs.
 system-deps:
-	@if command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null && command -v etcd >/dev/null \
+	@if command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null && command -v etcd >/dev/null && command -v openssl >/dev/null \
 	    && ldconfig -p | grep -q 'libibverbs.so.1 '; then :; else \
 	  echo "==> apt-get install $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, unquote
 
 from ..errors import URLError
 
+_SECRET_QUERY_RE = re.compile(r"(?<=[?&])(password|sentinel_password|token)=([^&]*)")
 _URL_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>.*)$", re.S)
 
 
@@ -39,10 +40,11 @@ class RemoteURL:
         return self.query.get("device")
 
     def redacted(self) -> str:
-        """The URL with any password replaced, for logs."""
-        if self.password is None:
-            return self.raw
-        return self.raw.replace(f":{self.password}@", ":***@", 1)
+        """The URL with any password or token replaced, for logs."""
+        text = self.raw
+        if self.password is not None:
+            text = text.replace(f":{self.password}@", ":***@", 1)
+        return _SECRET_QUERY_RE.sub(lambda m: m.group(1) + "=***", text)
 
     def __repr__(self) -> str:  # never leak a password through repr()
         return f"RemoteURL({self.redacted()!r})"

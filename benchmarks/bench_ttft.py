@@ -1,0 +1,213 @@
+"""Time to first token on the real vLLM CPU engine: cold, vLLM's own prefix-cache hit, our restart hit.
+
+For each store (lm://, redis://, local disk, optionally mooncakestore://) and prompt length (~1k, 2k,
+4k, 7k tokens, distinct texts): start vLLM with the connector on an empty store, send each prompt
+twice (cold, then vLLM's own prefix-cache hit), restart vLLM (its prefix cache is gone) and send
+each prompt again (our hit, loaded from the store). A vLLM without the connector gives the cold
+baseline for the miss overhead. TTFT is streamed: the time to the first token event.
+
+    python benchmarks/bench_ttft.py [--lengths 1000,2000,4000,7000] [--stores lm,redis,disk] [--out DIR]
+
+Bars (2-core machine): restart hit <= 1.2x vLLM's own prefix-cache hit at ~4k tokens, >= 15x faster
+than cold, miss overhead <= 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
+from tests import prompts  # noqa: E402
+from tests.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
+
+
+@dataclass
+class StoreRun:
+    name: str
+    cold: dict[int, float] = field(default_factory=dict)
+    prefix_hit: dict[int, float] = field(default_factory=dict)
+    restart_hit: dict[int, float] = field(default_factory=dict)
+
+
+@contextmanager
+def store_env(name: str, workdir: Path) -> Iterator[dict[str, str]]:
+    """Start the store (if it is a server) and yield the connector settings for it."""
+    if name == "lm":
+        from tests.fixtures.lm_server import LMServerProcess
+        from tests.servers import free_port
+
+        server = LMServerProcess(free_port(), ("--max-size-gb", "4")).start()
+        try:
+            yield {"LMCACHE_REMOTE_URL": server.url, "LMCACHE_LOCAL_CPU": "False"}
+        finally:
+            server.stop()
+    elif name == "redis":
+        from tests.fixtures.redis_servers import start_redis
+
+        server = start_redis("redis-bench", str(workdir / "redis"))
+        try:
+            yield {"LMCACHE_REMOTE_URL": server.url, "LMCACHE_LOCAL_CPU": "False"}
+        finally:
+            server.stop()
+    elif name == "disk":
+        yield {"LMCACHE_LOCAL_DISK": str(workdir / "disk"), "LMCACHE_LOCAL_CPU": "False",
+               "LMCACHE_MAX_LOCAL_DISK_SIZE": "10"}
+    elif name == "mooncake":
+        from benchmarks.bench_connectors_mooncake import mooncake_store_env  # optional, issue 6
+
+        with mooncake_store_env(workdir) as env:
+            yield env
+    else:
+        raise SystemExit(f"unknown store {name!r}; known: lm, redis, disk, mooncake")
+
+
+def make_prompts(server: VLLMServer, lengths: list[int]) -> dict[int, list[int]]:
+    """Token-id prompts of exactly the given lengths, each from a different part of the corpus."""
+    out = {}
+    for i, n in enumerate(lengths):
+        ids = server.tokenize(prompts.text(int(n * 0.9) + 50, offset=3000 * i + 101))
+        while len(ids) < n:
+            ids += ids
+        out[n] = ids[:n]
+    return out
+
+
+def measure(server: VLLMServer, prompt: list[int]) -> float:
+    return server.ttft(prompt, max_tokens=1).ttft
+
+
+def run_store(name: str, lengths: list[int], workdir: Path, log: Callable[[str], None]) -> StoreRun:
+    run = StoreRun(name)
+    with store_env(name, workdir) as env:
+        server = VLLMServer(clean_env(**env), name=f"vllm-{name}-cold", log_dir=str(workdir)).start()
+        try:
+            prompt_ids = make_prompts(server, lengths)
+            for n, ids in prompt_ids.items():
+                run.cold[n] = measure(server, ids)
+                run.prefix_hit[n] = min(measure(server, ids) for _ in range(3))
+                log(f"  {name:8s} {n:5d} tokens: cold {run.cold[n]:.3f}s, vLLM prefix hit {run.prefix_hit[n]:.3f}s")
+        finally:
+            server.stop()
+        server = VLLMServer(clean_env(**env), name=f"vllm-{name}-warm", log_dir=str(workdir)).start()
+        try:
+            for n, ids in prompt_ids.items():
+                run.restart_hit[n] = measure(server, ids)
+                log(f"  {name:8s} {n:5d} tokens: restart hit {run.restart_hit[n]:.3f}s")
+        finally:
+            server.stop()
+    return run
+
+
+def run_baseline(lengths: list[int], reps: int, workdir: Path, log: Callable[[str], None]) -> dict[int, list[float]]:
+    """Cold TTFT without the connector, on the same distinct prompts (``reps`` fresh prompts each)."""
+    out: dict[int, list[float]] = {}
+    server = VLLMServer(clean_env(), connector=False, name="vllm-baseline", log_dir=str(workdir),
+                        extra_args=("--no-enable-prefix-caching",)).start()
+    try:
+        prompt_ids = make_prompts(server, lengths)
+        for n, ids in prompt_ids.items():
+            out[n] = [measure(server, ids) for _ in range(reps)]
+            log(f"  baseline {n:5d} tokens: cold {statistics.median(out[n]):.3f}s (no connector)")
+    finally:
+        server.stop()
+    return out
+
+
+def run_miss_overhead(lengths: list[int], reps: int, workdir: Path, log) -> dict[int, list[float]]:
+    """Cold TTFT with the connector on an empty store that can never hit (blackhole remote, no hot
+    cache), prefix caching off, so every repetition is a true miss that still looks up and saves."""
+    out: dict[int, list[float]] = {}
+    env = clean_env(LMCACHE_REMOTE_URL="blackhole://", LMCACHE_LOCAL_CPU="False")
+    server = VLLMServer(env, name="vllm-miss", log_dir=str(workdir), extra_args=("--no-enable-prefix-caching",))
+    server.start()
+    try:
+        prompt_ids = make_prompts(server, lengths)
+        for n, ids in prompt_ids.items():
+            out[n] = [measure(server, ids) for _ in range(reps)]
+            log(f"  miss     {n:5d} tokens: cold {statistics.median(out[n]):.3f}s (connector, empty store)")
+    finally:
+        server.stop()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="1000,2000,4000,7000", help="prompt lengths in tokens")
+    parser.add_argument("--stores", default="lm,redis,disk", help="stores to measure (lm, redis, disk, mooncake)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions for the miss-overhead columns")
+    parser.add_argument("--quick", action="store_true", help="one 1k and one 4k prompt, lm only")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="folder for the table and PNG")
+    args = parser.parse_args()
+    lengths = [1000, 4000] if args.quick else [int(x) for x in args.lengths.split(",")]
+    stores = ["lm"] if args.quick else [s.strip() for s in args.stores.split(",") if s.strip()]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_model()
+    print(environment_line(), flush=True)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-ttft-") as tmp:
+        workdir = Path(tmp)
+        baseline = run_baseline(lengths, args.reps, workdir, log)
+        miss = run_miss_overhead(lengths, args.reps, workdir, log)
+        runs = [run_store(name, lengths, workdir, log) for name in stores]
+
+    rows = []
+    for run in runs:
+        for n in lengths:
+            rows.append([run.name, n, fmt(run.cold[n], 3), fmt(run.prefix_hit[n], 3), fmt(run.restart_hit[n], 3),
+                         fmt(run.restart_hit[n] / run.prefix_hit[n]), fmt(run.cold[n] / run.restart_hit[n], 1)])
+    table = markdown_table(["store", "tokens", "cold s", "vLLM prefix hit s", "restart hit s",
+                            "hit / vLLM hit (<=1.2)", "cold / hit (>=15)"], rows)
+    miss_rows = []
+    for n in lengths:
+        base, conn = statistics.median(baseline[n]), statistics.median(miss[n])
+        miss_rows.append([n, fmt(base, 3), fmt(conn, 3), f"{100 * (conn / base - 1):+.1f}%"])
+    miss_table = markdown_table(["tokens", "no connector s", "connector, empty store s", "miss overhead (<=5%)"],
+                                miss_rows)
+    text = (f"{environment_line()}\n\nTTFT (streamed, max_tokens=1, bf16, --enforce-eager)\n\n{table}\n\n"
+            f"Miss overhead (median of {args.reps}, prefix caching off)\n\n{miss_table}\n")
+    print("\n" + text)
+    (out_dir / "ttft.md").write_text(text)
+    plot(runs, lengths, out_dir / "ttft.png")
+    print(f"wrote {out_dir / 'ttft.md'} and {out_dir / 'ttft.png'}")
+    return 0
+
+
+def plot(runs: list[StoreRun], lengths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lengths, [runs[0].cold[n] for n in lengths], "k--o", label="cold (no hit)")
+    ax.plot(lengths, [statistics.median([r.prefix_hit[n] for r in runs]) for n in lengths], "k:s",
+            label="vLLM's own prefix-cache hit")
+    for run in runs:
+        ax.plot(lengths, [run.restart_hit[n] for n in lengths], "-^", label=f"restart hit, {run.name}")
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("time to first token (s, log)")
+    ax.set_title("TTFT on vLLM's CPU build, SmolLM2-135M, 2 cores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
