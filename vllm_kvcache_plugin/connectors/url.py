@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, unquote
 
 from ..errors import URLError
 
+_USERINFO_PASSWORD_RE = re.compile(r"(://[^/@:?]*:)[^/?]*@")
 _SECRET_QUERY_RE = re.compile(r"(?<=[?&])(password|sentinel_password|token)=([^&]*)")
 _URL_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>.*)$", re.S)
 
@@ -41,9 +42,7 @@ class RemoteURL:
 
     def redacted(self) -> str:
         """The URL with any password or token replaced, for logs."""
-        text = self.raw
-        if self.password is not None:
-            text = text.replace(f":{self.password}@", ":***@", 1)
+        text = _USERINFO_PASSWORD_RE.sub(r"\1***@", self.raw, count=1)
         return _SECRET_QUERY_RE.sub(lambda m: m.group(1) + "=***", text)
 
     def __repr__(self) -> str:  # never leak a password through repr()
