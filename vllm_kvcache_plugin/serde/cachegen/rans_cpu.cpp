@@ -1,0 +1,233 @@
+// CacheGen rANS lanes on the CPU: the same stream layout as rans_numpy.py (the reference) and
+// triton_coder.py, one lane group at a time, the 64 lanes of a group interleaved so that their
+// independent table lookups overlap. Plain C ABI (called through ctypes, which releases the GIL, so
+// callers split groups across threads). No torch headers: it compiles in about a second.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr uint32_t kProbBits = 11;
+constexpr uint32_t kMask = (1u << kProbBits) - 1;
+constexpr uint32_t kRansL = 1u << 16;
+constexpr uint32_t kRenormShift = 32 - kProbBits;
+constexpr int64_t kGroup = 64;
+constexpr float kBf16Max = 3.38953139e38f;  // 0x7F7F0000
+constexpr float kF32Max = 3.40282347e38f;
+
+inline float from_bf16(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+template <int IN_KIND>
+inline float load(const void* x, int64_t i) {
+  if constexpr (IN_KIND == 1) return from_bf16(static_cast<const uint16_t*>(x)[i]);
+  return static_cast<const float*>(x)[i];
+}
+
+inline uint16_t to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);  // round half to even (inputs are finite)
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+template <int IN_KIND>
+int scales(const void* x, int64_t rows, int64_t K, int32_t* bits_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float peak = 0.0f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(load<IN_KIND>(x, r * K + k));
+      finite &= a <= 3.4028234663852886e38f;  // false for inf and NaN
+      peak = a > peak ? a : peak;
+    }
+    if (!finite) return 1;
+    uint32_t bits;
+    std::memcpy(&bits, &peak, 4);
+    uint32_t upper = (bits >> 16) + ((bits & 0xFFFF) != 0);
+    bits_out[r] = static_cast<int32_t>(upper > 0x7F7F ? 0x7F7F : upper);
+  }
+  return 0;
+}
+
+template <int IN_KIND>
+void quantize(const void* x, int64_t R, int64_t T, int64_t K, const int64_t* half, const float* step,
+              uint8_t* sym, int64_t* s1, int64_t* s2) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float c = static_cast<float>(half[r]);
+    int64_t* m1 = s1 + r * K;
+    int64_t* m2 = s2 + r * K;
+    for (int64_t k = 0; k < K; ++k) m1[k] = m2[k] = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const float st = step[r * T + t];
+      const int64_t base = (r * T + t) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        float q = st > 0.0f ? std::nearbyint(load<IN_KIND>(x, base + k) / st) : 0.0f;
+        q = q < -c ? -c : (q > c ? c : q);
+        const int32_t qi = static_cast<int32_t>(q);
+        sym[base + k] = static_cast<uint8_t>(qi + half[r]);
+        m1[k] += qi;
+        m2[k] += qi * qi;
+      }
+    }
+  }
+}
+
+template <int OUT_KIND, bool LOCALITY>
+int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states, const int64_t* rows_anchor,
+           const int64_t* rows_delta, const int64_t* sym_base, const uint8_t* sel, const uint8_t* sym_lut,
+           const uint32_t* freq_cum, const int64_t* half, const float* step, int64_t R, int64_t T, int64_t K,
+           int64_t g0, int64_t g1, void* out) {
+  const int64_t lanes = R * K;
+  const float limit = OUT_KIND == 1 ? kBf16Max : kF32Max;
+  uint32_t x[kGroup];
+  int64_t obase[kGroup], rowt[kGroup];
+  int32_t centre[kGroup], anchor[kGroup];
+  const uint8_t* lut_a[kGroup];
+  const uint8_t* lut_d[kGroup];
+  const uint32_t* fc_a[kGroup];
+  const uint32_t* fc_d[kGroup];
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t lane0 = g * kGroup;
+    const int64_t nl = lanes - lane0 < kGroup ? lanes - lane0 : kGroup;
+    int64_t ptr = offsets[g];
+    const int64_t end = offsets[g + 1];
+    const int64_t last = end > 0 ? end - 1 : 0;  // words holds at least one element (the caller pads)
+    for (int64_t i = 0; i < nl; ++i) {
+      const int64_t lane = lane0 + i, row = lane / K;
+      x[i] = states[lane];
+      if (x[i] < kRansL) return 1;
+      rowt[i] = row * T;
+      obase[i] = row * T * K + lane % K;
+      centre[i] = static_cast<int32_t>(half[row]);
+      anchor[i] = 0;
+      lut_a[i] = sym_lut + (rows_anchor[lane] << kProbBits);
+      lut_d[i] = sym_lut + (rows_delta[lane] << kProbBits);
+      fc_a[i] = freq_cum + sym_base[rows_anchor[lane]];
+      fc_d[i] = freq_cum + sym_base[rows_delta[lane]];
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const bool delta = sel[t] != 0;
+      const uint8_t* const* lut = delta ? lut_d : lut_a;
+      const uint32_t* const* fc = delta ? fc_d : fc_a;
+      for (int64_t i = 0; i < nl; ++i) {
+        const uint32_t slot = x[i] & kMask;
+        int32_t s = lut[i][slot];
+        const uint32_t fcv = fc[i][s];
+        const uint32_t st = (fcv & 0xFFFF) * (x[i] >> kProbBits) + slot - (fcv >> 16);
+        // Branch-free renormalisation (a taken/not-taken pattern near 20/80 mispredicts): always load
+        // the next word (clamped in bounds; an over-read leaves ptr != end, caught after the group).
+        const uint32_t need = st < kRansL;
+        const uint32_t w = words[ptr < last ? ptr : last];
+        x[i] = need ? (st << 16) | w : st;
+        ptr += need;
+        if constexpr (LOCALITY) {
+          if (!delta) {
+            anchor[i] = s;
+          } else {
+            const int32_t n = 2 * centre[i] + 1;
+            s += anchor[i] - centre[i];
+            s = s >= n ? s - n : (s < 0 ? s + n : s);
+          }
+        }
+        float v = static_cast<float>(s - centre[i]) * step[rowt[i] + t];
+        const int64_t o = obase[i] + t * K;
+        v = v > limit ? limit : (v < -limit ? -limit : v);  // a rounded-up scale never decodes to inf
+        if constexpr (OUT_KIND == 1) static_cast<uint16_t*>(out)[o] = to_bf16(v);
+        else static_cast<float*>(out)[o] = v;
+      }
+    }
+    if (ptr != end) return 1;
+    for (int64_t i = 0; i < nl; ++i)
+      if (x[i] != kRansL) return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// bf16 bits of max|x| per row of K values, rounded up (in_kind 0: float32, 1: bfloat16). 1 on NaN/inf.
+int cg_scales(const void* x, int in_kind, int64_t rows, int64_t K, int32_t* bits_out) {
+  return in_kind == 1 ? scales<1>(x, rows, K, bits_out) : scales<0>(x, rows, K, bits_out);
+}
+
+// Symbols round(x / step) + C clamped to [0, 2C] for x [R, T, K], and each lane's (r, k) exact moments of
+// the centred symbols over all tokens (the locality-off path; quant.py is the reference).
+void cg_quantize(const void* x, int in_kind, int64_t R, int64_t T, int64_t K, const int64_t* half,
+                 const float* step, uint8_t* sym, int64_t* s1, int64_t* s2) {
+  if (in_kind == 1) quantize<1>(x, R, T, K, half, step, sym, s1, s2);
+  else quantize<0>(x, R, T, K, half, step, sym, s1, s2);
+}
+
+// Encode lane groups [g0, g1). sym: uint8 [R, T, K] (locality applied); lane = r * K + k.
+// fc_anchor / fc_delta: offset of each lane's table row in freq / cum / rcp; sel[t]: 1 -> delta table.
+// Each group's words go right-aligned into scratch[g * 64 * T ...]; counts[g] says how many.
+void cg_encode(const uint8_t* sym, int64_t R, int64_t T, int64_t K, const int64_t* fc_anchor,
+               const int64_t* fc_delta, const uint8_t* sel, const uint32_t* freq, const uint32_t* cum,
+               const uint64_t* rcp, int64_t g0, int64_t g1, uint16_t* scratch, uint32_t* states,
+               uint32_t* counts) {
+  const int64_t lanes = R * K, cap = kGroup * T;
+  uint32_t x[kGroup];
+  int64_t base[kGroup];
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t lane0 = g * kGroup;
+    const int64_t nl = lanes - lane0 < kGroup ? lanes - lane0 : kGroup;
+    for (int64_t i = 0; i < nl; ++i) {
+      const int64_t lane = lane0 + i;
+      x[i] = kRansL;
+      base[i] = (lane / K) * T * K + lane % K;
+    }
+    uint16_t* out = scratch + g * cap;
+    int64_t pos = cap;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t* fc = sel[t] ? fc_delta : fc_anchor;
+      for (int64_t i = nl - 1; i >= 0; --i) {
+        const int64_t off = fc[lane0 + i] + sym[base[i] + t * K];
+        const uint32_t f = freq[off];
+        uint32_t s = x[i];
+        if ((s >> kRenormShift) >= f) {
+          out[--pos] = static_cast<uint16_t>(s & 0xFFFF);
+          s >>= 16;
+        }
+        const uint32_t q = static_cast<uint32_t>((static_cast<unsigned __int128>(s) * rcp[off]) >> 43);
+        x[i] = (q << kProbBits) + (s - q * f) + cum[off];
+      }
+    }
+    for (int64_t i = 0; i < nl; ++i) states[lane0 + i] = x[i];
+    counts[g] = static_cast<uint32_t>(cap - pos);
+  }
+}
+
+// Concatenate the right-aligned group streams of cg_encode: words[offsets[g] ...] for g in [g0, g1).
+void cg_pack(const uint16_t* scratch, int64_t T, const uint32_t* counts, const int64_t* offsets, int64_t g0,
+             int64_t g1, uint16_t* words) {
+  const int64_t cap = kGroup * T;
+  for (int64_t g = g0; g < g1; ++g)
+    std::memcpy(words + offsets[g], scratch + g * cap + cap - counts[g], sizeof(uint16_t) * counts[g]);
+}
+
+// Decode lane groups [g0, g1) into out [R, T, K] (out_kind 0: float32, 1: bfloat16), undoing token-wise
+// locality (group size `locality`, <= 1 off) and dequantising (sym - C) * step[r, t]. rows_*: each lane's
+// global table row; sym_base[row]: the row's offset in freq_cum. offsets: int64 [groups + 1] into words.
+// Returns 0, or 1 if a stream is corrupt (over-read, bad initial or final state, words left over).
+int cg_decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states, const int64_t* rows_anchor,
+              const int64_t* rows_delta, const int64_t* sym_base, const uint8_t* sel, const uint8_t* sym_lut,
+              const uint32_t* freq_cum, const int64_t* half, const float* step, int64_t R, int64_t T, int64_t K,
+              int64_t locality, int64_t g0, int64_t g1, void* out, int out_kind) {
+#define CG_DECODE(KIND, LOC)                                                                                \
+  decode<KIND, LOC>(words, offsets, states, rows_anchor, rows_delta, sym_base, sel, sym_lut, freq_cum, half, \
+                    step, R, T, K, g0, g1, out)
+  const bool loc = locality > 1;
+  if (out_kind == 1) return loc ? CG_DECODE(1, true) : CG_DECODE(1, false);
+  return loc ? CG_DECODE(0, true) : CG_DECODE(0, false);
+#undef CG_DECODE
+}
+
+}  // extern "C"
