@@ -304,12 +304,18 @@ class MooncakeStoreConnector(RemoteConnector):
         self._replicate = self._mooncake.ReplicateConfig()
         self._replicate.replica_num = s.replica_num
         if s.staging_buffer_size >= _ALIGN:
-            stages = [_Staging(s.staging_buffer_size) for _ in range(2)]
+            try:
+                stages = [_Staging(s.staging_buffer_size) for _ in range(2)]
+            except MemoryError:
+                stages = []
             codes = [store.register_buffer(st.ptr, st.capacity) for st in stages]
-            if all(code == 0 for code in codes):
+            if stages and codes == [0, 0]:
                 self._put_stage, self._get_stage = stages
-            else:
-                logger.warning("Mooncake register_buffer returned %s; using plain put/get", codes)
+            else:  # zero-copy where memory allows; plain put/get otherwise
+                logger.warning("Mooncake staging areas unavailable (register_buffer: %s); using plain put/get", codes)
+                for stage, code in zip(stages, codes, strict=True):
+                    if code == 0:
+                        store.unregister_buffer(stage.ptr)
         return store
 
     def _release(self, store: Any) -> None:
