@@ -120,6 +120,7 @@ def test_repository_configs(monkeypatch, yaml_name, json_name, metadata, serde):
     (None, {"local_hostname": "h", "metadata_server": "P2PHANDSHAKE", "replica_num": 0}, "positive integer"),
     (None, {"local_hostname": "h", "metadata_server": "P2PHANDSHAKE", "replica_nun": 2}, "did you mean 'replica_num'"),
     (None, {"local_hostname": "h", "metadata_server": "P2PHANDSHAKE", "metrics_address": "nohost"}, "not host:port"),
+    (None, {"local_hostname": "h", "metadata_server": "P2PHANDSHAKE", "overwrite": "maybe"}, "not true or false"),
 ])
 def test_config_errors_are_one_line(tmp_path, file_text, options, expected):
     env = {}
@@ -180,6 +181,20 @@ def test_put_of_existing_key_keeps_first_value(conn):
         assert await conn.delete(key)
         await conn.put(key, b"second" * 100)
         assert bytes(await conn.get(key)) == b"second" * 100
+    run(scenario())
+
+
+def test_overwrite_option_replaces_values(mooncake_p2p):
+    async def scenario():
+        conn = connector(mooncake_p2p, url=mooncake_p2p.master.url + "?overwrite=true")
+        await conn.connect()
+        try:
+            key, big = unique("upsert"), os.urandom(CHUNK_BYTES)
+            await conn.put(key, b"first" * 100)
+            await conn.batched_put([(key, big)])
+            assert bytes(await conn.get(key)) == big
+        finally:
+            await conn.close()
     run(scenario())
 
 

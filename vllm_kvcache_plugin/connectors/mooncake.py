@@ -97,6 +97,13 @@ def _positive(kind: type) -> Callable[[Any], Any]:
     return parse
 
 
+def _flag(raw: Any) -> bool:
+    text = str(raw).strip().lower()
+    if isinstance(raw, bool) or text in ("true", "false", "1", "0", "yes", "no"):
+        return raw if isinstance(raw, bool) else text in ("true", "1", "yes")
+    raise ValueError(f"{raw!r} is not true or false")
+
+
 @dataclass(frozen=True)
 class MooncakeSettings:
     """Everything the Mooncake client needs; see docs/mooncake.md for each key."""
@@ -113,6 +120,7 @@ class MooncakeSettings:
     staging_buffer_size: int = 64 * MiB
     metrics_address: str | None = None
     tenant_id: str = "default"
+    overwrite: bool = False
 
     @classmethod
     def load(cls, url: RemoteURL, options: Mapping[str, Any], env: Mapping[str, str]) -> MooncakeSettings:
@@ -142,7 +150,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
                                "P2PHANDSHAKE, etcd://host:port, http://host:port/metadata or redis://..."),
     "protocol": _string(r"^(tcp|rdma)$", "tcp or rdma", lower=True), "device_name": _text, "tenant_id": _text,
     "global_segment_size": parse_size, "local_buffer_size": parse_size, "staging_buffer_size": parse_size,
-    "replica_num": _positive(int), "transfer_timeout": _positive(float),
+    "replica_num": _positive(int), "transfer_timeout": _positive(float), "overwrite": _flag,
 }
 assert set(_PARSERS) == {f.name for f in fields(MooncakeSettings)}
 _ALIASES = {"replica_count": "replica_num", "rdma_devices": "device_name", "master_metrics_address": "metrics_address"}
@@ -241,6 +249,10 @@ class MooncakeStoreConnector(RemoteConnector):
         self._mooncake = _import_mooncake()
         self._store: Any = None
         self._replicate: Any = None
+        # put semantics: Mooncake's (first write wins) or, with overwrite, its upsert family
+        names = ("batch_upsert_from", "upsert_from", "upsert") if self.settings.overwrite else \
+            ("batch_put_from", "put_from", "put")
+        self._put_many_from, self._put_from, self._put_plain = names
         self._put_stage: _Staging | None = None
         self._get_stage: _Staging | None = None
         self._slot_hint = 0  # largest value seen, aligned: the slot size of batched gets
@@ -444,8 +456,9 @@ class MooncakeStoreConnector(RemoteConnector):
 
     async def batched_put(self, items: Sequence[tuple[str, Buffer]]) -> None:
         """First write wins: Mooncake keeps an existing key's value (content-addressed keys make that
-        safe); delete first to replace one. A put that finds the segments full starts an eviction in
-        the master, so it is retried a few times (at most ~0.2 s) before it fails."""
+        safe); delete first to replace one, or set ``overwrite`` (Mooncake's upsert). A put that
+        finds the segments full starts an eviction in the master, so it is retried a few times (at
+        most ~0.2 s) before it fails."""
         if not items:
             return
         store = self._client()
@@ -476,18 +489,19 @@ class MooncakeStoreConnector(RemoteConnector):
                     group.append((key, offset, view.nbytes))
                     offset += _aligned(view.nbytes)
                 self._flush(store, stage, group)
+        put = getattr(store, self._put_plain)
         for key, view in unstaged:
-            self._check_put(key, store.put(key, view, self._replicate),
-                            lambda k=key, v=view: store.put(k, v, self._replicate))
+            self._check_put(key, put(key, view, self._replicate), lambda k=key, v=view: put(k, v, self._replicate))
 
     def _flush(self, store: Any, stage: _Staging, group: list[tuple[str, int, int]]) -> None:
         if not group:
             return
         keys = [key for key, _, _ in group]
-        codes = store.batch_put_from(keys, [stage.ptr + off for _, off, _ in group],
-                                     [n for _, _, n in group], self._replicate)
+        codes = getattr(store, self._put_many_from)(keys, [stage.ptr + off for _, off, _ in group],
+                                                    [n for _, _, n in group], self._replicate)
+        put_from = getattr(store, self._put_from)
         for (key, off, n), code in zip(group, codes, strict=True):
-            self._check_put(key, code, lambda k=key, o=off, n=n: store.put_from(k, stage.ptr + o, n, self._replicate))
+            self._check_put(key, code, lambda k=key, o=off, n=n: put_from(k, stage.ptr + o, n, self._replicate))
 
     def _check_put(self, key: str, code: int, retry: Callable[[], int]) -> None:
         for pause in _EVICTION_PAUSES:  # the failed allocation started an eviction (~5-10 ms)
