@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Remote connectors against each store's own client, moving the same bytes in the same run.
 
-For every case (lm, redis, redis cluster, fs, blackhole; Mooncake is one more entry in CASES) and
+For every case (lm, redis, redis cluster, fs, blackhole, mooncake) and
 for chunks of 256 and 16 tokens of SmolLM2-135M in bf16 (2*30*T*3*64*2 bytes: 5.9 MB and 368 KB):
 
     put, get               one key per call, awaited one after another
@@ -123,6 +123,33 @@ class FileRaw:
         pass
 
 
+class MooncakeRaw:
+    """MooncakeDistributedStore's own calls, on a second client of the same master and segment owner.
+    Writes use upsert, as the case's connector does (``?overwrite=true``): Mooncake never replaces
+    a key, so plain puts would move no bytes after the first pass over the same keys."""
+
+    label = "MooncakeDistributedStore upsert/get"
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def put(self, key: str, value: bytes) -> None:
+        if self.store.upsert(key, value) != 0:
+            raise RuntimeError(f"raw Mooncake upsert of {key} failed")
+
+    def get(self, key: str) -> bytes | None:
+        return self.store.get(key) or None
+
+    def exists(self, key: str) -> bool:
+        return self.store.is_exist(key) == 1
+
+    def exists_batch(self, keys: list[str]) -> list[bool]:
+        return [code == 1 for code in self.store.batch_is_exist(keys)]
+
+    def close(self) -> None:
+        self.store.close()
+
+
 # -- cases -----------------------------------------------------------------------------------
 @dataclass
 class Target:
@@ -234,12 +261,38 @@ def start_blackhole(stack: ExitStack, scratch: str) -> Target:
     return Target("blackhole://")
 
 
+def start_mooncake(stack: ExitStack, scratch: str) -> Target:
+    """A master and a mooncake_client that owns the memory (the layout that survives a vLLM
+    restart); the connector and the raw client add no segment, so both cross loopback TCP."""
+    try:
+        from mooncake.store import MooncakeDistributedStore
+
+        from tests.fixtures import mooncake_servers as mc
+    except ImportError as exc:
+        raise CaseSkipped(f"{exc}: pip install 'vllm-kvcache-plugin[mooncake-cpu]'") from None
+    master = _start_guarded(mc.start_mooncake_master)
+    stack.callback(master.stop)
+    owner = _start_guarded(lambda: mc.start_standalone_client(master, "P2PHANDSHAKE", segment="2GB"))
+    stack.callback(owner.stop)
+    config = mc.MooncakeCluster(master, "P2PHANDSHAKE", Path(scratch)).write_config(
+        global_segment_size=0, local_buffer_size="256MB")
+    os.environ["MOONCAKE_CONFIG_PATH"] = str(config)  # read by the connector run_case creates
+    stack.callback(os.environ.pop, "MOONCAKE_CONFIG_PATH", None)
+    store = MooncakeDistributedStore()
+    if store.setup("127.0.0.1", "P2PHANDSHAKE", 0, 256 << 20, "tcp", "", master.address) != 0:
+        raise CaseSkipped("the raw Mooncake client could not set up")
+    raw = MooncakeRaw(store)
+    stack.callback(raw.close)
+    return Target(f"{master.url}?overwrite=true", raw)
+
+
 CASES: list[Case] = [
     Case("lm", start_lm),
     Case("redis", start_redis),
     Case("redis-cluster", start_redis_cluster),
     Case("fs", start_fs),
     Case("blackhole", start_blackhole),
+    Case("mooncake", start_mooncake),
 ]
 
 
