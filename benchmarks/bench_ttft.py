@@ -54,6 +54,7 @@ def store_env(name: str, workdir: Path) -> Iterator[dict[str, str]]:
     elif name == "redis":
         from tests.fixtures.redis_servers import start_redis
 
+        (workdir / "redis").mkdir(exist_ok=True)
         server = start_redis("redis-bench", str(workdir / "redis"))
         try:
             yield {"LMCACHE_REMOTE_URL": server.url, "LMCACHE_LOCAL_CPU": "False"}

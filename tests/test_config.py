@@ -50,11 +50,11 @@ def _error(**kwargs) -> str:
 
 def test_unknown_key_names_key_source_and_suggestion(tmp_path):
     msg = _error(env={"LMCACHE_CHUNK_SIZ": "16"})
-    assert "LMCACHE_CHUNK_SIZ" in msg and "environment" in msg and "chunk_size" in msg
+    assert "LMCACHE_CHUNK_SIZ" in msg and "environment" in msg and "did you mean 'chunk_size'" in msg
     conf = tmp_path / "c.yaml"
     conf.write_text("remote_ulr: redis://x:1\n")
     msg = _error(env={"LMCACHE_CONFIG_FILE": str(conf)})
-    assert "remote_ulr" in msg and str(conf) in msg and "remote_url" in msg
+    assert "remote_ulr" in msg and str(conf) in msg and "did you mean 'remote_url'" in msg
 
 
 @pytest.mark.parametrize("env,needles", [

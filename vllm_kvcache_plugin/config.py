@@ -256,11 +256,10 @@ def _normalise_key(key: str) -> str:
 def _unknown(key: str, source: str) -> ConfigError:
     import difflib
 
-    close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(
-        f"{key} (from {source}): unknown key{hint} Known keys: {', '.join(FIELD_TYPES)}"
-    )
+    name = _normalise_key(key[len(ENV_PREFIX):] if key.startswith(ENV_PREFIX) else key)
+    close = difflib.get_close_matches(name, FIELD_TYPES, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return ConfigError(f"{key} (from {source}): unknown key{hint} Known keys: {', '.join(FIELD_TYPES)}")
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

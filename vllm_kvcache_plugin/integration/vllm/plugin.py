@@ -7,8 +7,10 @@ registration is idempotent. Without the entry point, the same class loads with
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Sequence
 
 CONNECTOR_NAME = "LMCacheConnector"
 MODULE_PATH = "vllm_kvcache_plugin.integration.vllm.connector"
@@ -28,10 +30,45 @@ def _configure_logging() -> None:
     root.propagate = False
 
 
+def _cli_transfer_config(argv: Sequence[str]) -> dict | None:
+    """The --kv-transfer-config JSON of a `vllm serve` / api_server command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--kv-transfer-config" and i + 1 < len(argv):
+            raw = argv[i + 1]
+        elif arg.startswith("--kv-transfer-config="):
+            raw = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None  # vLLM reports malformed JSON itself
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def validate_early(argv: Sequence[str] | None = None) -> None:
+    """Fail a server start-up with one line when our settings are bad, before vLLM loads the model.
+
+    Runs when vLLM loads its plugins in the API server process; the connector checks again in the
+    engine processes (for the Python API, which has no command line)."""
+    transfer = _cli_transfer_config(sys.argv if argv is None else argv)
+    if not transfer or transfer.get("kv_connector") != CONNECTOR_NAME:
+        return
+    from ...config import load_config
+    from ...errors import ConfigError
+
+    try:
+        load_config(transfer.get("kv_connector_extra_config") or {})
+    except ConfigError as exc:
+        raise SystemExit(f"vllm-kvcache-plugin: invalid configuration: {exc}") from None
+
+
 def register() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     _configure_logging()
+    validate_early()
     if CONNECTOR_NAME in KVConnectorFactory._registry:
         return
     KVConnectorFactory.register_connector(CONNECTOR_NAME, MODULE_PATH, CLASS_NAME)
