@@ -133,6 +133,20 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def bar_verdicts(rows: list[Row], fast: str, bar: float) -> str:
+    """One line per timed case of the fast implementation: its share of copy bandwidth vs the bar."""
+    lines = [f"Bar: {fast} >= {100 * bar:.0f}% of a contiguous copy of the same bytes"]
+    for r in rows:
+        if r.implementation != fast:
+            continue
+        verdict = "ok  " if r.ratio >= bar else "MISS"
+        lines.append(f"- {verdict} {r.shape} {r.layout}/{r.block_size}/{r.packing} -> {r.chunk_memory} "
+                     f"{r.direction}: {100 * r.ratio:.0f}% ({r.gbps:.1f} of {r.copy_gbps:.1f} GB/s)")
+    if len(lines) == 1:
+        lines.append(f"- no rows for {fast}: it did not run")
+    return "\n".join(lines)
+
+
 def plot(rows: list[Row], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -166,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     parser.add_argument("--impl", nargs="+", default=None, help="implementations to time (default: all available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--bar", type=float, default=None,
+                        help="report whether the fast path reaches this fraction of copy bandwidth (e.g. 0.7)")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -187,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(run_case(shape, case, device, implementations, iterations, trials))
             print(format_table(rows[-2 * len(implementations):]).splitlines()[-1], flush=True)
     table = format_table(rows)
+    if args.bar is not None:
+        table += "\n\n" + bar_verdicts(rows, "cuda" if device.type == "cuda" else "cpu", args.bar)
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One GPU check for the KV copy kernels, for a GPU machine with torch (CUDA), Triton and nvcc but no
+# vLLM and no network. Under 5 minutes: builds the CUDA extension, runs the GPU correctness tests,
+# times every copier against a device copy (bar: >= 80%), and runs the CacheGen GPU benchmark if
+# benchmarks/bench_cachegen.py exists. Every step runs (with its own time limit) even if an earlier
+# one failed, so one session on a GPU yields all the evidence; the exit status is non-zero if any
+# step failed. Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: ./gpu_check_out)
+#
+# Environment: PYTHON (default python3), GPU_CHECK_QUICK=1 for a shorter benchmark.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PYTHON=${PYTHON:-python3}
+OUT_DIR=${1:-${GPU_CHECK_OUT:-$ROOT/gpu_check_out}}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export VLLM_KVCACHE_KERNEL_CACHE=${VLLM_KVCACHE_KERNEL_CACHE:-$OUT_DIR/kernel_cache}
+START=$(date +%s)
+FAILED=()
+
+banner() { printf '\n=== [%4ss] %s ===\n' "$(( $(date +%s) - START ))" "$*"; }
+
+# run_step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, remember failures.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  banner "$name (limit ${limit}s)"
+  local status=0
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log" || status=$?
+  if [[ $status -ne 0 ]]; then
+    [[ $status -eq 124 ]] && echo "!!! $name timed out after ${limit}s"
+    echo "!!! $name failed (exit $status)"
+    FAILED+=("$name")
+  fi
+}
+
+banner "environment"
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device visible to $PYTHON (torch.cuda.is_available() is False); nothing to check" >&2
+  exit 2
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" - <<'PY'
+import importlib.util
+import torch
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {torch.cuda.get_device_name()}")
+for name in ("triton", "cupy", "vllm"):
+    spec = importlib.util.find_spec(name)
+    version = getattr(__import__(name), "__version__", "?") if spec else "absent"
+    print(f"{name}: {version}")
+PY
+command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc: not on PATH"
+
+run_step build 240 "$PYTHON" csrc/build.py
+run_step tests 180 "$PYTHON" -m pytest --noconftest -p no:cacheprovider -q -x \
+  tests/test_kernels_cuda.py tests/test_kernels.py
+
+BENCH_ARGS=(--device cuda --out "$OUT_DIR/bench" --bar 0.8)
+[[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && BENCH_ARGS+=(--quick)
+run_step bench 150 "$PYTHON" benchmarks/bench_kernels.py "${BENCH_ARGS[@]}"
+
+if [[ -f benchmarks/bench_cachegen.py ]]; then
+  run_step cachegen 120 "$PYTHON" benchmarks/bench_cachegen.py --gpu-only
+else
+  banner "cachegen: benchmarks/bench_cachegen.py not present, skipped"
+fi
+
+banner "summary"
+if [[ -f "$OUT_DIR/bench/results.md" ]]; then
+  cat "$OUT_DIR/bench/results.md"
+fi
+echo "logs and results: $OUT_DIR"
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  echo "gpu_check: FAILED steps: ${FAILED[*]} ($(( $(date +%s) - START )) s)"
+  exit 1
+fi
+echo "gpu_check: all steps passed ($(( $(date +%s) - START )) s)"

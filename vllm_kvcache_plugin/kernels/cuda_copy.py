@@ -1,0 +1,149 @@
+"""CUDA copier: csrc/kv_copy.cu, one launch for all layers, built on first use where CUDA exists.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` into
+``$VLLM_KVCACHE_KERNEL_CACHE/cuda`` (default ``~/.cache/vllm_kvcache_plugin``), for the visible GPU's
+architecture, so CPU installs never need nvcc. ``python csrc/build.py`` builds it ahead of time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .copier import CopyGeometry, KVCopier, LayerSet, check_copy_args
+from .layouts import PagedKVSpec
+
+CSRC_ENV = "VLLM_KVCACHE_CSRC"
+CACHE_ENV = "VLLM_KVCACHE_KERNEL_CACHE"
+EXTENSION_NAME = "vllm_kvcache_kv_copy"
+_MAX_VEC_BYTES = 16
+
+
+def csrc_dir() -> Path:
+    """Where the CUDA sources live: ``$VLLM_KVCACHE_CSRC`` or the repository's csrc/."""
+    override = os.environ.get(CSRC_ENV)
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _build_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vllm_kvcache_plugin")
+    path = Path(root) / "cuda" / f"torch{torch.__version__}-cuda{torch.version.cuda}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+
+
+def load_extension(verbose: bool = False) -> ModuleType:
+    """Compile (once per torch/CUDA version, cached on disk) and import the extension."""
+    global _extension
+    with _lock:
+        if _extension is not None:
+            return _extension
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available: the CUDA copier cannot be built or run")
+        source = csrc_dir() / "kv_copy.cu"
+        if not source.is_file():
+            raise RuntimeError(f"CUDA source {source} not found (set {CSRC_ENV} to the csrc/ folder)")
+        from torch.utils import cpp_extension
+
+        _extension = cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(source)],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+            build_directory=str(_build_dir()),
+            verbose=verbose,
+        )
+        return _extension
+
+
+def _vector_bytes(values: Sequence[int]) -> int:
+    """The widest power-of-two access (<= 16 bytes) that every address and byte stride allows."""
+    common = 0
+    for value in values:
+        common = math.gcd(common, int(value))
+    vec = _MAX_VEC_BYTES
+    while vec > 1 and common % vec:
+        vec //= 2
+    return vec
+
+
+class CudaCopier(KVCopier):
+    """csrc/kv_copy.cu: 16-byte vector copies, all layers in one launch, pinned host chunks direct."""
+
+    name = "cuda"
+
+    def __init__(self, extension: ModuleType) -> None:
+        self._ext = extension
+        self._addresses: dict[int, tuple[LayerSet, torch.Tensor, int]] = {}
+        self._addresses_lock = threading.Lock()
+
+    @classmethod
+    def create(cls) -> CudaCopier:
+        return cls(load_extension())
+
+    def gather(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+               out: torch.Tensor) -> None:
+        geo = check_copy_args(layers, spec, slots, out, "out")
+        if geo.num_tokens == 0:
+            return
+        target = self._direct_target(out, geo)
+        self._launch(geo, spec, slots, target, gather=True)
+        if target is not out:
+            out.copy_(target)
+
+    def scatter(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+                src: torch.Tensor) -> None:
+        geo = check_copy_args(layers, spec, slots, src, "src")
+        if geo.num_tokens == 0:
+            return
+        source = self._direct_target(src, geo)
+        if source is not src:
+            source.copy_(src)
+        self._launch(geo, spec, slots, source, gather=False)
+
+    @staticmethod
+    def _direct_target(chunk: torch.Tensor, geo: CopyGeometry) -> torch.Tensor:
+        """The chunk itself when the kernel can reach it (same GPU, or pinned host), else a staging copy."""
+        device = geo.layer_set.device
+        if device.type != "cuda":
+            raise ValueError(f"the cuda copier needs CUDA layers, got {device}")
+        if chunk.device == device or (chunk.device.type == "cpu" and chunk.is_pinned()):
+            return chunk
+        return torch.empty(chunk.shape, dtype=chunk.dtype, device=device)
+
+    def _layer_table(self, layer_set: LayerSet) -> tuple[torch.Tensor, int]:
+        """Device array of layer addresses and their common alignment, cached per layer set."""
+        key = id(layer_set)
+        cached = self._addresses.get(key)
+        if cached is not None and cached[0] is layer_set:
+            return cached[1], cached[2]
+        table = torch.tensor(layer_set.addresses, dtype=torch.int64).to(layer_set.device)
+        alignment = _vector_bytes(layer_set.addresses)
+        with self._addresses_lock:
+            if len(self._addresses) >= 16:
+                self._addresses.pop(next(iter(self._addresses)))
+            self._addresses[key] = (layer_set, table, alignment)
+        return table, alignment
+
+    def _launch(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
+                gather: bool) -> None:
+        layer_set = geo.layer_set
+        table, address_alignment = self._layer_table(layer_set)
+        es = spec.element_size
+        row_bytes = spec.head_size * es
+        layer_strides = [stride * es for stride in layer_set.strides]
+        chunk_strides = [stride * es for stride in geo.chunk_strides]
+        vec = _vector_bytes([address_alignment, row_bytes, chunk.data_ptr(), *layer_strides, *chunk_strides])
+        slots = slots.to(device=layer_set.device, dtype=torch.int64, non_blocking=True).contiguous()
+        with torch.cuda.device(layer_set.device):
+            self._ext.kv_copy(table, slots, chunk, spec.num_kv_heads, spec.num_kv, row_bytes, spec.block_size,
+                              layer_strides, chunk_strides, vec, gather)
