@@ -55,7 +55,7 @@ PY
 command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc: not on PATH"
 
 run_step build 240 "$PYTHON" csrc/build.py
-run_step tests 180 "$PYTHON" -m pytest --noconftest -p no:cacheprovider -q -x \
+run_step tests 180 "$PYTHON" -m pytest --noconftest -p no:cacheprovider -q -rs --maxfail=20 \
   tests/test_kernels_cuda.py tests/test_kernels.py
 
 BENCH_ARGS=(--device cuda --out "$OUT_DIR/bench" --bar 0.8)
