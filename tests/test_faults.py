@@ -1,0 +1,210 @@
+"""Faults against real processes, at the storage layer: a store killed, slow, or serving bad bytes,
+and a disk that is full, read-only or emptied underneath. Every fault must be a miss (never an
+exception or a wrong chunk), cost at most one time-out, and heal without a restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+import torch
+
+from tests.fixtures.lm_server import LMServerProcess
+from tests.fixtures.redis_servers import start_redis
+from tests.proxy import DelayProxy
+from tests.servers import free_port, wait_for
+from vllm_kvcache_plugin.config import load_config
+from vllm_kvcache_plugin.memory import Allocator, ChunkMeta, KVFormat
+from vllm_kvcache_plugin.serde.naive import NaiveSerde
+from vllm_kvcache_plugin.storage import StorageManager
+
+TIMEOUT = 0.5
+SHAPE = (2, 4, 16, 2, 32)
+META = ChunkMeta(KVFormat.KV, torch.bfloat16, SHAPE)
+
+
+def chunk(alloc: Allocator):
+    return alloc.allocate(META, torch.randn(SHAPE).to(torch.bfloat16))
+
+
+def manager(url: str, **extra) -> StorageManager:
+    cfg = load_config({"remote_url": url, "local_cpu": False, "blocking_timeout_secs": TIMEOUT,
+                       "existence_cache_ttl_secs": 0, **extra}, env={})
+    return StorageManager(cfg)
+
+
+class RedisStore:
+    def __init__(self, tmp_path):
+        workdir = tmp_path / "redis"
+        workdir.mkdir()
+        self.server = start_redis("redis-faults", str(workdir))
+        self.url = self.server.url
+        self.port = self.server.node.port
+
+    def kill(self):
+        self.server.node.kill()
+
+    def restart(self):
+        self.server.node.start()
+
+    def raw_set(self, key: str, value: bytes):
+        self.server.client().set(key, value)
+
+    def raw_get(self, key: str) -> bytes:
+        return self.server.client().get(key)
+
+    def stop(self):
+        self.server.stop()
+
+
+class LMStore:
+    def __init__(self, tmp_path):
+        self.process = LMServerProcess(free_port(), ("--max-size-gb", "0.5")).start()
+        self.url = self.process.url
+        self.port = self.process.port
+
+    def kill(self):
+        self.process.kill()
+
+    def restart(self):
+        self.process.start()
+
+    def stop(self):
+        self.process.stop()
+
+
+@pytest.fixture(params=["redis", "lm"])
+def store(request, tmp_path):
+    s = RedisStore(tmp_path) if request.param == "redis" else LMStore(tmp_path)
+    yield s
+    s.stop()
+
+
+def test_store_killed_is_a_bounded_miss_and_heals(store):
+    mgr = manager(store.url)
+    try:
+        objs = [chunk(mgr.allocator) for _ in range(3)]
+        for i, obj in enumerate(objs):
+            mgr.put(f"k{i}", obj)
+        assert mgr.flush(10)
+        assert mgr.lookup_prefix(["k0", "k1", "k2"]).hit_chunks == 3
+
+        store.kill()
+        start = time.monotonic()
+        assert mgr.lookup_prefix(["k0", "k1", "k2"]).hit_chunks == 0
+        assert time.monotonic() - start < TIMEOUT + 1.0, "a dead store may cost at most one time-out"
+        assert not mgr.remote.healthy
+        start = time.monotonic()
+        assert mgr.get_many(["k0", "k1"]) == [None, None]
+        assert mgr.lookup_prefix(["k0"]).hit_chunks == 0
+        assert time.monotonic() - start < 0.1, "once unhealthy, misses are immediate"
+
+        store.restart()
+        wait_for(lambda: mgr.remote.healthy, 30, "the remote tier to reconnect")
+        assert mgr.counters.remote_reconnects >= 1
+        fresh = chunk(mgr.allocator)
+        mgr.put("after", fresh)
+        assert mgr.flush(10)
+        (back,) = mgr.get_many(["after"])
+        assert back is not None and torch.equal(back.tensor, fresh.tensor)
+        back.ref_down()
+    finally:
+        mgr.close()
+
+
+def test_slow_store_is_a_miss_within_the_timeout(tmp_path):
+    store = RedisStore(tmp_path)
+    proxy = DelayProxy(store.port).start()
+    mgr = manager(f"redis://127.0.0.1:{proxy.port}")
+    try:
+        obj = chunk(mgr.allocator)
+        mgr.put("k", obj)
+        assert mgr.flush(10)
+        assert mgr.lookup_prefix(["k"]).hit_chunks == 1
+        proxy.delay = 3.0  # every byte now takes 3 s to cross
+        start = time.monotonic()
+        assert mgr.lookup_prefix(["k"]).hit_chunks == 0
+        assert time.monotonic() - start < TIMEOUT + 1.0
+        proxy.delay = 0.0
+        wait_for(lambda: mgr.remote.healthy, 30, "the remote tier to recover")
+        assert mgr.lookup_prefix(["k"]).hit_chunks == 1
+    finally:
+        mgr.close()
+        proxy.stop()
+        store.stop()
+
+
+def test_corrupt_and_foreign_values_are_misses(tmp_path):
+    store = RedisStore(tmp_path)
+    mgr = manager(store.url)
+    try:
+        obj = chunk(mgr.allocator)
+        for key in ("flipped", "truncated", "foreign", "garbage"):
+            mgr.put(key, obj)
+        assert mgr.flush(10)
+        good = store.raw_get("flipped")
+        flipped = bytearray(good)
+        flipped[len(flipped) // 2] ^= 0x01
+        store.raw_set("flipped", bytes(flipped))
+        store.raw_set("truncated", good[: len(good) // 3])
+        other_dtype = Allocator().wrap(torch.randn(SHAPE, dtype=torch.float32))  # another model's dtype
+        store.raw_set("foreign", bytes(NaiveSerde().serialize(other_dtype)))
+        store.raw_set("garbage", os.urandom(1000))
+        assert mgr.get_many(["flipped", "truncated", "foreign", "garbage"], META) == [None] * 4
+        assert mgr.tier_counters["remote"].corrupt == 4
+        assert mgr.remote.healthy, "bad values are the values' fault, not the store's"
+    finally:
+        mgr.close()
+        store.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 1 MB file system (tmpfs), for a disk that fills up or turns read-only."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_and_read_only_are_warnings_not_crashes(small_tmpfs, caplog):
+    cfg = load_config({"local_disk": str(small_tmpfs), "local_cpu": False, "max_local_disk_size": 1}, env={})
+    mgr = StorageManager(cfg)
+    try:
+        objs = [mgr.allocator.wrap(torch.randn(2, 4, 128, 2, 32).to(torch.bfloat16)) for _ in range(12)]  # 128 KB each
+        for i, obj in enumerate(objs):
+            mgr.put(f"k{i}", obj)
+        assert mgr.flush(10)
+        stored = [i for i in range(12) if mgr.disk.contains(f"k{i}")]
+        assert 0 < len(stored) < 12, "a 1 MB disk holds some chunks, not all"
+        assert mgr.tier_counters["disk"].errors > 0
+        assert "write failed" in caplog.text
+        assert not [p for p in os.listdir(small_tmpfs) if p.startswith(".tmp-")], "no half-written files left"
+        got = mgr.get_many([f"k{stored[0]}"])[0]
+        assert got is not None and torch.equal(got.tensor, objs[stored[0]].tensor)
+
+        subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+        errors = mgr.tier_counters["disk"].errors
+        mgr.put("ro", objs[0])
+        assert mgr.flush(10)
+        assert mgr.tier_counters["disk"].errors == errors + 1 and not mgr.disk.contains("ro")
+        assert mgr.get_many([f"k{stored[0]}"])[0] is not None, "a read-only disk still serves reads"
+    finally:
+        mgr.close()
+
+
+def test_unreachable_store_at_start_up(tmp_path):
+    start = time.monotonic()
+    mgr = manager(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        assert time.monotonic() - start < TIMEOUT + 2.0
+        assert not mgr.remote.healthy
+        assert mgr.lookup_prefix([uuid.uuid4().hex]).hit_chunks == 0
+    finally:
+        mgr.close()
