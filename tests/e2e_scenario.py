@@ -18,7 +18,7 @@ import pytest
 import xxhash
 
 from tests import prompts
-from tests.vllm_process import VLLMServer, clean_env, ensure_model
+from tests.vllm_process import VLLMServer, clean_env
 from vllm_kvcache_plugin.serde.header import parse_header
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -57,17 +57,6 @@ def start_vllm(backend: Backend, tmp_path_factory, name: str) -> VLLMServer:
 
 def hits_for(log: str, completion_id: str) -> list[int]:
     return [int(m.group(2)) for m in HIT_RE.finditer(log) if m.group(1).startswith(completion_id)]
-
-
-@pytest.fixture(scope="session")
-def reference() -> dict[str, str]:
-    """Greedy continuations from vLLM with no connector and no prefix caching (float32)."""
-    ensure_model()
-    server = VLLMServer(clean_env(), dtype="float32", connector=False, name="vllm-reference",
-                        extra_args=("--no-enable-prefix-caching",))
-    with server, ThreadPoolExecutor(4) as pool:
-        texts = list(pool.map(lambda p: server.text(p, MAX_TOKENS), ALL_PROMPTS))
-    return dict(zip(ALL_PROMPTS, texts, strict=True))
 
 
 @dataclass
