@@ -1,0 +1,118 @@
+"""A multi-turn chat workload: several users, some sharing a system prompt; each turn's prompt is the
+previous prompt + the answer + a new question. Hit rate and mean TTFT per turn, with and without
+the connector, on a vLLM whose own KV cache is too small to keep every conversation (as on a busy
+server), so earlier turns are evicted there and must come back from our tiers.
+
+    python benchmarks/bench_chat.py [--users 6] [--turns 4] [--kv-space-gb 0.3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
+from tests import prompts  # noqa: E402
+from tests.e2e_scenario import HIT_RE  # noqa: E402
+from tests.fixtures.lm_server import LMServerProcess  # noqa: E402
+from tests.servers import free_port  # noqa: E402
+from tests.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
+
+
+@dataclass
+class TurnStats:
+    ttft: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    loaded_tokens: int = 0
+
+
+def conversations(users: int, system_words: int) -> list[str]:
+    """Opening prompts: half the users share one system prompt, the others have their own."""
+    shared = prompts.text(system_words, offset=40000)
+    return [(shared if u % 2 == 0 else prompts.text(system_words, offset=41000 + 900 * u))
+            + f"\n\nUser {u}: {prompts.text(60, offset=50000 + 300 * u)}" for u in range(users)]
+
+
+def run(server: VLLMServer, users: int, turns: int, system_words: int, answer_tokens: int) -> list[TurnStats]:
+    history = conversations(users, system_words)
+    stats = [TurnStats() for _ in range(turns)]
+
+    def one_turn(u: int, turn: int) -> None:
+        stats[turn].prompt_tokens += len(server.tokenize(history[u]))
+        streamed = server.ttft(history[u], max_tokens=answer_tokens)
+        stats[turn].ttft.append(streamed.ttft)
+        question = prompts.text(80, offset=60000 + 700 * u + 90 * turn)
+        history[u] += f"{streamed.text}\n\nUser {u}, turn {turn + 1}: {question}"
+        log = server.log()
+        for match in HIT_RE.finditer(log):
+            if match.group(1).startswith(streamed.id):
+                stats[turn].loaded_tokens += int(match.group(2))
+
+    with ThreadPoolExecutor(users) as pool:
+        for turn in range(turns):
+            list(pool.map(one_turn, range(users), [turn] * users))
+    return stats
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=6)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--system-words", type=int, default=900, help="size of the (shared) system prompt")
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--kv-space-gb", default="0.3", help="vLLM's own CPU KV cache (small: evictions)")
+    parser.add_argument("--quick", action="store_true", help="3 users, 3 turns")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
+    args = parser.parse_args()
+    if args.quick:
+        args.users, args.turns = 3, 3
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_model()
+    print(environment_line(), flush=True)
+    results: dict[str, list[TurnStats]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-chat-") as tmp:
+        lm = LMServerProcess(free_port(), ("--max-size-gb", "4")).start()
+        try:
+            for name, env, connector in (
+                ("vLLM alone", {}, False),
+                ("with connector (hot cache + lm://)",
+                 {"LMCACHE_REMOTE_URL": lm.url, "LMCACHE_MAX_LOCAL_CPU_SIZE": "1"}, True),
+            ):
+                started = time.perf_counter()
+                server = VLLMServer(clean_env(VLLM_CPU_KVCACHE_SPACE=args.kv_space_gb, **env), connector=connector,
+                                    name="vllm-chat", log_dir=tmp)
+                with server:
+                    results[name] = run(server, args.users, args.turns, args.system_words, args.answer_tokens)
+                print(f"{name}: done in {time.perf_counter() - started:.0f}s", flush=True)
+        finally:
+            lm.stop()
+    rows = []
+    for turn in range(args.turns):
+        row = [turn + 1]
+        for stats in results.values():
+            s = stats[turn]
+            row += [fmt(statistics.mean(s.ttft), 3)]
+        conn = list(results.values())[1][turn]
+        row += [f"{100 * conn.loaded_tokens / max(1, conn.prompt_tokens):.0f}%"]
+        rows.append(row)
+    table = markdown_table(["turn", *[f"mean TTFT s, {n}" for n in results], "tokens loaded by the connector"], rows)
+    text = (f"{environment_line()}\n\nMulti-turn chat: {args.users} users (half share a {args.system_words}-word "
+            f"system prompt), {args.turns} turns, {args.answer_tokens}-token answers, vLLM KV cache "
+            f"{args.kv_space_gb} GB\n\n{table}\n")
+    print("\n" + text)
+    (out / "chat.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
