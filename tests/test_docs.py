@@ -29,3 +29,20 @@ def test_no_pickle_on_any_wire_or_disk_path():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "vllm_kvcache_plugin").rglob("*.py")
                  if pattern.search(p.read_text())]
     assert not offenders, f"pickle-like deserialisation in {offenders}"
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    import json
+
+    from vllm_kvcache_plugin.integration.vllm import stats
+
+    exported = {f"{stats.PREFIX}{k}_total" for k in stats._PROM_COUNTERS}
+    exported |= {f"{stats.PREFIX}{k}_bucket" for k in stats._PROM_HISTOGRAMS}
+    exported |= {f"{stats.PREFIX}store_{k}_total" for k in stats._PROM_SNAPSHOT_COUNTERS}
+    exported |= {f"{stats.PREFIX}store_{k}" for k in stats._PROM_GAUGES}
+    dashboard = json.loads((REPO / "configs" / "grafana-dashboard.json").read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"vllm:kvcache_plugin_\w+", target["expr"]))
+    assert used and used <= exported, sorted(used - exported)
