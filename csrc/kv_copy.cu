@@ -1,9 +1,9 @@
 // CUDA gather/scatter of token KV between vLLM's paged layers and a canonical chunk.
 //
 // One launch covers every layer: the layers' base addresses sit in a device array, so a chunk of
-// L layers costs one kernel, not L. Each thread moves one vector of VecT (16 bytes when every
-// address and stride allows it) of one (layer, token, head, K/V) row; consecutive threads take
-// consecutive vectors of a row, then the next row, so both sides are read and written coalesced.
+// L layers costs one kernel, not L. Each thread moves vectors of VecT (16 bytes when every address
+// and stride allows it) of one (token, head) row of K or V; threads of a block take consecutive
+// vectors of a row, then consecutive rows in chunk order, so both sides stay coalesced.
 // The chunk may be pinned host memory: the kernel then writes (or reads) it over the bus through
 // its mapped device address, with no staging copy.
 //
@@ -19,6 +19,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -29,69 +30,77 @@ struct CopyParams {
   const int64_t* slots;        // device array: block_id * block_size + offset, one per token
   char* chunk;                 // device-accessible address of chunk element [0, 0, 0, 0, 0]
   int64_t num_layers, num_tokens, num_heads, num_kv, row_bytes, block_size;
+  int64_t num_slots;  // num_blocks * block_size (slots were range-checked on the host)
   int64_t layer_block_stride, layer_head_stride, layer_token_stride;                    // bytes
   int64_t chunk_kv_stride, chunk_layer_stride, chunk_token_stride, chunk_head_stride;  // bytes
 };
 
-template <typename VecT, typename IndexT, bool kGather>
+// Block (x: vectors of a row, y: rows) per (group of rows, layer, K/V). A row is one (token, head),
+// numbered token-major like the chunk, so a block reads/writes a contiguous stretch of the chunk's
+// (kv, layer) plane. Index math is 32-bit, two divisions per row; the slot split is 32-bit too
+// when every slot fits (kSmallSlots), since 64-bit division is slow on GPUs.
+template <typename VecT, bool kGather, bool kSmallSlots>
 __global__ void kv_copy_kernel(const CopyParams p) {
-  const IndexT vecs_per_row = static_cast<IndexT>(p.row_bytes / sizeof(VecT));
-  const IndexT rows_per_token = static_cast<IndexT>(p.num_heads * p.num_kv);
-  const IndexT per_token = rows_per_token * vecs_per_row;
-  const IndexT num_tokens = static_cast<IndexT>(p.num_tokens);
-  const IndexT total = static_cast<IndexT>(p.num_layers) * num_tokens * per_token;
-  const IndexT step = static_cast<IndexT>(gridDim.x) * blockDim.x;
-  for (IndexT i = static_cast<IndexT>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
-    const IndexT inner = i % per_token;
-    const IndexT layer_token = i / per_token;
-    const IndexT token = layer_token % num_tokens;
-    const IndexT layer = layer_token / num_tokens;
-    const IndexT vec = inner % vecs_per_row;
-    const IndexT row = inner / vecs_per_row;
-    const IndexT kv = row % static_cast<IndexT>(p.num_kv);
-    const IndexT head = row / static_cast<IndexT>(p.num_kv);
-
+  const uint32_t vecs_per_row = static_cast<uint32_t>(p.row_bytes / sizeof(VecT));
+  const uint32_t num_heads = static_cast<uint32_t>(p.num_heads);
+  const uint32_t num_rows = static_cast<uint32_t>(p.num_tokens) * num_heads;
+  const uint32_t layer = blockIdx.y;
+  const uint32_t kv = blockIdx.z;
+  const char* layer_base = reinterpret_cast<const char*>(__ldg(p.layer_addrs + layer)) + kv * p.row_bytes;
+  char* chunk_plane = p.chunk + kv * p.chunk_kv_stride + layer * p.chunk_layer_stride;
+  for (uint32_t row = blockIdx.x * blockDim.y + threadIdx.y; row < num_rows; row += gridDim.x * blockDim.y) {
+    const uint32_t token = row / num_heads;
+    const uint32_t head = row - token * num_heads;
     const int64_t slot = __ldg(p.slots + token);
-    const int64_t block = slot / p.block_size;
-    const int64_t offset = slot - block * p.block_size;
-    const int64_t vec_bytes = static_cast<int64_t>(vec) * sizeof(VecT);
-    char* cache = reinterpret_cast<char*>(__ldg(p.layer_addrs + layer)) + block * p.layer_block_stride +
-                  head * p.layer_head_stride + offset * p.layer_token_stride + kv * p.row_bytes + vec_bytes;
-    char* chunk = p.chunk + kv * p.chunk_kv_stride + layer * p.chunk_layer_stride +
-                  token * p.chunk_token_stride + head * p.chunk_head_stride + vec_bytes;
-    if constexpr (kGather) {
-      *reinterpret_cast<VecT*>(chunk) = *reinterpret_cast<const VecT*>(cache);
+    int64_t block, offset;
+    if constexpr (kSmallSlots) {
+      const uint32_t block32 = static_cast<uint32_t>(slot) / static_cast<uint32_t>(p.block_size);
+      block = block32;
+      offset = static_cast<int64_t>(static_cast<uint32_t>(slot) - block32 * static_cast<uint32_t>(p.block_size));
     } else {
-      *reinterpret_cast<VecT*>(cache) = *reinterpret_cast<const VecT*>(chunk);
+      block = slot / p.block_size;
+      offset = slot - block * p.block_size;
+    }
+    const char* cache_row = layer_base + block * p.layer_block_stride + head * p.layer_head_stride +
+                            offset * p.layer_token_stride;
+    char* chunk_row = chunk_plane + token * p.chunk_token_stride + head * p.chunk_head_stride;
+    for (uint32_t vec = threadIdx.x; vec < vecs_per_row; vec += blockDim.x) {
+      const VecT* from = reinterpret_cast<const VecT*>(kGather ? cache_row : chunk_row) + vec;
+      VecT* to = reinterpret_cast<VecT*>(kGather ? chunk_row : const_cast<char*>(cache_row)) + vec;
+      *to = *from;
     }
   }
 }
 
 template <typename VecT, bool kGather>
-void launch_with_index(const CopyParams& p, cudaStream_t stream) {
-  const int64_t total = p.num_layers * p.num_tokens * p.num_heads * p.num_kv * (p.row_bytes / sizeof(VecT));
-  if (total == 0) return;
-  constexpr int kThreads = 256;
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t wanted = (total + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(std::min<int64_t>(wanted, static_cast<int64_t>(sms) * 32));
-  if (total < (int64_t{1} << 31)) {
-    kv_copy_kernel<VecT, uint32_t, kGather><<<blocks, kThreads, 0, stream>>>(p);
+void launch_vec(const CopyParams& p, cudaStream_t stream) {
+  const int64_t vecs_per_row = p.row_bytes / static_cast<int64_t>(sizeof(VecT));
+  const int64_t rows = p.num_tokens * p.num_heads;
+  if (rows == 0 || p.num_layers == 0) return;
+  constexpr int64_t kThreads = 256;
+  const int64_t x = std::min<int64_t>(vecs_per_row, kThreads);
+  const int64_t y = std::max<int64_t>(1, kThreads / x);
+  TORCH_CHECK(p.num_layers <= 65535, "kv_copy: at most 65535 layers per launch, got ", p.num_layers);
+  TORCH_CHECK(rows < (int64_t{1} << 32), "kv_copy: too many (token, head) rows: ", rows);
+  const dim3 threads(static_cast<unsigned>(x), static_cast<unsigned>(y));
+  const int64_t groups = std::min<int64_t>((rows + y - 1) / y, 65535);
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(p.num_layers), static_cast<unsigned>(p.num_kv));
+  const bool small_slots = p.block_size > 0 && p.num_slots <= static_cast<int64_t>(UINT32_MAX);
+  if (small_slots) {
+    kv_copy_kernel<VecT, kGather, true><<<grid, threads, 0, stream>>>(p);
   } else {
-    kv_copy_kernel<VecT, uint64_t, kGather><<<blocks, kThreads, 0, stream>>>(p);
+    kv_copy_kernel<VecT, kGather, false><<<grid, threads, 0, stream>>>(p);
   }
 }
 
 template <bool kGather>
 void launch(const CopyParams& p, int64_t vec_bytes, cudaStream_t stream) {
   switch (vec_bytes) {
-    case 16: launch_with_index<uint4, kGather>(p, stream); break;
-    case 8: launch_with_index<uint2, kGather>(p, stream); break;
-    case 4: launch_with_index<uint32_t, kGather>(p, stream); break;
-    case 2: launch_with_index<uint16_t, kGather>(p, stream); break;
-    default: launch_with_index<uint8_t, kGather>(p, stream); break;
+    case 16: launch_vec<uint4, kGather>(p, stream); break;
+    case 8: launch_vec<uint2, kGather>(p, stream); break;
+    case 4: launch_vec<uint32_t, kGather>(p, stream); break;
+    case 2: launch_vec<uint16_t, kGather>(p, stream); break;
+    default: launch_vec<uint8_t, kGather>(p, stream); break;
   }
 }
 
@@ -109,7 +118,7 @@ char* device_address(const at::Tensor& chunk) {
 
 // layer_strides: block, head, token (bytes); chunk_strides: kv, layer, token, head (bytes).
 void kv_copy(const at::Tensor& layer_addrs, const at::Tensor& slots, const at::Tensor& chunk, int64_t num_heads,
-             int64_t num_kv, int64_t row_bytes, int64_t block_size, std::vector<int64_t> layer_strides,
+             int64_t num_kv, int64_t row_bytes, int64_t block_size, int64_t num_slots, std::vector<int64_t> layer_strides,
              std::vector<int64_t> chunk_strides, int64_t vec_bytes, bool gather) {
   TORCH_CHECK(layer_addrs.is_cuda() && layer_addrs.scalar_type() == at::kLong, "kv_copy: layer_addrs must be cuda int64");
   TORCH_CHECK(slots.is_cuda() && slots.scalar_type() == at::kLong && slots.is_contiguous(),
@@ -127,6 +136,7 @@ void kv_copy(const at::Tensor& layer_addrs, const at::Tensor& slots, const at::T
   p.num_kv = num_kv;
   p.row_bytes = row_bytes;
   p.block_size = block_size;
+  p.num_slots = num_slots;
   p.layer_block_stride = layer_strides[0];
   p.layer_head_stride = layer_strides[1];
   p.layer_token_stride = layer_strides[2];
@@ -153,6 +163,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vllm-kvcache-plugin: one-launch gather/scatter of token KV across all layers";
   m.def("kv_copy", &kv_copy, "gather (cache -> chunk) or scatter (chunk -> cache) of token KV",
         py::arg("layer_addrs"), py::arg("slots"), py::arg("chunk"), py::arg("num_heads"), py::arg("num_kv"),
-        py::arg("row_bytes"), py::arg("block_size"), py::arg("layer_strides"), py::arg("chunk_strides"),
+        py::arg("row_bytes"), py::arg("block_size"), py::arg("num_slots"), py::arg("layer_strides"),
+        py::arg("chunk_strides"),
         py::arg("vec_bytes"), py::arg("gather"));
 }
