@@ -37,27 +37,8 @@ struct CopyParams {
 
 // Block (x: vectors of a row, y: rows) per (group of rows, layer, K/V). A row is one (token, head),
 // numbered token-major like the chunk, so a block reads/writes a contiguous stretch of the chunk's
-// (kv, layer) plane. Each thread loads kRowsPerThread rows before storing any (more bytes in flight
-// for small chunks). Index math is 32-bit, two divisions per row; the slot split is 32-bit too when
-// every slot fits (kSmallSlots), since 64-bit division is slow on GPUs.
-constexpr uint32_t kRowsPerThread = 4;  // independent loads in flight per thread before any store
-
-template <bool kSmallSlots>
-__device__ __forceinline__ const char* cache_row_address(const CopyParams& p, const char* layer_base, uint32_t token,
-                                                         uint32_t head) {
-  const int64_t slot = __ldg(p.slots + token);
-  int64_t block, offset;
-  if constexpr (kSmallSlots) {
-    const uint32_t block32 = static_cast<uint32_t>(slot) / static_cast<uint32_t>(p.block_size);
-    block = block32;
-    offset = static_cast<int64_t>(static_cast<uint32_t>(slot) - block32 * static_cast<uint32_t>(p.block_size));
-  } else {
-    block = slot / p.block_size;
-    offset = slot - block * p.block_size;
-  }
-  return layer_base + block * p.layer_block_stride + head * p.layer_head_stride + offset * p.layer_token_stride;
-}
-
+// (kv, layer) plane. Index math is 32-bit, two divisions per row; the slot split is 32-bit too
+// when every slot fits (kSmallSlots), since 64-bit division is slow on GPUs.
 template <typename VecT, bool kGather, bool kSmallSlots>
 __global__ void kv_copy_kernel(const CopyParams p) {
   const uint32_t vecs_per_row = static_cast<uint32_t>(p.row_bytes / sizeof(VecT));
@@ -67,29 +48,26 @@ __global__ void kv_copy_kernel(const CopyParams p) {
   const uint32_t kv = blockIdx.z;
   const char* layer_base = reinterpret_cast<const char*>(__ldg(p.layer_addrs + layer)) + kv * p.row_bytes;
   char* chunk_plane = p.chunk + kv * p.chunk_kv_stride + layer * p.chunk_layer_stride;
-  const uint32_t rows_per_pass = gridDim.x * blockDim.y * kRowsPerThread;
-  for (uint32_t first = blockIdx.x * blockDim.y * kRowsPerThread + threadIdx.y; first < num_rows;
-       first += rows_per_pass) {
+  for (uint32_t row = blockIdx.x * blockDim.y + threadIdx.y; row < num_rows; row += gridDim.x * blockDim.y) {
+    const uint32_t token = row / num_heads;
+    const uint32_t head = row - token * num_heads;
+    const int64_t slot = __ldg(p.slots + token);
+    int64_t block, offset;
+    if constexpr (kSmallSlots) {
+      const uint32_t block32 = static_cast<uint32_t>(slot) / static_cast<uint32_t>(p.block_size);
+      block = block32;
+      offset = static_cast<int64_t>(static_cast<uint32_t>(slot) - block32 * static_cast<uint32_t>(p.block_size));
+    } else {
+      block = slot / p.block_size;
+      offset = slot - block * p.block_size;
+    }
+    const char* cache_row = layer_base + block * p.layer_block_stride + head * p.layer_head_stride +
+                            offset * p.layer_token_stride;
+    char* chunk_row = chunk_plane + token * p.chunk_token_stride + head * p.chunk_head_stride;
     for (uint32_t vec = threadIdx.x; vec < vecs_per_row; vec += blockDim.x) {
-      VecT values[kRowsPerThread];
-      VecT* targets[kRowsPerThread];
-#pragma unroll
-      for (uint32_t u = 0; u < kRowsPerThread; ++u) {
-        const uint32_t row = first + u * blockDim.y;
-        targets[u] = nullptr;
-        if (row < num_rows) {
-          const uint32_t token = row / num_heads;
-          const uint32_t head = row - token * num_heads;
-          char* cache_row = const_cast<char*>(cache_row_address<kSmallSlots>(p, layer_base, token, head));
-          char* chunk_row = chunk_plane + token * p.chunk_token_stride + head * p.chunk_head_stride;
-          values[u] = *(reinterpret_cast<const VecT*>(kGather ? cache_row : chunk_row) + vec);
-          targets[u] = reinterpret_cast<VecT*>(kGather ? chunk_row : cache_row) + vec;
-        }
-      }
-#pragma unroll
-      for (uint32_t u = 0; u < kRowsPerThread; ++u) {
-        if (targets[u] != nullptr) *targets[u] = values[u];
-      }
+      const VecT* from = reinterpret_cast<const VecT*>(kGather ? cache_row : chunk_row) + vec;
+      VecT* to = reinterpret_cast<VecT*>(kGather ? chunk_row : const_cast<char*>(cache_row)) + vec;
+      *to = *from;
     }
   }
 }
@@ -105,8 +83,7 @@ void launch_vec(const CopyParams& p, cudaStream_t stream) {
   TORCH_CHECK(p.num_layers <= 65535, "kv_copy: at most 65535 layers per launch, got ", p.num_layers);
   TORCH_CHECK(rows < (int64_t{1} << 32), "kv_copy: too many (token, head) rows: ", rows);
   const dim3 threads(static_cast<unsigned>(x), static_cast<unsigned>(y));
-  const int64_t rows_per_block = y * kRowsPerThread;
-  const int64_t groups = std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, 65535);
+  const int64_t groups = std::min<int64_t>((rows + y - 1) / y, 65535);
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(p.num_layers), static_cast<unsigned>(p.num_kv));
   const bool small_slots = p.block_size > 0 && p.num_slots <= static_cast<int64_t>(UINT32_MAX);
   if (small_slots) {
