@@ -19,13 +19,8 @@ from tests.fixtures.mooncake_servers import MooncakeCluster, start_standalone_cl
 from tests.servers import free_port
 from vllm_kvcache_plugin.config import load_config
 from vllm_kvcache_plugin.connectors import create_connector, parse_remote_url
-from vllm_kvcache_plugin.connectors.mooncake import (
-    CONFIG_PATH_ENV,
-    MiB,
-    MooncakeSettings,
-    MooncakeStoreConnector,
-    parse_size,
-)
+from vllm_kvcache_plugin.connectors.mooncake import MooncakeStoreConnector
+from vllm_kvcache_plugin.connectors.mooncake_settings import CONFIG_PATH_ENV, MiB, MooncakeSettings, parse_size
 from vllm_kvcache_plugin.errors import ConfigError, ConnectorError, CorruptValueError, MissingDependencyError
 from vllm_kvcache_plugin.memory import Allocator
 from vllm_kvcache_plugin.serde.naive import NaiveSerde
