@@ -64,10 +64,14 @@ def store_env(name: str, workdir: Path) -> Iterator[dict[str, str]]:
         yield {"LMCACHE_LOCAL_DISK": str(workdir / "disk"), "LMCACHE_LOCAL_CPU": "False",
                "LMCACHE_MAX_LOCAL_DISK_SIZE": "10"}
     elif name == "mooncake":
-        from benchmarks.bench_connectors_mooncake import mooncake_store_env  # optional, issue 6
+        from tests.fixtures.mooncake_servers import MooncakeDeployment
 
-        with mooncake_store_env(workdir) as env:
-            yield env
+        (workdir / "mooncake").mkdir(exist_ok=True)
+        store = MooncakeDeployment(workdir / "mooncake", segment="2GB")  # a master + a standalone client
+        try:
+            yield {**store.env, "LMCACHE_LOCAL_CPU": "False"}
+        finally:
+            store.stop()
     else:
         raise SystemExit(f"unknown store {name!r}; known: lm, redis, disk, mooncake")
 
