@@ -20,6 +20,7 @@ from tests.test_kernels_support import (
     build_layers,
     check_gather,
     check_scatter,
+    check_separate_layers,
     make_spec,
     random_chunk,
     slot_patterns,
@@ -130,6 +131,10 @@ def test_reference_packed_matches_model(packing, block_size):
     for name, slots in slot_patterns(4, block_size).items():
         check_gather(REF, layers, spec, slots)
         check_scatter(REF, layers, spec, slots, random_chunk(spec, 2, slots.numel(), seed=len(name)))
+
+
+def test_reference_with_separate_layers():
+    check_separate_layers(REF)
 
 
 def test_block_outermost_with_foreign_pages_untouched():

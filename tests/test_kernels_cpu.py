@@ -14,6 +14,7 @@ from tests.test_kernels_support import (
     build_layers,
     check_gather,
     check_scatter,
+    check_separate_layers,
     make_spec,
     random_chunk,
     slot_patterns,
@@ -63,6 +64,10 @@ def test_fast_path_equals_reference_on_a_real_shape(fast):
     fast.gather(layers, spec, slots, ours)
     TorchCopier().gather(layers, spec, slots, theirs)
     assert_same_bits(ours, theirs, "gather")
+
+
+def test_fast_path_with_separate_layers(fast):
+    check_separate_layers(fast)
 
 
 def test_out_of_range_slot_writes_nothing(fast):

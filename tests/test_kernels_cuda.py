@@ -15,6 +15,7 @@ from tests.test_kernels_support import (
     build_layers,
     check_gather,
     check_scatter,
+    check_separate_layers,
     make_spec,
     random_chunk,
     slot_patterns,
@@ -22,7 +23,8 @@ from tests.test_kernels_support import (
 )
 from vllm_kvcache_plugin.kernels import PagedKVSpec, TorchCopier, available_copiers, get_copier
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device (benchmarks/gpu_check.sh runs these on a GPU machine)", allow_module_level=True)
 
 GPU_IMPLEMENTATIONS = ("cuda", "triton", "torch")
 
@@ -83,6 +85,10 @@ def test_gpu_copier_real_shape_equals_reference(copier):
     copier.gather(layers, spec, slots, ours)
     TorchCopier().gather(layers, spec, slots, theirs)
     assert_same_bits(ours, theirs)
+
+
+def test_gpu_copier_with_separate_layers(copier):
+    check_separate_layers(copier, device="cuda")
 
 
 def test_gpu_out_of_range_writes_nothing(copier):

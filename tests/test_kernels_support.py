@@ -117,9 +117,20 @@ def model_offsets(layer: torch.Tensor, spec: PagedKVSpec, slots: torch.Tensor) -
 
 
 def model_gather(layers: list[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor) -> torch.Tensor:
-    flat = storage_bits(layers[0]).cpu()
-    per_layer = [flat[model_offsets(layer, spec, slots)] for layer in layers]
+    per_layer = [storage_bits(layer).cpu()[model_offsets(layer, spec, slots)] for layer in layers]
     return torch.stack(per_layer, dim=1).view(spec.dtype)
+
+
+def separate_layers(spec: PagedKVSpec, num_layers: int, num_blocks: int, device: str | torch.device = "cpu",
+                    seed: int = 0) -> list[torch.Tensor]:
+    """Layers as unrelated allocations (no common buffer or layer stride), random bits."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(num_layers):
+        layer = torch.empty(spec.layer_shape(num_blocks), dtype=spec.dtype, device=device)
+        fill_random_bits(layer, gen)
+        layers.append(layer)
+    return layers
 
 
 def model_scatter(layers: list[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
@@ -162,3 +173,19 @@ def check_scatter(copier, layers: list[torch.Tensor], spec: PagedKVSpec, slots: 
     expected = model_scatter(layers, spec, slots, src)
     copier.scatter(layers, spec, slots, src)
     assert_same_bits(storage_bits(layers[0]), expected, f"{copier.name} scatter")
+
+
+def check_separate_layers(copier, device: str | torch.device = "cpu", num_tokens: int | None = None) -> None:
+    """Layers in unrelated allocations (no common layer stride): gather matches the model, and a
+    scatter writes exactly the chosen tokens of each layer."""
+    spec = make_spec("mha", 16, torch.bfloat16, heads=2, head_size=16)
+    layers = separate_layers(spec, num_layers=3, num_blocks=6, device=device, seed=4)
+    slots = slot_patterns(6, 16)["partial"][:num_tokens]
+    check_gather(copier, layers, spec, slots)
+    before = [storage_bits(layer).cpu().clone() for layer in layers]
+    src = random_chunk(spec, 3, slots.numel(), seed=6, device=device)
+    copier.scatter(layers, spec, slots, src)
+    for index, layer in enumerate(layers):
+        expected = before[index].clone()
+        expected[model_offsets(layer, spec, slots)] = bits(src[:, index].cpu())
+        assert_same_bits(storage_bits(layer), expected, f"layer {index}")

@@ -20,6 +20,7 @@ from tests.test_kernels_support import (
     build_layers,
     check_gather,
     check_scatter,
+    check_separate_layers,
     chunk_slots,
     make_spec,
     random_chunk,
@@ -65,6 +66,10 @@ def test_triton_matches_model(copier, kind, layout, block_size, dtype):
     slots = tiny_slots(block_size)
     check_gather(copier, layers, spec, slots)
     check_scatter(copier, layers, spec, slots, random_chunk(spec, 2, slots.numel(), seed=3))
+
+
+def test_triton_with_separate_layers(copier):
+    check_separate_layers(copier, num_tokens=10)
 
 
 def test_triton_out_of_range_writes_nothing(copier):

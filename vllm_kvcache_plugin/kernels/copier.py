@@ -7,6 +7,7 @@ bad slot or a mismatched tensor never leaves a half-written cache behind.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ class LayerSet:
     num_blocks: int
     strides: tuple[int, int, int]  # elements: block, head, token (content stride is 1)
     addresses: tuple[int, ...]  # data_ptr() of each layer
+    layer_step: int | None  # elements from one layer to the next, when constant, positive and in one storage
 
     @property
     def device(self) -> torch.device:
@@ -96,8 +98,25 @@ def _check_layers(layers: Sequence[torch.Tensor], spec: PagedKVSpec) -> LayerSet
     if spec.packing != "plain" and first.stride(2) != content:
         raise ValueError(f"packing {spec.packing!r} needs each (block, head) region contiguous, "
                          f"got layer strides {tuple(first.stride())}")
+    addresses = tuple(layer.data_ptr() for layer in layers)
     return LayerSet(tuple(layers), spec, num_blocks, (first.stride(0), first.stride(1), first.stride(2)),
-                    tuple(layer.data_ptr() for layer in layers))
+                    addresses, _uniform_layer_step(layers, addresses))
+
+
+def _uniform_layer_step(layers: Sequence[torch.Tensor], addresses: tuple[int, ...]) -> int | None:
+    """vLLM's layers are one buffer at a fixed layer stride: then all of them form one strided view."""
+    if len(layers) < 2:
+        return None
+    storage = layers[0].untyped_storage().data_ptr()
+    if any(layer.untyped_storage().data_ptr() != storage for layer in layers[1:]):
+        return None
+    step_bytes = addresses[1] - addresses[0]
+    size = layers[0].element_size()
+    if step_bytes <= 0 or step_bytes % size:
+        return None
+    if any(b - a != step_bytes for a, b in itertools.pairwise(addresses)):
+        return None
+    return step_bytes // size
 
 
 def slot_error(slot: int, layer_set: LayerSet) -> ValueError:

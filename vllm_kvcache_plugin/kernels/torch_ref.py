@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .copier import KVCopier, check_copy_args
+from .copier import KVCopier, LayerSet, check_copy_args
 from .layouts import PagedKVSpec, token_views
 
 _BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -27,8 +27,18 @@ def _token_index(slots: torch.Tensor, block_size: int, group: int) -> tuple[torc
     return blocks, torch.div(offsets, group, rounding_mode="floor"), offsets % group
 
 
+def _all_layers_view(layer_set: LayerSet) -> torch.Tensor | None:
+    """[L, B, H, N, C] over every layer (plain packing, layers at a constant stride), as bits."""
+    if layer_set.layer_step is None or layer_set.spec.packing != "plain":
+        return None
+    first = as_bits(layer_set.layers[0])
+    return torch.as_strided(first, (len(layer_set.layers), *first.shape), (layer_set.layer_step, *first.stride()),
+                            first.storage_offset())
+
+
 class TorchCopier(KVCopier):
-    """Works on any device torch supports; slow (per-layer advanced indexing), but obviously right."""
+    """Works on any device torch supports; obviously right rather than fast. Plain layers at a
+    constant layer stride (vLLM's case) take one indexing op for all layers, others one per layer."""
 
     name = "torch"
 
@@ -41,6 +51,15 @@ class TorchCopier(KVCopier):
         staging = out if out.device == device else torch.empty(out.shape, dtype=out.dtype, device=device)
         staged = as_bits(staging)
         slots = slots.to(device=device, dtype=torch.int64)
+        every_layer = _all_layers_view(geo.layer_set)
+        if every_layer is not None:
+            blocks, offsets, _ = _token_index(slots, spec.block_size, 1)
+            rows = every_layer[:, blocks, :, offsets]  # [T, L, H, C]: indexed dims 1 and 3 move first
+            rows = rows.view(geo.num_tokens, geo.num_layers, spec.num_kv_heads, spec.num_kv, spec.head_size)
+            staged.copy_(rows.permute(3, 1, 0, 2, 4))
+            if staging is not out:
+                out.copy_(staging)
+            return
         shape = (geo.num_tokens, spec.num_kv_heads, spec.head_size)
         index_cache: dict[int, tuple[torch.Tensor, ...]] = {}
         for layer_index, layer in enumerate(layers):
@@ -60,6 +79,12 @@ class TorchCopier(KVCopier):
         device = layers[0].device
         source = as_bits(src.to(device))
         slots = slots.to(device=device, dtype=torch.int64)
+        every_layer = _all_layers_view(geo.layer_set)
+        if every_layer is not None:
+            blocks, offsets, _ = _token_index(slots, spec.block_size, 1)
+            rows = source.permute(2, 1, 3, 0, 4).reshape(geo.num_tokens, geo.num_layers, spec.num_kv_heads, -1)
+            every_layer[:, blocks, :, offsets] = rows
+            return
         index_cache: dict[int, tuple[torch.Tensor, ...]] = {}
         for layer_index, layer in enumerate(layers):
             for kv, view in enumerate(token_views(as_bits(layer), spec)):
