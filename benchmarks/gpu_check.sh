@@ -6,7 +6,8 @@
 # one failed, so one session on a GPU yields all the evidence; the exit status is non-zero if any
 # step failed. Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: ./gpu_check_out)
 #
-# Environment: PYTHON (default python3), GPU_CHECK_QUICK=1 for a shorter benchmark.
+# Environment: PYTHON (default python3), GPU_CHECK_QUICK=1 for a shorter benchmark,
+# GPU_CHECK_SKIP_CACHEGEN=1 to leave out the CacheGen benchmark.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -62,7 +63,9 @@ BENCH_ARGS=(--device cuda --out "$OUT_DIR/bench" --bar 0.8)
 [[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && BENCH_ARGS+=(--quick)
 run_step bench 150 "$PYTHON" benchmarks/bench_kernels.py "${BENCH_ARGS[@]}"
 
-if [[ -f benchmarks/bench_cachegen.py ]]; then
+if [[ "${GPU_CHECK_SKIP_CACHEGEN:-0}" == 1 ]]; then
+  banner "cachegen: skipped (GPU_CHECK_SKIP_CACHEGEN=1)"
+elif [[ -f benchmarks/bench_cachegen.py ]]; then
   run_step cachegen 120 "$PYTHON" benchmarks/bench_cachegen.py --gpu-only
 else
   banner "cachegen: benchmarks/bench_cachegen.py not present, skipped"
