@@ -155,10 +155,10 @@ static void transpose(int64_t elem_size, const char *a, int64_t sa, char *b, int
         const int stream = streaming && ((uintptr_t)b & 15) == 0 && ((sb * elem_size) & 15) == 0;
         r_full = rows / t * t;
         c_full = cols / t * t;
-        /* Target rows outer: each group of t target rows is written start to end before the next,
-         * so streaming stores fill whole lines. */
-        for (int64_t c = 0; c < c_full; c += t)
-            for (int64_t r = 0; r < r_full; r += t) {
+        /* Source rows outer: the source (memory) is read as t sequential streams while the target
+         * (an L1-sized scratch) takes the scattered 16-byte stores. */
+        for (int64_t r = 0; r < r_full; r += t)
+            for (int64_t c = 0; c < c_full; c += t) {
                 if (elem_size == 2)
                     tile8x8_u16((const uint16_t *)a + r * sa + c, sa, (uint16_t *)b + c * sb + r, sb, stream);
                 else
@@ -207,57 +207,78 @@ static void copy_plain(const KVArgs *a, char *block_base, char *chunk_first, con
     }
 }
 
-static void copy_item(const KVArgs *a, int64_t layer, const Run *run, int gather, char *scratch) {
-    const int64_t es = a->elem_size, n = a->block_size, d_size = a->head_size;
-    const int64_t row_bytes = d_size * es;
-    char *layer_base = (char *)(intptr_t)a->layer_addrs[layer];
-    char *chunk_layer = (char *)(intptr_t)a->chunk_addr + layer * a->chunk_stride_layer * es;
-    char *block_base = layer_base + run->block * a->layer_stride_block * es;
-    if (a->packing == PACK_PLAIN) {
-        copy_plain(a, block_base, chunk_layer + run->first_token * a->chunk_stride_token * es, run, gather);
+/* The "vec" packing. K is stored transposed ([D, N] per head), so it goes through a scratch of all
+ * heads' K for the run (cache-sized): the cache side is read or written as whole region rows, the
+ * chunk side token by token across heads (its own order), with streaming stores to memory. V is
+ * plain rows, copied token-major too. */
+static void copy_vec_packed(const KVArgs *a, char *block_base, char *chunk_first, const Run *run, int gather,
+                            char *scratch) {
+    const int64_t es = a->elem_size, n = a->block_size, d_size = a->head_size, heads = a->num_heads;
+    const int64_t row_bytes = d_size * es, length = run->length;
+    const int64_t token_step = a->chunk_stride_token * es, head_step = a->chunk_stride_head * es;
+    const int64_t region_step = a->layer_stride_head * es, scratch_step = length * row_bytes;
+    char *chunk_values = chunk_first + a->chunk_stride_kv * es;
+    char *values = block_base + n * row_bytes + run->offset * row_bytes; /* V row `offset` of head 0 */
+    if (gather) {
+        for (int64_t h = 0; h < heads; h++) /* region [D, N] columns offset.. -> scratch_h [length, D] */
+            transpose(es, block_base + h * region_step + run->offset * es, n, scratch + h * scratch_step, d_size,
+                      d_size, length, 0);
+        for (int64_t j = 0; j < length; j++)
+            for (int64_t h = 0; h < heads; h++) {
+                copy_row(chunk_first + j * token_step + h * head_step, scratch + h * scratch_step + j * row_bytes,
+                         row_bytes, a->streaming);
+                copy_row(chunk_values + j * token_step + h * head_step, values + h * region_step + j * row_bytes,
+                         row_bytes, a->streaming);
+            }
         return;
     }
+    for (int64_t j0 = 0; j0 < length; j0 += 8) { /* 8 chunk tokens at a time -> scratch_h [D, length] */
+        const int64_t rows = length - j0 < 8 ? length - j0 : 8;
+        for (int64_t h = 0; h < heads; h++)
+            transpose(es, chunk_first + j0 * token_step + h * head_step, a->chunk_stride_token,
+                      scratch + h * scratch_step + j0 * es, length, rows, d_size, 0);
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        char *keys = block_base + h * region_step + run->offset * es; /* column `offset` of [D, N] */
+        for (int64_t d = 0; d < d_size; d++)
+            copy_row(keys + d * n * es, scratch + h * scratch_step + d * length * es, length * es, a->streaming);
+    }
+    for (int64_t j = 0; j < length; j++)
+        for (int64_t h = 0; h < heads; h++)
+            copy_row(values + h * region_step + j * row_bytes, chunk_values + j * token_step + h * head_step,
+                     row_bytes, a->streaming);
+}
+
+/* The "amx" packing: K and V tiled in 16/2-element groups; element by element from the formulas
+ * (correctness over speed: only AMX machines use it, and this project has none to tune on). */
+static void copy_amx_packed(const KVArgs *a, char *block_base, char *chunk_first, const Run *run, int gather) {
+    const int64_t es = a->elem_size, n = a->block_size, d_size = a->head_size;
     for (int64_t h = 0; h < a->num_heads; h++) {
-        char *head_base = block_base + h * a->layer_stride_head * es;
-        char *chunk_head = chunk_layer + (run->first_token * a->chunk_stride_token + h * a->chunk_stride_head) * es;
-        if (a->packing == PACK_VEC) {
-            /* K goes through an L1-sized scratch [length, D]: the transpose stays in cache and the
-             * chunk side is plain row copies (streamed), the same as V. */
-            char *keys = head_base + run->offset * es; /* column `offset` of the [D, N] K region */
-            const int64_t chunk_row_stride = a->chunk_stride_token * es;
-            if (gather) {
-                transpose(es, keys, n, scratch, d_size, d_size, run->length, 0);
-                for (int64_t j = 0; j < run->length; j++)
-                    copy_row(chunk_head + j * chunk_row_stride, scratch + j * row_bytes, row_bytes, a->streaming);
-            } else {
-                const int64_t length = run->length;
-                transpose(es, chunk_head, a->chunk_stride_token, scratch, length, length, d_size, 0);
-                for (int64_t d = 0; d < d_size; d++)
-                    copy_row(keys + d * n * es, scratch + d * length * es, length * es, a->streaming);
-            }
-            char *values = head_base + n * row_bytes;
-            char *chunk_values = chunk_head + a->chunk_stride_kv * es;
+        uint16_t *region = (uint16_t *)(block_base + h * a->layer_stride_head * es);
+        for (int64_t kv = 0; kv < 2; kv++) {
             for (int64_t j = 0; j < run->length; j++) {
-                char *cache_row = values + (run->offset + j) * row_bytes;
-                char *chunk_row = chunk_values + j * a->chunk_stride_token * es;
-                if (gather) copy_row(chunk_row, cache_row, row_bytes, a->streaming);
-                else copy_row(cache_row, chunk_row, row_bytes, a->streaming);
-            }
-        } else { /* PACK_AMX */
-            uint16_t *region = (uint16_t *)head_base;
-            for (int64_t kv = 0; kv < 2; kv++) {
-                for (int64_t j = 0; j < run->length; j++) {
-                    uint16_t *row = (uint16_t *)(chunk_head + (kv * a->chunk_stride_kv + j * a->chunk_stride_token) * es);
-                    int64_t o = run->offset + j;
-                    for (int64_t d = 0; d < d_size; d++) {
-                        uint16_t *cell = region + amx_offset(kv, o, d, n, d_size);
-                        if (gather) row[d] = *cell;
-                        else *cell = row[d];
-                    }
+                uint16_t *row = (uint16_t *)(chunk_first + (kv * a->chunk_stride_kv + j * a->chunk_stride_token +
+                                                            h * a->chunk_stride_head) * es);
+                const int64_t o = run->offset + j;
+                for (int64_t d = 0; d < d_size; d++) {
+                    uint16_t *cell = region + amx_offset(kv, o, d, n, d_size);
+                    if (gather) row[d] = *cell;
+                    else *cell = row[d];
                 }
             }
         }
     }
+}
+
+static void copy_item(const KVArgs *a, int64_t layer, const Run *run, int gather, char *scratch) {
+    const int64_t es = a->elem_size;
+    char *layer_base = (char *)(intptr_t)a->layer_addrs[layer];
+    char *block_base = layer_base + run->block * a->layer_stride_block * es;
+    char *chunk_first = (char *)(intptr_t)a->chunk_addr +
+                        (layer * a->chunk_stride_layer + run->first_token * a->chunk_stride_token) * es;
+    if (a->packing == PACK_PLAIN) copy_plain(a, block_base, chunk_first, run, gather);
+    else if (a->packing == PACK_VEC) copy_vec_packed(a, block_base, chunk_first, run, gather, scratch);
+    else copy_amx_packed(a, block_base, chunk_first, run, gather);
 }
 
 /* Returns 0 on success, -1 if memory could not be allocated, 1 + t if slot t is out of range
@@ -278,7 +299,8 @@ static int64_t run_copy(const KVArgs *a, int num_threads, int gather) {
     if (threads > num_threads) threads = num_threads;
     if (threads > items) threads = items;
     if (threads < 1) threads = 1;
-    const size_t scratch_bytes = a->packing == PACK_VEC ? (size_t)(a->block_size * a->head_size * a->elem_size + 64) : 0;
+    const size_t scratch_bytes =
+        a->packing == PACK_VEC ? (size_t)(a->num_heads * a->block_size * a->head_size * a->elem_size + 64) : 0;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads) if (threads > 1) reduction(| : failed)
     {
