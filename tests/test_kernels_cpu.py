@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -149,3 +150,23 @@ def test_fast_scatter_equals_vllm_op(fast, isa):
     out = torch.empty_like(chunk)
     fast.gather(by_vllm, spec, slots, out)
     assert_same_bits(out, chunk, "gather of vLLM-written tokens")
+
+
+def test_failed_build_falls_back_to_torch_and_is_not_retried(monkeypatch, tmp_path):
+    from vllm_kvcache_plugin.kernels import cpu_fast, dispatch
+
+    monkeypatch.setattr(cpu_fast, "_library", None)
+    monkeypatch.setattr(cpu_fast, "_load_error", None)
+    monkeypatch.setattr(dispatch, "_cache", {})
+    monkeypatch.setenv("VLLM_KVCACHE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false"))  # a "compiler" that always fails
+    monkeypatch.delenv("VLLM_KVCACHE_KERNEL", raising=False)
+    builds = []
+    real_build = cpu_fast.build_library
+    monkeypatch.setattr(cpu_fast, "build_library", lambda: builds.append(1) or real_build())
+    with pytest.raises(RuntimeError, match="building the CPU fast path failed"):
+        cpu_fast.load_library()
+    with pytest.raises(RuntimeError, match="CPU fast path unavailable"):
+        cpu_fast.load_library()
+    assert len(builds) == 1
+    assert get_copier(make_spec(), "cpu").name == "torch"

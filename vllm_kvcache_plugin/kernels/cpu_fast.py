@@ -5,6 +5,7 @@ tenth of memory bandwidth. Why not a torch C++ extension: compiling against torc
 minute on two cores; this file needs only a C compiler and builds in about a second. The library is
 cached under ``$VLLM_KVCACHE_KERNEL_CACHE`` (default ``~/.cache/vllm_kvcache_plugin``), keyed by
 a hash of its source, flags and compiler, and written atomically so concurrent processes can race.
+``VLLM_KVCACHE_CPU_STREAMING=0`` turns off the non-temporal stores (for A/B timing).
 """
 
 from __future__ import annotations
@@ -90,14 +91,21 @@ def build_library(verbose: bool = False) -> Path:
 
 _load_lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_load_error: str | None = None
 
 
 def load_library() -> ctypes.CDLL:
-    """Build (if needed) and load the library once per process."""
-    global _library
+    """Build (if needed) and load the library once per process; a failure is remembered, not retried."""
+    global _library, _load_error
     with _load_lock:
+        if _load_error is not None:
+            raise RuntimeError(_load_error)
         if _library is None:
-            library = ctypes.CDLL(str(build_library()))
+            try:
+                library = ctypes.CDLL(str(build_library()))
+            except (OSError, RuntimeError) as exc:
+                _load_error = f"CPU fast path unavailable: {exc}"
+                raise RuntimeError(_load_error) from exc
             if library.kv_abi_version() != _ABI_VERSION:
                 raise RuntimeError(f"stale CPU fast path library (ABI {library.kv_abi_version()} != {_ABI_VERSION})")
             for name in ("kv_gather", "kv_scatter"):

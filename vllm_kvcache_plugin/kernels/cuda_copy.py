@@ -40,29 +40,41 @@ def _build_dir() -> Path:
 
 _lock = threading.Lock()
 _extension: ModuleType | None = None
+_load_error: str | None = None
 
 
 def load_extension(verbose: bool = False) -> ModuleType:
-    """Compile (once per torch/CUDA version, cached on disk) and import the extension."""
-    global _extension
+    """Compile (once per torch/CUDA version, cached on disk) and import the extension. A failed
+    build is remembered for the process: the dispatcher falls back instead of recompiling."""
+    global _extension, _load_error
     with _lock:
         if _extension is not None:
             return _extension
-        if not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available: the CUDA copier cannot be built or run")
-        source = csrc_dir() / "kv_copy.cu"
-        if not source.is_file():
-            raise RuntimeError(f"CUDA source {source} not found (set {CSRC_ENV} to the csrc/ folder)")
-        from torch.utils import cpp_extension
-
-        _extension = cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(source)],
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
-            build_directory=str(_build_dir()),
-            verbose=verbose,
-        )
+        if _load_error is not None:
+            raise RuntimeError(_load_error)
+        try:
+            _extension = _build(verbose)
+        except (ImportError, OSError, RuntimeError) as exc:
+            _load_error = f"CUDA copier unavailable: {exc}"
+            raise RuntimeError(_load_error) from exc
         return _extension
+
+
+def _build(verbose: bool) -> ModuleType:
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available: the CUDA copier cannot be built or run")
+    source = csrc_dir() / "kv_copy.cu"
+    if not source.is_file():
+        raise RuntimeError(f"CUDA source {source} not found (set {CSRC_ENV} to the csrc/ folder)")
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(source)],
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+        build_directory=str(_build_dir()),
+        verbose=verbose,
+    )
 
 
 def _vector_bytes(values: Sequence[int]) -> int:
