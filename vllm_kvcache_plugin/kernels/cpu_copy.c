@@ -224,12 +224,13 @@ static void copy_vec_packed(const KVArgs *a, char *block_base, char *chunk_first
             transpose(es, block_base + h * region_step + run->offset * es, n, scratch + h * scratch_step, d_size,
                       d_size, length, 0);
         for (int64_t j = 0; j < length; j++)
-            for (int64_t h = 0; h < heads; h++) {
+            for (int64_t h = 0; h < heads; h++)
                 copy_row(chunk_first + j * token_step + h * head_step, scratch + h * scratch_step + j * row_bytes,
                          row_bytes, a->streaming);
+        for (int64_t j = 0; j < length; j++)
+            for (int64_t h = 0; h < heads; h++)
                 copy_row(chunk_values + j * token_step + h * head_step, values + h * region_step + j * row_bytes,
                          row_bytes, a->streaming);
-            }
         return;
     }
     for (int64_t j0 = 0; j0 < length; j0 += 8) { /* 8 chunk tokens at a time -> scratch_h [D, length] */
