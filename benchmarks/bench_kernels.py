@@ -194,7 +194,8 @@ def bar_verdicts(rows: list[Row], fast: str, bar: float) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path, title: str) -> bool:
+def plot(rows: list[Row], path: Path, title: str, bar: float | None = None) -> bool:
+    """Share of contiguous-copy bandwidth per case (scale-free: host and device cases side by side)."""
     try:
         import matplotlib
 
@@ -203,16 +204,23 @@ def plot(rows: list[Row], path: Path, title: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
-    labels = [f"{r.shape}\n{r.layout}/{r.block_size}/{r.packing}\n->{r.chunk_memory} {r.direction}\n{r.implementation}"
+    labels = [f"{r.shape} {r.layout}/{r.block_size}/{r.packing}\n->{r.chunk_memory} {r.direction} [{r.implementation}]"
               for r in rows]
-    figure, axis = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 5))
-    positions = range(len(rows))
-    axis.bar([p - 0.2 for p in positions], [r.gbps for r in rows], width=0.4, label="copier")
-    axis.bar([p + 0.2 for p in positions], [r.copy_gbps for r in rows], width=0.4, label="contiguous copy")
-    axis.set_xticks(list(positions), labels, fontsize=6)
-    axis.set_ylabel("GB/s")
+    device = any(r.copy_device_gbps for r in rows)
+    figure, axis = plt.subplots(figsize=(max(8, 0.45 * len(rows)), 5.5))
+    positions = list(range(len(rows)))
+    width = 0.4 if device else 0.8
+    axis.bar([p - width / 2 if device else p for p in positions], [100 * r.ratio for r in rows], width=width,
+             label="wall clock per call")
+    if device:
+        axis.bar([p + width / 2 for p in positions], [100 * r.device_ratio for r in rows], width=width,
+                 label="GPU busy time")
+    if bar is not None:
+        axis.axhline(100 * bar, color="red", linestyle="--", linewidth=1, label=f"bar {100 * bar:.0f}%")
+    axis.set_xticks(positions, labels, fontsize=6, rotation=90)
+    axis.set_ylabel("% of a contiguous copy of the same bytes")
     axis.set_title(title)
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "results.md").write_text(f"KV copy bandwidth on {name}\n\n{table}\n")
         (args.out / "results.json").write_text(json.dumps(
             {"device": name, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=1))
-        plot(rows, args.out / "plot.png", f"KV gather/scatter vs contiguous copy ({name})")
+        plot(rows, args.out / "plot.png", f"KV gather/scatter vs contiguous copy ({name})", args.bar)
     return 0
 
 
