@@ -54,6 +54,9 @@ model: $(STAMP)
 	$(PY) scripts/build_model.py --out $(MODEL)
 
 test: install model
+	@# Compile-only check of the CUDA sources (nvcc + torch's headers); skipped with a note where there is no nvcc.
+	@if command -v nvcc >/dev/null; then echo "==> nvcc compile check of csrc/"; PYTHON=$(PY) scripts/compile_csrc.sh; \
+	  else echo "==> no nvcc here: csrc/ compile check skipped"; fi
 	$(PY) -m pytest tests -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
