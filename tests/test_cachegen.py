@@ -58,7 +58,7 @@ def stored_steps(data, x: torch.Tensor) -> torch.Tensor:
     """Quantisation step per (row, token) as stored in the stream: [R, T]."""
     planes, layers, tokens, heads, size = x.shape
     _, payload = parse_header(data)
-    stream = wire.parse(payload, planes, layers, tokens, heads * size)
+    stream = wire.parse(payload, planes, layers, tokens, heads * size, x.element_size())
     half = torch.from_numpy(stream.half.astype(np.int64))
     scale = (torch.from_numpy(stream.scale_bits.astype(np.int32)) << 16).view(torch.float32)
     return scale, half, quant.steps_from_bits(torch.from_numpy(stream.scale_bits.astype(np.int32)), half)
@@ -77,7 +77,8 @@ def test_every_element_within_half_a_step_of_its_token_scale(dtype, backend, cpp
     planes, layers, tokens, _heads, _size = x.shape
     scale, half, step = stored_steps(data, x)
     peak = x.float().reshape(planes * layers, tokens, -1).abs().amax(-1)
-    assert (scale >= peak).all() and (scale <= peak * (1 + 2.0**-7)).all()  # bf16, rounded up
+    assert (scale[:, 1:] >= peak[:, 1:]).all() and (scale[:, 1:] <= peak[:, 1:] * (1 + 2.0**-7)).all()  # bf16, up
+    assert (scale[:, 0] == 0).all()  # token 0 is stored exactly
     assert half.tolist() == [15, 15, 7, 7, 7, 3, 3, 3]  # 32 bins -> C=15, 16 -> 7, 8 -> 3
     err = (y.float() - x.float()).reshape(planes * layers, tokens, -1).abs()
     bound = step[..., None] / 2 * (1 + 1e-6) + y.float().reshape(err.shape).abs() * RELATIVE_ULP[dtype]
@@ -233,18 +234,30 @@ def test_structural_corruption_is_named(what, mutate, message, cpp_lib):
         serde.deserialize(_forge(data, mutate))
 
 
-def test_bad_scale_and_table_row_are_rejected(cpp_lib):
+def test_bad_scale_exact_tokens_and_table_row_are_rejected(cpp_lib):
     x = synthetic_kv(layers=2, tokens=8, seed=12)
     serde = CacheGenSerde()
     data, _ = roundtrip(serde, x)
     rows, lanes = 4, 4 * 48
-    groups = -(-lanes // 64)
-    scales_at = 16 + 4 + 4 * groups + 4 * lanes
+    at = wire.section_offsets(rows, 8, lanes, 1, rows * 1 * 48 * 2)
     with pytest.raises(CorruptValueError, match="scale"):
-        serde.deserialize(_forge(data, lambda b: struct.pack_into("<H", b, scales_at, 0x7F80)))
-    tables_at = scales_at + 2 * rows * 8
+        serde.deserialize(_forge(data, lambda b: struct.pack_into("<H", b, at["scales"] + 2, 0x7F80)))
+    with pytest.raises(CorruptValueError, match="exact tokens must have zero scales"):
+        serde.deserialize(_forge(data, lambda b: struct.pack_into("<H", b, at["scales"], 0x3F80)))
+    with pytest.raises(CorruptValueError, match="exact tokens"):
+        serde.deserialize(_forge(data, lambda b: b.__setitem__(9, 9)))
     with pytest.raises(CorruptValueError, match="table row"):
-        serde.deserialize(_forge(data, lambda b: struct.pack_into("<H", b, tables_at, 60000)))
+        serde.deserialize(_forge(data, lambda b: struct.pack_into("<H", b, at["tables"], 60000)))
+
+
+def test_exact_leading_tokens_are_bit_exact(cpp_lib):
+    x = synthetic_kv(tokens=30, seed=17)
+    for exact in (0, 1, 3):
+        data, y = roundtrip(CacheGenSerde(exact_tokens=exact), x)
+        assert torch.equal(y[:, :, :exact], x[:, :, :exact])
+        if exact < 3:
+            assert not torch.equal(y[:, :, :3], x[:, :, :3])
+        assert parse_header(data)[1][9] == exact
 
 
 def test_expected_meta_and_serde_id_are_checked(cpp_lib):

@@ -103,6 +103,22 @@ def test_triton_decoder_rejects_a_corrupt_stream(cpu_coder, gpu_coder):
         codec.decode(bytes(payload), x.shape, torch.empty(x.shape, dtype=x.dtype, device=DEVICE), gpu_coder)
 
 
+@here
+def test_batched_decode_matches_one_by_one(cpu_coder, gpu_coder):
+    xs = [kv(2, 2, 6, 1, 64, seed=seed) for seed in (5, 6, 7)]
+    settings = codec.EncodeSettings("32", "16")
+    payloads = [bytes(codec.encode(x, settings, cpu_coder)) for x in xs]
+    parsed = [codec.parse_payload(p, xs[0].shape, DEVICE) for p in payloads]
+    out = torch.empty((len(xs), *xs[0].shape), dtype=torch.bfloat16, device=DEVICE)
+    plans, coded, steps, exact = zip(*parsed, strict=True)
+    errors = gpu_coder.prepare_decode(list(coded), list(plans), list(steps), out, list(exact))()
+    assert not errors.any()
+    for i, payload in enumerate(payloads):
+        ref = torch.empty_like(xs[i])
+        codec.decode(payload, xs[i].shape, ref, cpu_coder)
+        assert torch.equal(out[i].cpu(), ref)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="a full-size chunk is too slow for the Triton interpreter")
 def test_full_size_chunk_on_the_gpu(cpu_coder, gpu_coder):
     x = kv(2, 30, 256, 3, 64, seed=4)

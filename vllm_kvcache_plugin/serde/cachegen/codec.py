@@ -35,6 +35,7 @@ class EncodeSettings:
     key_bins: quant.BinsLike = None
     value_bins: quant.BinsLike = None
     locality: int = 0  # token group size for token-wise locality; 0 or 1 = off
+    exact_tokens: int = 1  # leading tokens of each chunk stored exactly (the attention sink)
 
     def halves(self, planes: int, layers: int) -> np.ndarray:
         """Half levels per row; plane 0 (keys, or the MLA latent) uses key bins, plane 1 value bins."""
@@ -71,6 +72,9 @@ def encode(tensor: torch.Tensor, settings: EncodeSettings, coder: LaneCoder, res
     lane_half = np.repeat(half_np, channels)
     fast = getattr(coder, "quantize", None) if not locality else None
     bits = coder.scale_bits(x) if fast else quant.scale_bits(x)
+    exact_tokens = min(max(settings.exact_tokens, 0), tokens)
+    exact = x[:, :exact_tokens].contiguous().cpu().view(torch.uint8).numpy()
+    bits[:, :exact_tokens] = 0  # step 0: the exact tokens code as the centre symbol, nearly free
     step = quant.steps_from_bits(bits, half)
     if fast:
         coded_sym, s1, s2 = fast(x, step, half_np)
@@ -85,15 +89,18 @@ def encode(tensor: torch.Tensor, settings: EncodeSettings, coder: LaneCoder, res
     tables = table_set(tuple(int(h) for h in np.unique(half_np)))
     plan = make_plan(rows, tokens, channels, locality, half_np, tables, table_rows)
     coded = coder.encode(coded_sym, plan)
-    return wire.pack(locality, tables.fingerprint, half_np.astype(np.uint8), bits.cpu().numpy().astype(np.uint16),
-                     table_rows.astype(np.uint16), coded, reserve)
+    return wire.pack(locality, tables.fingerprint, half_np.astype(np.uint8), exact,
+                     bits.cpu().numpy().astype(np.uint16), table_rows.astype(np.uint16), coded, reserve)
 
 
-def decode(payload, shape: tuple[int, ...], out: torch.Tensor, coder: LaneCoder) -> torch.Tensor:
-    """Decode ``payload`` into ``out`` (shape ``shape``, any float dtype, any device the coder serves)."""
+def parse_payload(payload, shape: tuple[int, ...], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[LanePlan, CodedLanes, torch.Tensor, torch.Tensor]:
+    """Check a payload; return its lane plan, coded lanes, per-(row, token) steps on ``device`` and
+    the exact leading tokens [R, E, K] (``dtype``, the chunk's)."""
     planes, layers, tokens, heads, size = shape
     rows, channels = planes * layers, heads * size
-    stream = wire.parse(payload, planes, layers, tokens, channels)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    stream = wire.parse(payload, planes, layers, tokens, channels, itemsize)
     half_np = stream.half.astype(np.int64)
     tables = table_set(tuple(int(h) for h in np.unique(half_np)))
     if stream.fingerprint != tables.fingerprint:
@@ -104,10 +111,19 @@ def decode(payload, shape: tuple[int, ...], out: torch.Tensor, coder: LaneCoder)
             if which[lane_half == h].max(initial=0) >= bank(int(h)).rows:
                 raise CorruptValueError("cachegen table row outside its bank")
     plan = make_plan(rows, tokens, channels, stream.locality, half_np, tables, stream.table_rows)
-    half = torch.from_numpy(half_np).to(out.device)
-    bits = torch.from_numpy(stream.scale_bits.astype(np.int32)).to(out.device)
-    step = quant.steps_from_bits(bits, half)
-    coder.decode_into(stream.coded, plan, step, out.view(rows, tokens, channels))
+    half = torch.from_numpy(half_np).to(device)
+    bits = torch.from_numpy(stream.scale_bits.astype(np.int32)).to(device)
+    exact = (torch.from_numpy(stream.exact.copy()).view(dtype) if stream.exact.size else
+             torch.empty((rows, 0, channels), dtype=dtype)).to(device)
+    return plan, stream.coded, quant.steps_from_bits(bits, half), exact
+
+
+def decode(payload, shape: tuple[int, ...], out: torch.Tensor, coder: LaneCoder) -> torch.Tensor:
+    """Decode ``payload`` into ``out`` (shape ``shape``, its dtype the chunk's; any device the coder serves)."""
+    plan, coded, step, exact = parse_payload(payload, shape, out.device, out.dtype)
+    view = out.view(plan.rows, plan.tokens, plan.channels)
+    coder.decode_into(coded, plan, step, view)
+    view[:, : exact.shape[1]] = exact
     return out
 
 

@@ -55,21 +55,28 @@ def _encode_kernel(sym, fc_anchor, fc_delta, sel, freq, cum, scratch, states, co
 def _decode_kernel(words, offsets, states, lut_anchor, lut_delta, fc_anchor, fc_delta, sel, sym_lut, freq_cum,
                    half, step, out, errors, T, K, n_lanes, LIMIT: tl.constexpr, LOCALITY: tl.constexpr,
                    BF16: tl.constexpr, BLOCK: tl.constexpr, PBITS: tl.constexpr, LOW: tl.constexpr):
+    """Grid (groups, chunks): chunk c's per-lane arrays start at c * n_lanes, its steps at c * R * T,
+    its output at c * R * T * K; ``offsets`` holds absolute word positions, groups + 1 per chunk."""
     g = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    groups = tl.num_programs(0)
+    rows = n_lanes // K
     lane = g * BLOCK + tl.arange(0, BLOCK)
     valid = lane < n_lanes
+    at = c * n_lanes + lane
     row = lane // K
-    obase = row.to(tl.int64) * T * K + lane % K
-    x = tl.load(states + lane, mask=valid, other=LOW)
+    obase = c * rows * T * K + row.to(tl.int64) * T * K + lane % K
+    sbase = c * rows * T + row.to(tl.int64) * T
+    x = tl.load(states + at, mask=valid, other=LOW)
     bad = tl.sum((x < LOW).to(tl.int32), axis=0)
-    la = tl.load(lut_anchor + lane, mask=valid, other=0)
-    ld = tl.load(lut_delta + lane, mask=valid, other=0)
-    fa = tl.load(fc_anchor + lane, mask=valid, other=0)
-    fd = tl.load(fc_delta + lane, mask=valid, other=0)
+    la = tl.load(lut_anchor + at, mask=valid, other=0)
+    ld = tl.load(lut_delta + at, mask=valid, other=0)
+    fa = tl.load(fc_anchor + at, mask=valid, other=0)
+    fd = tl.load(fc_delta + at, mask=valid, other=0)
     centre = tl.load(half + row, mask=valid, other=0).to(tl.int32)
     anchor = tl.zeros((BLOCK,), tl.int32)
-    ptr = tl.load(offsets + g)
-    end = tl.load(offsets + g + 1)
+    ptr = tl.load(offsets + c * (groups + 1) + g)
+    end = tl.load(offsets + c * (groups + 1) + g + 1)
     mask = (1 << PBITS) - 1
     for t in range(T):
         delta = tl.load(sel + t) != 0
@@ -90,7 +97,7 @@ def _decode_kernel(words, offsets, states, lut_anchor, lut_delta, fc_anchor, fc_
                 n = 2 * centre + 1
                 s = s + anchor - centre
                 s = tl.where(s >= n, s - n, tl.where(s < 0, s + n, s))
-        v = (s - centre).to(tl.float32) * tl.load(step + row.to(tl.int64) * T + t, mask=valid, other=0.0)
+        v = (s - centre).to(tl.float32) * tl.load(step + sbase + t, mask=valid, other=0.0)
         v = tl.minimum(tl.maximum(v, -LIMIT), LIMIT)  # a rounded-up scale never decodes to inf
         if BF16:  # round half to even by hand: the same bits as the C++ coder on every backend
             bits = v.to(tl.int32, bitcast=True)
@@ -100,7 +107,7 @@ def _decode_kernel(words, offsets, states, lut_anchor, lut_delta, fc_anchor, fc_
             tl.store(out + obase + t * K, v.to(out.dtype.element_ty), mask=valid)
     bad += tl.sum((valid & (x != LOW)).to(tl.int32), axis=0)
     bad += (ptr != end).to(tl.int32)
-    tl.store(errors + g, bad)
+    tl.store(errors + c * groups + g, bad)
 
 
 class TritonCoder:
@@ -113,7 +120,10 @@ class TritonCoder:
         self._tables: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
     def _dev(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=dtype)
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # a view into the received bytes: torch wants writable memory
+            array = array.copy()
+        return torch.from_numpy(array).to(device=self.device, dtype=dtype)
 
     def _table_tensors(self, plan: LanePlan) -> dict[str, torch.Tensor]:
         key = (plan.tables.fingerprint, str(self.device))
@@ -150,27 +160,53 @@ class TritonCoder:
         return CodedLanes(states.cpu().numpy().astype(np.uint32), counts.cpu().numpy().astype(np.uint32),
                           words.cpu().numpy().astype(np.uint16))
 
-    def decode_into(self, coded: CodedLanes, plan: LanePlan, step: torch.Tensor, out: torch.Tensor) -> None:
+    def prepare_decode(self, coded: list[CodedLanes], plans: list[LanePlan], steps: list[torch.Tensor],
+                       out: torch.Tensor, exact: list[torch.Tensor] | None = None):
+        """Upload a batch of same-shape chunks and return ``launch()``, which decodes all of them in one
+        kernel into ``out`` [chunks, ...] (then writes their ``exact`` leading tokens [R, E, K]) and
+        returns the per-(chunk, group) error counts."""
+        plan = plans[0]
+        if any(p.half.tolist() != plan.half.tolist() or p.locality != plan.locality for p in plans):
+            raise ValueError("a decode batch needs chunks of one shape, bins and locality")
         tables = self._table_tensors(plan)
-        offsets = np.zeros(plan.groups + 1, np.int64)
-        np.cumsum(coded.group_words, out=offsets[1:])
-        if offsets[-1] != len(coded.words):
-            raise CorruptValueError(f"group streams claim {offsets[-1]} words, payload has {len(coded.words)}")
-        words = self._dev(coded.words.view(np.int16) if len(coded.words) else np.zeros(1, np.int16), torch.int16)
+        counts = [c.group_words.astype(np.int64) for c in coded]
+        if any(int(n.sum()) != len(c.words) for n, c in zip(counts, coded, strict=True)):
+            raise CorruptValueError("group streams do not add up to the payload's words")
+        bases = np.cumsum([0] + [len(c.words) for c in coded])
+        offsets = np.concatenate([base + np.concatenate([[0], np.cumsum(n)]) for base, n in
+                                  zip(bases[:-1], counts, strict=True)])
+        words = np.concatenate([c.words for c in coded] + [np.zeros(1, np.uint16)]).view(np.int16)
+        ts = plan.tables
+        anchor = np.concatenate([p.anchor_rows for p in plans])
+        delta = np.concatenate([p.delta_rows for p in plans])
+        args = [self._dev(words, torch.int16), self._dev(offsets, torch.int64),
+                self._dev(np.concatenate([c.states for c in coded]).astype(np.int64), torch.int64),
+                self._dev(anchor * PROB_SCALE, torch.int64), self._dev(delta * PROB_SCALE, torch.int64),
+                self._dev(ts.sym_base[anchor], torch.int64), self._dev(ts.sym_base[delta], torch.int64),
+                self._dev(plan.token_table_select(), torch.uint8), tables["sym_lut"], tables["freq_cum"],
+                self._dev(plan.half, torch.int64),
+                torch.stack([s.to(device=self.device, dtype=torch.float32) for s in steps]).contiguous()]
+        bf16 = out.dtype == torch.bfloat16
+        target = out.view(torch.int16) if bf16 else out
+        errors = torch.zeros(len(coded) * plan.groups, dtype=torch.int32, device=self.device)
+
+        exact_all = torch.stack([e.to(self.device) for e in exact]) if exact else None
+
+        def launch() -> torch.Tensor:
+            _decode_kernel[(plan.groups, len(coded))](
+                *args, target, errors, plan.tokens, plan.channels, plan.lanes, LIMIT=torch.finfo(out.dtype).max,
+                LOCALITY=max(plan.locality, 0), BF16=bf16, BLOCK=LANE_GROUP, PBITS=PROB_BITS, LOW=RANS_L)
+            if exact_all is not None:
+                view = out.view(len(coded), plan.rows, plan.tokens, plan.channels)
+                view[:, :, : exact_all.shape[2]] = exact_all
+            return errors
+
+        return launch
+
+    def decode_into(self, coded: CodedLanes, plan: LanePlan, step: torch.Tensor, out: torch.Tensor) -> None:
         target = out if out.is_contiguous() and out.device == self.device else \
             torch.empty(out.shape, dtype=out.dtype, device=self.device)
-        errors = torch.zeros(plan.groups, dtype=torch.int32, device=self.device)
-        bf16 = target.dtype == torch.bfloat16
-        ts = plan.tables
-        _decode_kernel[(plan.groups,)](
-            words, self._dev(offsets, torch.int64), self._dev(coded.states.astype(np.int64), torch.int64),
-            self._dev(plan.anchor_rows * PROB_SCALE, torch.int64), self._dev(plan.delta_rows * PROB_SCALE, torch.int64),
-            self._dev(ts.sym_base[plan.anchor_rows], torch.int64), self._dev(ts.sym_base[plan.delta_rows], torch.int64),
-            self._dev(plan.token_table_select(), torch.uint8), tables["sym_lut"], tables["freq_cum"],
-            self._dev(plan.half, torch.int64), step.to(device=self.device, dtype=torch.float32).contiguous(),
-            target.view(torch.int16) if bf16 else target, errors, plan.tokens, plan.channels, plan.lanes,
-            LIMIT=torch.finfo(target.dtype).max, LOCALITY=max(plan.locality, 0), BF16=bf16, BLOCK=LANE_GROUP,
-            PBITS=PROB_BITS, LOW=RANS_L)
+        errors = self.prepare_decode([coded], [plan], [step], target)()
         if bool(errors.any()):
             raise CorruptValueError("rANS streams are corrupt (over-read, or states/lengths do not match)")
         if target is not out:
