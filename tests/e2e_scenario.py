@@ -24,11 +24,12 @@ from vllm_kvcache_plugin.serde.header import parse_header
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 MAX_TOKENS = 16
-LONG = prompts.text(700, offset=0)  # ~900 tokens: three full 256-token chunks and a partial one
-SHARES_PREFIX = prompts.text(450, offset=0) + " " + prompts.text(120, offset=9000)
-FAMILY = prompts.shared_prefix_family(16, prefix_words=300, tail_words=40, offset=2000)
-UNSEEN = prompts.text(400, offset=12000)
-LATE = prompts.text(500, offset=15000)  # stored by the cold run, first asked for after the store broke
+LONG = prompts.text(560, offset=0)  # ~700 tokens: two full 256-token chunks and a partial one
+SHARED_WORDS = 400  # SHARES_PREFIX repeats LONG's first words (one whole chunk and more)
+SHARES_PREFIX = prompts.text(SHARED_WORDS, offset=0) + " " + prompts.text(100, offset=9000)
+FAMILY = prompts.shared_prefix_family(16, prefix_words=220, tail_words=30, offset=2000)
+UNSEEN = prompts.text(300, offset=12000)
+LATE = prompts.text(350, offset=15000)  # stored by the cold run, first asked for after the store broke
 ALL_PROMPTS = [LONG, SHARES_PREFIX, UNSEEN, LATE, *FAMILY]
 
 KEY_RE = r"vllm@{model}@1@0@[0-9a-f]{{64}}"
@@ -113,7 +114,7 @@ def test_prompt_sharing_a_prefix_loads_only_that_prefix(warm: VLLMServer, refere
     # First request of the restarted instance: vLLM's own prefix cache is empty, so any hit is ours.
     result = warm.complete(SHARES_PREFIX, MAX_TOKENS)
     assert result["choices"][0]["text"] == reference[SHARES_PREFIX]
-    shared_tokens = len(warm.tokenize(prompts.text(450, offset=0)))
+    shared_tokens = len(warm.tokenize(prompts.text(SHARED_WORDS, offset=0)))
     chunk = int(backend.extra.get("chunk_size", 256))
     (loaded,) = hits_for(warm.log(), result["id"])
     # Whole chunks of the shared prefix only (the boundary token may tokenize differently).
