@@ -79,8 +79,9 @@ class KVCacheEngine:
         """Each span's chunk (a reference the caller drops) or None when missing, corrupt or foreign."""
         if not spans:
             return []
-        # Spans can differ in length (the partial tail): check the full geometry per span.
-        expected = shape.meta(spans[0].num_tokens)
+        # Spans can differ in length (the partial tail): the longest sizes receive buffers, and
+        # each chunk's full geometry is checked below.
+        expected = shape.meta(max(s.num_tokens for s in spans))
         found = self.storage.get_many([s.key for s in spans], expected)
         for i, (span, obj) in enumerate(zip(spans, found, strict=True)):
             if obj is not None and obj.meta.shape != shape.meta(span.num_tokens).shape:

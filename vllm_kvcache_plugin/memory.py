@@ -64,22 +64,59 @@ class ChunkMeta:
         return n * torch.tensor([], dtype=self.dtype).element_size()
 
 
-class Allocator:
-    """Counts chunk allocations and frees (the seed's allocator metrics); thread-safe."""
+DEFAULT_POOL_BYTES = 512 << 20
 
-    def __init__(self) -> None:
+
+class Allocator:
+    """Chunk memory with a free list, and the allocation / free counters (the seed's allocator metrics).
+
+    Fresh memory is expensive: on a VM every first touch of a page is a fault, measured here at
+    ~10x slower than writing warm memory (a 5.9 MB gather into a new tensor ran at 1.7 GB/s, into
+    a reused one at 5+ GB/s). So the buffers of freed chunks are kept, by byte size, up to
+    ``max_pool_bytes``, and handed out again. Thread-safe.
+    """
+
+    def __init__(self, max_pool_bytes: int = DEFAULT_POOL_BYTES) -> None:
         self._lock = threading.Lock()
+        self.max_pool_bytes = max_pool_bytes
+        self._pool: dict[int, list[torch.Tensor]] = {}
+        self.pool_bytes = 0
+        self.pool_hits = 0
         self.allocations = 0
         self.frees = 0
         self.bytes_live = 0
 
-    def allocate(self, meta: ChunkMeta, tensor: torch.Tensor | None = None) -> MemoryObj:
-        """Wrap ``tensor`` (or a new empty one) as a chunk with one reference."""
+    # -- raw byte blocks ---------------------------------------------------------------------
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` (contents undefined), from the free list when one fits.
+        Give it back with :meth:`recycle`, or attach it to a chunk with ``allocate(..., block=)``."""
+        with self._lock:
+            free = self._pool.get(nbytes)
+            if free:
+                self.pool_bytes -= nbytes
+                self.pool_hits += 1
+                return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def recycle(self, block: torch.Tensor) -> None:
+        """Keep ``block`` for reuse (dropped when the pool is full)."""
+        nbytes = block.numel()
+        with self._lock:
+            if self.pool_bytes + nbytes <= self.max_pool_bytes:
+                self._pool.setdefault(nbytes, []).append(block)
+                self.pool_bytes += nbytes
+
+    # -- chunks ------------------------------------------------------------------------------
+    def allocate(self, meta: ChunkMeta, tensor: torch.Tensor | None = None,
+                 block: torch.Tensor | None = None) -> MemoryObj:
+        """A chunk with one reference: over ``tensor`` if given (``block``, if given, is the pooled
+        buffer under it, recycled when the chunk is freed), else over a pooled buffer."""
         if tensor is None:
-            tensor = torch.empty(meta.shape, dtype=meta.dtype)
+            block = self.buffer(meta.nbytes)
+            tensor = block.view(meta.dtype).view(meta.shape)
         elif tuple(tensor.shape) != tuple(meta.shape) or tensor.dtype != meta.dtype:
             raise ValueError(f"tensor {tuple(tensor.shape)}/{tensor.dtype} does not match {meta}")
-        obj = MemoryObj(meta, tensor, self)
+        obj = MemoryObj(meta, tensor, self, block)
         with self._lock:
             self.allocations += 1
             self.bytes_live += obj.nbytes
@@ -88,10 +125,12 @@ class Allocator:
     def wrap(self, tensor: torch.Tensor, fmt: KVFormat = KVFormat.KV) -> MemoryObj:
         return self.allocate(ChunkMeta(fmt, tensor.dtype, tuple(tensor.shape)), tensor)
 
-    def _release(self, obj: MemoryObj) -> None:
+    def _release(self, obj: MemoryObj, block: torch.Tensor | None) -> None:
         with self._lock:
             self.frees += 1
             self.bytes_live -= obj.nbytes
+        if block is not None:
+            self.recycle(block)
 
     @property
     def live(self) -> int:
@@ -101,12 +140,14 @@ class Allocator:
 class MemoryObj:
     """A chunk: tensor + metadata + reference count. Create through :class:`Allocator`."""
 
-    __slots__ = ("_lock", "_refs", "allocator", "meta", "nbytes", "tensor")
+    __slots__ = ("_block", "_lock", "_refs", "allocator", "meta", "nbytes", "tensor")
 
-    def __init__(self, meta: ChunkMeta, tensor: torch.Tensor, allocator: Allocator) -> None:
+    def __init__(self, meta: ChunkMeta, tensor: torch.Tensor, allocator: Allocator,
+                 block: torch.Tensor | None = None) -> None:
         self.meta = meta
         self.tensor: torch.Tensor | None = tensor
         self.allocator = allocator
+        self._block = block  # the pooled buffer under ``tensor``, recycled on free
         self.nbytes = tensor.numel() * tensor.element_size()
         self._refs = 1
         self._lock = threading.Lock()
@@ -130,8 +171,9 @@ class MemoryObj:
             freed = self._refs == 0
             if freed:
                 self.tensor = None
+                block, self._block = self._block, None
         if freed:
-            self.allocator._release(self)
+            self.allocator._release(self, block)
 
     def __repr__(self) -> str:
         return f"MemoryObj({self.meta.fmt.name}, {self.meta.dtype}, {self.meta.shape}, refs={self._refs})"

@@ -30,6 +30,9 @@ class RemoteConnector(ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     #: Number of threads for :meth:`run_blocking` (0: no pool needed).
     blocking_threads: ClassVar[int] = 0
+    #: True when :meth:`batched_get_into` receives straight into the caller's buffers (the storage
+    #: layer then hands it pooled, already-touched memory instead of taking fresh buffers).
+    supports_get_into: ClassVar[bool] = False
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
         """Cheap and offline: connect lazily or in :meth:`connect`."""
@@ -79,6 +82,11 @@ class RemoteConnector(ABC):
 
     async def batched_put(self, items: Sequence[tuple[str, Buffer]]) -> None:
         await asyncio.gather(*(self.put(k, v) for k, v in items))
+
+    async def batched_get_into(self, keys: Sequence[str], outs: Sequence[Buffer]) -> list[int | None]:
+        """Receive each value into its buffer: its length, None for a miss, or a length above the
+        buffer's size when the value did not fit (it is dropped). Only if ``supports_get_into``."""
+        raise NotImplementedError(f"{type(self).__name__} does not receive into caller buffers")
 
     # -- helpers -----------------------------------------------------------------------------
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -42,6 +42,7 @@ from .url import RemoteURL
 
 class LMConnector(RemoteConnector):
     schemes = ("lm",)
+    supports_get_into = True
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
         super().__init__(url, config)
@@ -104,7 +105,7 @@ class LMConnector(RemoteConnector):
     async def get_into(self, key: str, out: Buffer) -> int | None:
         """Receive the value of ``key`` straight into ``out`` (a writable buffer, e.g. a pooled
         tensor's memory, so no new pages are touched); returns its length, or None for a miss.
-        A value larger than ``out`` raises ConnectorError (and is discarded)."""
+        A value larger than ``out`` is read and dropped: its length (> ``len(out)``) says so."""
         reply = await self._call(Op.GET, self._key(key), into=[_writable_view(out)])
         return None if reply.status == Status.NOT_FOUND else sum(len(b) for b in reply.body)
 
@@ -135,7 +136,8 @@ class LMConnector(RemoteConnector):
         return values
 
     async def batched_get_into(self, keys: Sequence[str], outs: Sequence[Buffer]) -> list[int | None]:
-        """:meth:`batched_get` into the caller's buffers, one per key: each value's length or None."""
+        """:meth:`batched_get` into the caller's buffers, one per key: each value's length or None
+        (a length above its buffer's size: the value did not fit and was dropped)."""
         if len(keys) != len(outs):
             raise ValueError(f"batched_get_into: {len(keys)} keys but {len(outs)} buffers")
         views = [_writable_view(o) for o in outs]

@@ -25,6 +25,15 @@ class Serde(ABC):
     def deserialize(self, data, expected: ChunkMeta | None = None) -> MemoryObj:
         """Check and decode; raise CorruptValueError on any mismatch (including ``expected``)."""
 
+    def deserialize_block(self, data: memoryview, block, expected: ChunkMeta | None = None) -> MemoryObj:
+        """:meth:`deserialize` a value received into ``block`` (a pooled uint8 tensor from the
+        allocator; ``data`` is a view of it). The block goes back to the pool once nothing needs
+        it: here, after decoding; serdes whose chunk is a view of the bytes keep it instead."""
+        try:
+            return self.deserialize(data, expected)
+        finally:
+            self.allocator.recycle(block)
+
     @staticmethod
     def check_expected(meta: ChunkMeta, expected: ChunkMeta | None) -> None:
         """Raise CorruptValueError if a stored chunk cannot stand for ``expected``

@@ -37,6 +37,23 @@ class NaiveSerde(Serde):
         return out
 
     def deserialize(self, data, expected: ChunkMeta | None = None) -> MemoryObj:
+        meta, payload = self._check(data, expected)
+        return self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape))
+
+    def deserialize_block(self, data: memoryview, block, expected: ChunkMeta | None = None) -> MemoryObj:
+        """The chunk is a view of the received bytes: it owns ``block`` (recycled when it is freed)."""
+        try:
+            meta, payload = self._check(data, expected)
+        except Exception:
+            self.allocator.recycle(block)
+            raise
+        return self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape), block=block)
+
+    def max_value_size(self, expected: ChunkMeta) -> int:
+        """The largest value a chunk of ``expected``'s geometry can have (receive buffers)."""
+        return HEADER_SIZE + expected.nbytes
+
+    def _check(self, data, expected: ChunkMeta | None) -> tuple[ChunkMeta, memoryview]:
         header, payload = parse_header(data, expected_serde_id=self.serde_id)
         meta = header.meta
         self.check_expected(meta, expected)
@@ -44,4 +61,4 @@ class NaiveSerde(Serde):
             from ..errors import CorruptValueError
 
             raise CorruptValueError(f"naive payload {payload.nbytes} bytes != {meta.nbytes} for {meta.shape}")
-        return self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape))
+        return meta, payload

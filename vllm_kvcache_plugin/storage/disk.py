@@ -158,20 +158,26 @@ class DiskTier:
             self.counters.misses += 1
             return None
         path = os.path.join(self.path, name)
+        allocator = self.serde.allocator
+        block = None
         try:
             with open(path, "rb") as fh:
-                data = fh.read()
+                size = os.fstat(fh.fileno()).st_size
+                block = allocator.buffer(size)  # pooled: no fresh pages on the load path
+                data = memoryview(block.numpy())[: fh.readinto(block.numpy())]
         except FileNotFoundError:
             self._forget(name)
             self._warn("Disk tier %s: %s vanished underneath; treating as a miss", self.path, name)
             self.counters.misses += 1
             return None
         except OSError as exc:
+            if block is not None:
+                allocator.recycle(block)
             self._warn("Disk tier %s: read failed (%s); treating as a miss", self.path, exc.strerror or exc)
             self.counters.misses += 1
             return None
         try:
-            obj = self.serde.deserialize(data, expected)
+            obj = self.serde.deserialize_block(data, block, expected)
         except CorruptValueError as exc:
             self.counters.corrupt += 1
             self._forget(name)

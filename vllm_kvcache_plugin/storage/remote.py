@@ -153,30 +153,58 @@ class RemoteTier:
         return answer
 
     def batched_get(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
-        out: list[MemoryObj | None] = [None] * len(keys)
+        """Each key's chunk or None (missing, corrupt, foreign, or the store failed)."""
         if not keys or not self.healthy:
             self.counters.misses += len(keys)
-            return out
+            return [None] * len(keys)
+        max_size = getattr(self.serde, "max_value_size", None)
+        if self.connector.supports_get_into and expected is not None and max_size is not None:
+            return self._get_into_pooled(keys, expected, max_size(expected))
         ok, values = self._call(self.connector.batched_get(list(keys)), "get")
         if not ok:
             self.counters.misses += len(keys)
-            return out
-        for i, (key, value) in enumerate(zip(keys, values, strict=True)):
-            if value is None or len(value) == 0:
-                self.counters.misses += 1
-                self.existence.discard(key)
+            return [None] * len(keys)
+        return [self._decode(key, value, None, expected) for key, value in zip(keys, values, strict=True)]
+
+    def _get_into_pooled(self, keys: Sequence[str], expected: ChunkMeta, size: int) -> list[MemoryObj | None]:
+        """Receive straight into pooled buffers: no fresh pages to fault in on the load path."""
+        allocator = self.serde.allocator
+        blocks = [allocator.buffer(size) for _ in keys]
+        ok, lengths = self._call(self.connector.batched_get_into(list(keys), [b.numpy() for b in blocks]), "get")
+        if not ok:
+            for block in blocks:
+                allocator.recycle(block)
+            self.counters.misses += len(keys)
+            return [None] * len(keys)
+        out: list[MemoryObj | None] = []
+        for key, block, n in zip(keys, blocks, lengths, strict=True):
+            if n is None or n > size:  # a miss, or a value too big for this geometry (foreign)
+                allocator.recycle(block)
+                out.append(self._decode(key, None if n is None else b"", None, expected))
                 continue
-            try:
-                out[i] = self.serde.deserialize(value, expected)
-            except CorruptValueError as exc:
-                self.counters.corrupt += 1
-                self.counters.misses += 1
-                self.existence.discard(key)
-                logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, exc)
-                continue
-            self.counters.hits += 1
-            self.counters.bytes_read += len(value)
+            out.append(self._decode(key, memoryview(block.numpy())[:n], block, expected))
         return out
+
+    def _decode(self, key: str, value, block, expected: ChunkMeta | None) -> MemoryObj | None:
+        if value is None or len(value) == 0:
+            self.counters.misses += 1
+            self.existence.discard(key)
+            if value is not None:  # present but unusable
+                self.counters.corrupt += 1
+                logger.warning("Remote chunk %s does not fit this model's chunks; recomputing", key)
+            return None
+        try:
+            obj = (self.serde.deserialize(value, expected) if block is None
+                   else self.serde.deserialize_block(value, block, expected))
+        except CorruptValueError as exc:
+            self.counters.corrupt += 1
+            self.counters.misses += 1
+            self.existence.discard(key)
+            logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, exc)
+            return None
+        self.counters.hits += 1
+        self.counters.bytes_read += len(value)
+        return obj
 
     def batched_put(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
         """Serialize in the calling thread (the writer), send in one batch. False if not stored."""
