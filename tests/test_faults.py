@@ -137,28 +137,60 @@ def test_slow_store_is_a_miss_within_the_timeout(tmp_path):
         store.stop()
 
 
-def test_corrupt_and_foreign_values_are_misses(tmp_path):
-    store = RedisStore(tmp_path)
+def _raw(url: str, method: str, *args):
+    """Talk to the store with the project's own connector, under the storage layer."""
+    import asyncio
+
+    from vllm_kvcache_plugin.connectors import create_connector
+
+    async def run():
+        connector = create_connector(url)
+        try:
+            return await getattr(connector, method)(*args)
+        finally:
+            await connector.close()
+
+    return asyncio.run(run())
+
+
+def test_corrupt_and_foreign_values_are_misses(store):
     mgr = manager(store.url)
     try:
         obj = chunk(mgr.allocator)
-        for key in ("flipped", "truncated", "foreign", "garbage"):
+        keys = ("flipped", "truncated", "foreign-dtype", "foreign-shape", "garbage")
+        for key in keys:
             mgr.put(key, obj)
         assert mgr.flush(10)
-        good = store.raw_get("flipped")
+        good = bytes(_raw(store.url, "get", "flipped"))
         flipped = bytearray(good)
         flipped[len(flipped) // 2] ^= 0x01
-        store.raw_set("flipped", bytes(flipped))
-        store.raw_set("truncated", good[: len(good) // 3])
-        other_dtype = Allocator().wrap(torch.randn(SHAPE, dtype=torch.float32))  # another model's dtype
-        store.raw_set("foreign", bytes(NaiveSerde().serialize(other_dtype)))
-        store.raw_set("garbage", os.urandom(1000))
-        assert mgr.get_many(["flipped", "truncated", "foreign", "garbage"], META) == [None] * 4
-        assert mgr.tier_counters["remote"].corrupt == 4
+        other_dtype = Allocator().wrap(torch.randn(SHAPE, dtype=torch.float32))  # another model's dtype: 2x bigger
+        other_shape = Allocator().wrap(torch.randn(2, 4, 16, 3, 32).to(torch.bfloat16))
+        _raw(store.url, "batched_put", [
+            ("flipped", bytes(flipped)), ("truncated", good[: len(good) // 3]),
+            ("foreign-dtype", bytes(NaiveSerde().serialize(other_dtype))),
+            ("foreign-shape", bytes(NaiveSerde().serialize(other_shape))), ("garbage", os.urandom(1000))])
+        assert mgr.get_many(list(keys), META) == [None] * len(keys)
+        assert mgr.tier_counters["remote"].corrupt == len(keys)
         assert mgr.remote.healthy, "bad values are the values' fault, not the store's"
+        assert mgr.allocator.live == 1  # only `obj`: every rejected buffer went back
     finally:
         mgr.close()
-        store.stop()
+
+
+def test_pool_reuses_freed_chunk_memory_within_its_cap():
+    alloc = Allocator(max_pool_bytes=3 * 4096)
+    meta = ChunkMeta(KVFormat.KV, torch.uint8, (2, 1, 16, 2, 64))  # 4096 bytes
+    first = alloc.allocate(meta)
+    ptr = first.tensor.data_ptr()
+    first.ref_down()
+    again = alloc.allocate(meta)
+    assert again.tensor.data_ptr() == ptr and alloc.pool_hits == 1
+    objs = [alloc.allocate(meta) for _ in range(5)]
+    for o in [again, *objs]:
+        o.ref_down()
+    assert alloc.pool_bytes == 3 * 4096  # capped; the rest went back to the system
+    assert (alloc.allocations, alloc.frees, alloc.live) == (7, 7, 0)
 
 
 @pytest.fixture
