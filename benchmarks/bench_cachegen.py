@@ -35,14 +35,19 @@ from vllm_kvcache_plugin.serde.cachegen.quant import steps_from_bits  # noqa: E4
 from vllm_kvcache_plugin.serde.naive import NaiveSerde  # noqa: E402
 
 LICENCES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "LGPL-3", "MPL-2.0")
-CONFIGS = {  # name -> (key bins, value bins)
-    "lmcache bins": ("32:10,16", "32:2,16"),
-    "default": (None, None),
-    "24 / 24": ("24", "24"),
-    "32:10,24 / 32:2,24": ("32:10,24", "32:2,24"),
-    "32 / 32": ("32", "32"),
-    "16 / 16": ("16", "16"),
+DEFAULT = "default (64 / 24)"
+CONFIGS = {  # name -> settings (bins "K / V"; every chunk's first token exact unless "no sink")
+    DEFAULT: codec.EncodeSettings(),
+    "default, no sink": codec.EncodeSettings(exact_tokens=0),
+    "lmcache bins (32:10,16 / 32:2,16)": codec.EncodeSettings("32:10,16", "32:2,16"),
+    "lmcache bins, no sink": codec.EncodeSettings("32:10,16", "32:2,16", exact_tokens=0),
+    "32 / 32": codec.EncodeSettings("32", "32"),
+    "48 / 32": codec.EncodeSettings("48", "32"),
+    "64 / 16": codec.EncodeSettings("64", "16"),
+    "96 / 24": codec.EncodeSettings("96", "24"),
 }
+QUALITY_CONFIGS = (DEFAULT, "default, no sink", "lmcache bins (32:10,16 / 32:2,16)", "32 / 32",
+                   "64 / 16", "96 / 24")
 LMCACHE = {"ratio": 3.5, "rel_k": 0.21, "rel_v": 0.15, "mb_s": 10.0}  # 0.5.6 on this machine (ENVIRONMENT.md)
 
 
@@ -64,11 +69,11 @@ def load_model(model_dir: Path):
     return tokenizer, model
 
 
-def cache_to_canonical(cache) -> torch.Tensor:
-    """transformers cache (per layer [1, H, T, D]) -> canonical bf16 [2, L, T, H, D]."""
+def cache_to_canonical(cache, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """transformers cache (per layer [1, H, T, D]) -> canonical [2, L, T, H, D]."""
     keys = torch.stack([layer.keys[0].transpose(0, 1) for layer in cache.layers])
     values = torch.stack([layer.values[0].transpose(0, 1) for layer in cache.layers])
-    return torch.stack([keys, values]).to(torch.bfloat16)
+    return torch.stack([keys, values]).to(dtype)
 
 
 def canonical_to_cache(kv: torch.Tensor):
@@ -139,8 +144,7 @@ def section_bits(kv: torch.Tensor, settings, coder) -> dict[str, float]:
 def size_quality_tables(kv, coder, quick: bool) -> dict:
     results: dict = {"configs": {}, "chunks": {}, "locality": {}}
     rows = []
-    for name, (kb, vb) in CONFIGS.items():
-        settings = codec.EncodeSettings(kb, vb)
+    for name, settings in CONFIGS.items():
         restored, nbytes = roundtrip(kv, settings, coder, 256)
         r = {"ratio": kv.numel() * 2 / nbytes, "rel_k": rel_l2(restored[0], kv[0]), "rel_v": rel_l2(restored[1], kv[1]),
              "bits": nbytes * 8 / kv.numel(), "half_step_max": half_step_excess(kv, settings, coder)}
@@ -151,6 +155,7 @@ def size_quality_tables(kv, coder, quick: bool) -> dict:
                  fmt(LMCACHE["rel_k"]), fmt(LMCACHE["rel_v"]), "-"])
     print("\n## Size and error at chunk 256 (ratio = bf16 bytes / stored bytes incl. 64-byte header)\n")
     print(markdown_table(["bins (K / V)", "ratio", "bits/elem", "rel L2 K", "rel L2 V", "max err / half step"], rows))
+    print("(max err / half step: 1 + bf16 output rounding at most; exact tokens count as 0)")
     default = codec.EncodeSettings()
     bits = section_bits(kv, default, coder)
     results["sections"] = bits
@@ -166,7 +171,7 @@ def size_quality_tables(kv, coder, quick: bool) -> dict:
     print(markdown_table(["chunk tokens", "ratio"], rows))
     rows = []
     for group in (0, 2, 4, 16):
-        settings = codec.EncodeSettings("32:10,16", "32:2,16", group)
+        settings = codec.EncodeSettings("32:10,16", "32:2,16", group, exact_tokens=0)
         _, nbytes = roundtrip(kv, settings, coder, 256)
         results["locality"][group] = kv.numel() * 2 / nbytes
         rows.append([group or "off", fmt(results["locality"][group])])
@@ -234,54 +239,59 @@ def crossover(speeds: dict, ratio: float) -> dict:
 
 
 def quality(model, tokenizer, held_out: str, prompt_text: str, quick: bool, coder) -> dict:
-    """Perplexity of held-out text after a restored prefix, and 32-token greedy agreement."""
+    """Perplexity and next-token KL on held-out text after a restored prefix; 32-token greedy agreement."""
     ids = tokenizer(held_out, return_tensors="pt").input_ids
     prefix, scored = (512, 128) if quick else (1024, 256)
     ids = ids[:, : prefix + scored]
     with torch.no_grad():
-        kv = cache_to_canonical(model(ids[:, :prefix], use_cache=True).past_key_values)
+        kv32 = cache_to_canonical(model(ids[:, :prefix], use_cache=True).past_key_values, torch.float32)
+    kv = kv32.to(torch.bfloat16)
 
-    def ppl(cache_kv: torch.Tensor) -> float:
+    def scores(cache_kv: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = model(ids[:, prefix:], past_key_values=canonical_to_cache(cache_kv), use_cache=True).logits
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, prefix + 1 :])
-        return float(torch.exp(loss))
+        return logits[0].float().log_softmax(-1)
 
+    base = scores(kv)
+    target = ids[0, prefix + 1 :]
+    base_ppl = float(torch.exp(-base[:-1].gather(1, target[:, None]).mean()))
     words = prompt_text.split()
     n_prompts, span = (4, 260) if quick else (20, 330)
-    prompts = [" ".join(words[i * span : (i + 1) * span]) for i in range(n_prompts)]
-    prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
-    prefixes = []
+    prompt_ids = [tokenizer(" ".join(words[i * span : (i + 1) * span]), return_tensors="pt").input_ids
+                  for i in range(n_prompts)]
     with torch.no_grad():
-        for pid in prompt_ids:
-            prefixes.append(cache_to_canonical(model(pid[:, :-1], use_cache=True).past_key_values))
+        prefixes = [cache_to_canonical(model(pid[:, :-1], use_cache=True).past_key_values, torch.float32)
+                    for pid in prompt_ids]
 
     def greedy(pid: torch.Tensor, cache_kv: torch.Tensor, steps: int = 32) -> list[int]:
         cache, token, out = canonical_to_cache(cache_kv), pid[:, -1:], []
         with torch.no_grad():
             for _ in range(steps):
-                logits = model(token, past_key_values=cache, use_cache=True).logits
-                token = logits[:, -1:].argmax(-1)
+                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
                 out.append(int(token))
         return out
 
-    base_ppl = ppl(kv)
-    reference = [greedy(pid, pre) for pid, pre in zip(prompt_ids, prefixes, strict=True)]
-    rows, results = [["original KV", fmt(base_ppl, 3), "-", "-", "-"]], {"original_ppl": base_ppl}
-    for name in ("lmcache bins", "default", "24 / 24", "32 / 32"):
-        settings = codec.EncodeSettings(*CONFIGS[name])
-        p = ppl(roundtrip(kv, settings, coder, 256)[0])
-        conts = [greedy(pid, roundtrip(pre, settings, coder, 256)[0]) for pid, pre in
-                 zip(prompt_ids, prefixes, strict=True)]
+    reference = [greedy(pid, pre.to(torch.bfloat16)) for pid, pre in zip(prompt_ids, prefixes, strict=True)]
+    rows, results = [["original bf16 KV", fmt(base_ppl, 3), "-", "-", "-", "-", "-"]], {"original_ppl": base_ppl}
+    variants = {"fp32 KV (no bf16 rounding: the noise floor)": lambda x: x}
+    variants.update({name: (lambda x, s=CONFIGS[name]: roundtrip(x.to(torch.bfloat16), s, coder, 256)[0])
+                     for name in QUALITY_CONFIGS})
+    for name, restore in variants.items():
+        lp = scores(restore(kv32))
+        p = float(torch.exp(-lp[:-1].gather(1, target[:, None]).mean()))
+        kl = float((base.exp() * (base - lp)).sum(-1).mean())
+        conts = [greedy(pid, restore(pre)) for pid, pre in zip(prompt_ids, prefixes, strict=True)]
         same = sum(c == r for c, r in zip(conts, reference, strict=True))
+        first = sum(c[0] == r[0] for c, r in zip(conts, reference, strict=True))
         tokens = sum(sum(a == b for a, b in zip(c, r, strict=True)) for c, r in zip(conts, reference, strict=True))
-        results[name] = {"ppl": p, "ppl_change": p / base_ppl - 1, "identical": same / len(conts),
-                         "token_agreement": tokens / (32 * len(conts))}
-        rows.append([name, fmt(p, 3), f"{(p / base_ppl - 1) * 100:+.2f}%", f"{same}/{len(conts)}",
-                     f"{tokens / (32 * len(conts)) * 100:.1f}%"])
-    print(f"\n## Model quality with restored KV (transformers; {prefix}-token prefix, {scored} scored tokens; "
-          f"{n_prompts} prompts of ~{span} words, 32 greedy tokens vs the original KV)\n")
-    print(markdown_table(["KV", "perplexity", "change", "identical continuations", "token agreement"], rows))
+        results[name] = {"ppl": p, "ppl_change": p / base_ppl - 1, "kl": kl, "identical": same / n_prompts,
+                         "first_token": first / n_prompts, "token_agreement": tokens / (32 * n_prompts)}
+        rows.append([name, fmt(p, 3), f"{(p / base_ppl - 1) * 100:+.2f}%", fmt(kl, 4), f"{same}/{n_prompts}",
+                     f"{first}/{n_prompts}", f"{tokens / (32 * n_prompts) * 100:.0f}%"])
+    print(f"\n## Model quality with restored KV (transformers, fp32 compute; {prefix}-token prefix of held-out "
+          f"text, {scored} scored tokens; {n_prompts} prompts of ~{span} words, 32 greedy tokens vs the bf16 KV)\n")
+    print(markdown_table(["KV", "perplexity", "change", "KL/token", "identical 32-token", "same first token",
+                          "token agreement"], rows))
     return results
 
 
@@ -295,13 +305,16 @@ def synthetic_kv(layers=30, tokens=256, heads=3, size=64, seed=0, device="cpu") 
     return (offset + spread * noise).to(torch.bfloat16).to(device)
 
 
-def gpu_only(quick: bool) -> dict:
+def gpu_only(quick: bool, device: str = "cuda", layers: int = 30, tokens: int = 256,
+             batches: tuple[int, ...] | None = None, reps: int | None = None) -> dict:
+    """Triton throughput on ``device`` (the CLI: CUDA; a CPU under TRITON_INTERPRET=1 smoke-tests it)."""
     from vllm_kvcache_plugin.serde.cachegen.triton_coder import TritonCoder
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--gpu-only needs CUDA")
-    coder, settings, results = TritonCoder("cuda"), codec.EncodeSettings(), {}
-    kv = synthetic_kv(device="cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    coder, settings, results = TritonCoder(device), codec.EncodeSettings(), {}
+    kv = synthetic_kv(layers=layers, tokens=tokens, device=device)
     payload = codec.encode(kv, settings, coder)
     cpu_coder = codec.NumpyCoder()
     try:
@@ -315,29 +328,36 @@ def gpu_only(quick: bool) -> dict:
 
     def timed(fn, reps):
         fn()
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - start) / reps
 
-    reps = 5 if quick else 20
+    reps = reps or (5 if quick else 20)
     mb = kv.numel() * 2 / 1e6
     enc = timed(lambda: codec.encode(kv, settings, coder), reps)
     dec = timed(lambda: codec.decode(payload, kv.shape, out, coder), reps)
-    plan, coded, step, exact = codec.parse_payload(payload, kv.shape, "cuda", kv.dtype)
+    reference = torch.empty_like(kv)
+    codec.decode(payload, kv.shape, reference, cpu_coder)
+    results["decode_identical_to_cpu"] = torch.equal(out.cpu(), reference.cpu())
+    plan, coded, step, exact = codec.parse_payload(payload, kv.shape, device, kv.dtype)
     results["ratio"] = kv.numel() * 2 / (len(payload) + 64)
-    rows = [["encode (end to end)", fmt(mb / enc / 1e3, 2)], ["decode (end to end)", fmt(mb / dec / 1e3, 2)]]
-    for batch in (1, 8, 32) if quick else (1, 8, 32, 128):
-        launch = coder.prepare_decode([coded] * batch, [plan] * batch, [step] * batch, torch.empty(
-            (batch, *kv.shape), dtype=kv.dtype, device="cuda"), [exact] * batch)
+    rows = [["encode (end to end, incl. host table choice)", fmt(mb / enc / 1e3, 3)],
+            ["decode (end to end, incl. upload)", fmt(mb / dec / 1e3, 3)]]
+    for batch in batches or ((1, 8, 32) if quick else (1, 8, 32, 128)):
+        batch_out = torch.empty((batch, *kv.shape), dtype=kv.dtype, device=device)
+        launch = coder.prepare_decode([coded] * batch, [plan] * batch, [step] * batch, batch_out, [exact] * batch)
         t = timed(launch, reps)
-        rows.append([f"decode kernel, {batch} chunk(s) per launch", fmt(batch * mb / t / 1e3, 2)])
+        assert not launch().any() and torch.equal(batch_out[-1], out)
+        rows.append([f"decode kernel, {batch} chunk(s) per launch", fmt(batch * mb / t / 1e3, 3)])
         results[f"decode_kernel_gb_s_{batch}"] = batch * mb / t / 1e3
     results.update({"encode_gb_s": mb / enc / 1e3, "decode_gb_s": mb / dec / 1e3})
-    print(f"\n## Triton on {torch.cuda.get_device_name()} (synthetic KV, 256-token chunks, {mb:.1f} MB bf16; "
-          f"bytes identical to the CPU coder: {results['identical_to_cpu']})\n")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
+    print(f"\n## Triton on {name} (synthetic KV, {tokens}-token chunks of {mb:.1f} MB bf16, ratio "
+          f"{results['ratio']:.2f}; bytes identical to the CPU coder: {results['identical_to_cpu']}, decoded "
+          f"values identical: {results['decode_identical_to_cpu']})\n")
     print(markdown_table(["operation", "GB/s of bf16"], rows))
     return results
 
@@ -447,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         kv = real_kv(model, tokenizer, text, args.tokens or (512 if args.quick else 2048), args.out)
         print(f"\nKV: {tuple(kv.shape)} bf16 from {kv.shape[2]} tokens of licence text")
         results = {"size": size_quality_tables(kv, coder, args.quick), "speed": speed_table(kv, args.quick)}
-        results["crossover_mb_s"] = crossover(results["speed"], results["size"]["configs"]["default"]["ratio"])
+        results["crossover_mb_s"] = crossover(results["speed"], results["size"]["configs"][DEFAULT]["ratio"])
         results["quality"] = quality(model, tokenizer, held_out, text, args.quick, coder)
         save_plot(results, args.out)
         print(f"\nplot: {args.out / 'cachegen.png'}")

@@ -284,10 +284,7 @@ def test_allocator_counts_a_failed_decode_as_freed(cpp_lib):
 
 
 def test_bins_specs_and_defaults():
-    assert quant.default_bins(30, 0) == [32] * 10 + [16] * 20
-    assert quant.default_bins(30, 1) == [32] + [16] * 29
-    assert quant.default_bins(32, 1) == [32] * 2 + [16] * 30  # LMCache's values rule at 32 layers
-    assert quant.default_bins(6, 1) == [32] * 6
+    assert quant.default_bins(30, 0) == [64] * 30 and quant.default_bins(3, 1) == [24] * 3
     assert quant.resolve_bins("32:10,16", 12, 0) == [32] * 10 + [16] * 2
     assert quant.resolve_bins("32:2,24:2", 6, 0) == [32, 32, 24, 24, 24, 24]  # last group extends
     assert quant.resolve_bins("32:40,16", 4, 0) == [32] * 4

@@ -159,7 +159,9 @@ class CppCoder:
         target = out if kind is not None and out.is_contiguous() and out.device.type == "cpu" else \
             torch.empty(out.shape, dtype=torch.float32)
         kind = 0 if target is not out else kind
-        words = np.ascontiguousarray(coded.words) if len(coded.words) else np.zeros(1, np.uint16)
+        # Padded by 64 words a token: the decoder reads one word per lane and token unconditionally.
+        words = np.zeros(len(coded.words) + LANE_GROUP * plan.tokens, np.uint16)
+        words[: len(coded.words)] = coded.words
         states = np.ascontiguousarray(coded.states)
         ts = plan.tables
         sym_lut, freq_cum = ts.sym_lut, ts.freq_cum

@@ -29,6 +29,14 @@ inline float load(const void* x, int64_t i) {
   return static_cast<const float*>(x)[i];
 }
 
+// Round half to even (torch.round) for |y| < 2^22 without SSE4.1's roundps: adding and removing
+// 1.5 * 2^23 leaves no fraction bits, so the FPU's default rounding mode does the work (IEEE
+// semantics forbid folding it to y; never build this file with -ffast-math).
+inline float round_even(float y) {
+  constexpr float kMagic = 12582912.0f;
+  return (y + kMagic) - kMagic;
+}
+
 inline uint16_t to_bf16(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
@@ -67,7 +75,7 @@ void quantize(const void* x, int64_t R, int64_t T, int64_t K, const int64_t* hal
       const float st = step[r * T + t];
       const int64_t base = (r * T + t) * K;
       for (int64_t k = 0; k < K; ++k) {
-        float q = st > 0.0f ? std::nearbyint(load<IN_KIND>(x, base + k) / st) : 0.0f;
+        float q = st > 0.0f ? round_even(load<IN_KIND>(x, base + k) / st) : 0.0f;
         q = q < -c ? -c : (q > c ? c : q);
         const int32_t qi = static_cast<int32_t>(q);
         sym[base + k] = static_cast<uint8_t>(qi + half[r]);
@@ -75,6 +83,17 @@ void quantize(const void* x, int64_t R, int64_t T, int64_t K, const int64_t* hal
         m2[k] += qi * qi;
       }
     }
+  }
+}
+
+// out[base + i] = clamp(sym[i] * st) for i < n, as float32 (OUT_KIND 0) or bfloat16 (1).
+template <int OUT_KIND>
+inline void store_row(const int32_t* sym, int64_t n, float st, float limit, void* out, int64_t base) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = static_cast<float>(sym[i]) * st;
+    v = v > limit ? limit : (v < -limit ? -limit : v);  // a rounded-up scale never decodes to inf
+    if constexpr (OUT_KIND == 1) static_cast<uint16_t*>(out)[base + i] = to_bf16(v);
+    else static_cast<float*>(out)[base + i] = v;
   }
 }
 
@@ -87,7 +106,7 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
   const float limit = OUT_KIND == 1 ? kBf16Max : kF32Max;
   uint32_t x[kGroup];
   int64_t obase[kGroup], rowt[kGroup];
-  int32_t centre[kGroup], anchor[kGroup];
+  int32_t centre[kGroup], anchor[kGroup], sym[kGroup];
   const uint8_t* lut_a[kGroup];
   const uint8_t* lut_d[kGroup];
   const uint32_t* fc_a[kGroup];
@@ -97,7 +116,6 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
     const int64_t nl = lanes - lane0 < kGroup ? lanes - lane0 : kGroup;
     int64_t ptr = offsets[g];
     const int64_t end = offsets[g + 1];
-    const int64_t last = end > 0 ? end - 1 : 0;  // words holds at least one element (the caller pads)
     for (int64_t i = 0; i < nl; ++i) {
       const int64_t lane = lane0 + i, row = lane / K;
       x[i] = states[lane];
@@ -111,6 +129,7 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
       fc_a[i] = freq_cum + sym_base[rows_anchor[lane]];
       fc_d[i] = freq_cum + sym_base[rows_delta[lane]];
     }
+    const bool one_row = rowt[0] == rowt[nl - 1];
     for (int64_t t = 0; t < T; ++t) {
       const bool delta = sel[t] != 0;
       const uint8_t* const* lut = delta ? lut_d : lut_a;
@@ -121,9 +140,9 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
         const uint32_t fcv = fc[i][s];
         const uint32_t st = (fcv & 0xFFFF) * (x[i] >> kProbBits) + slot - (fcv >> 16);
         // Branch-free renormalisation (a taken/not-taken pattern near 20/80 mispredicts): always load
-        // the next word (clamped in bounds; an over-read leaves ptr != end, caught after the group).
+        // the next word (an over-read leaves ptr != end, caught after the group).
         const uint32_t need = st < kRansL;
-        const uint32_t w = words[ptr < last ? ptr : last];
+        const uint32_t w = words[ptr];  // the caller pads words by 64 * T: an over-read stays in bounds
         x[i] = need ? (st << 16) | w : st;
         ptr += need;
         if constexpr (LOCALITY) {
@@ -135,11 +154,16 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
             s = s >= n ? s - n : (s < 0 ? s + n : s);
           }
         }
-        float v = static_cast<float>(s - centre[i]) * step[rowt[i] + t];
-        const int64_t o = obase[i] + t * K;
-        v = v > limit ? limit : (v < -limit ? -limit : v);  // a rounded-up scale never decodes to inf
-        if constexpr (OUT_KIND == 1) static_cast<uint16_t*>(out)[o] = to_bf16(v);
-        else static_cast<float*>(out)[o] = v;
+        sym[i] = s - centre[i];
+      }
+      // Dequantise apart from the rANS chain: in the usual group (one row, 64 consecutive channels)
+      // this loop has one step and contiguous stores, so the compiler vectorises it.
+      if (one_row) {
+        const float st = step[rowt[0] + t];
+        store_row<OUT_KIND>(sym, nl, st, limit, out, obase[0] + t * K);
+      } else {
+        for (int64_t i = 0; i < nl; ++i)
+          store_row<OUT_KIND>(sym + i, 1, step[rowt[i] + t], limit, out, obase[i] + t * K);
       }
     }
     if (ptr != end) return 1;
