@@ -47,6 +47,21 @@ BENCHES = (
 )
 
 
+# Results recorded on machines this command does not run on (the lent GPU), kept as they were.
+RECORDED = (("gpu", "Kernels on a GPU (recorded from benchmarks/gpu_check.sh)"),)
+
+
+def recorded_sections() -> list[str]:
+    out = []
+    for folder, title in RECORDED:
+        parts = [f"## {title}\n"]
+        for md in sorted((RESULTS_DIR / folder).glob("*.md")):
+            parts.append(md.read_text().strip() + "\n")
+        if len(parts) > 1:
+            out.append("\n".join(parts))
+    return out
+
+
 def run(bench: Bench, quick: bool, extra: tuple[str, ...], index: int, total: int) -> tuple[int, float, str]:
     out = RESULTS_DIR / bench.name
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +139,7 @@ def main() -> int:
                 existing += "\n" + text
         results_md.write_text(existing)
     else:
-        results_md.write_text(header + "\n" + "\n".join(sections))
+        results_md.write_text(header + "\n" + "\n".join(sections + recorded_sections()))
     print(f"wrote {results_md}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
