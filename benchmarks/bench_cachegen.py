@@ -295,6 +295,34 @@ def quality(model, tokenizer, held_out: str, prompt_text: str, quick: bool, code
     return results
 
 
+def sensitivity(model, tokenizer, held_out: str, coder) -> dict:
+    """Where the codec's error hurts: next-token KL with only keys, only values, or one layer restored
+    (32 bins, the rest exact). Behind the default bins (keys get the bits, not early layers)."""
+    ids = tokenizer(held_out, return_tensors="pt").input_ids[:, :640]
+    with torch.no_grad():
+        kv = cache_to_canonical(model(ids[:, :512], use_cache=True).past_key_values)
+
+    def kl(cache_kv: torch.Tensor) -> float:
+        with torch.no_grad():
+            lp = [model(ids[:, 512:], past_key_values=canonical_to_cache(c), use_cache=True).logits[0].float()
+                  .log_softmax(-1) for c in (kv, cache_kv)]
+        return float((lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean())
+
+    restored = roundtrip(kv, codec.EncodeSettings("32", "32", exact_tokens=0), coder, 256)[0]
+    cases = {"keys only": (slice(0, 1), slice(None)), "values only": (slice(1, 2), slice(None))}
+    cases.update({f"layer {layer} only": (slice(None), slice(layer, layer + 1))
+                  for layer in range(0, kv.shape[1], max(1, kv.shape[1] // 6))})
+    results, rows = {}, []
+    for name, (planes, layers) in cases.items():
+        mixed = kv.clone()
+        mixed[planes, layers] = restored[planes, layers]
+        results[name] = kl(mixed)
+        rows.append([name, fmt(results[name], 5)])
+    print("\n## Sensitivity: next-token KL with part of the KV through 32-bin CacheGen (rest exact)\n")
+    print(markdown_table(["restored part", "KL/token"], rows))
+    return results
+
+
 def synthetic_kv(layers=30, tokens=256, heads=3, size=64, seed=0, device="cpu") -> torch.Tensor:
     """KV-like data for the GPU run (no model there): per-channel offsets/spreads, outlier channels."""
     g = torch.Generator().manual_seed(seed)
@@ -446,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer tokens, prompts and repetitions (~2 min)")
     parser.add_argument("--gpu-only", action="store_true", help="Triton throughput on CUDA with synthetic KV")
     parser.add_argument("--e2e", action="store_true", help="vLLM restart hits through redis, naive vs cachegen")
+    parser.add_argument("--sensitivity", action="store_true", help="also: KL by K/V and by layer (~1 min)")
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2-135m")
     parser.add_argument("--tokens", type=int, default=None, help="KV tokens for the codec tables (2048; quick 512)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "cachegen")
@@ -469,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {"size": size_quality_tables(kv, coder, args.quick), "speed": speed_table(kv, args.quick)}
         results["crossover_mb_s"] = crossover(results["speed"], results["size"]["configs"][DEFAULT]["ratio"])
         results["quality"] = quality(model, tokenizer, held_out, text, args.quick, coder)
+        if args.sensitivity:
+            results["sensitivity"] = sensitivity(model, tokenizer, held_out, coder)
         save_plot(results, args.out)
         print(f"\nplot: {args.out / 'cachegen.png'}")
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
