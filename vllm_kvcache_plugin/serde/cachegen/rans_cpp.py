@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import logging
 import os
+import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,23 +41,43 @@ def _build_dir(tag: str) -> Path:
     return path
 
 
+def _cpu_tag() -> str:
+    """The CPU's feature flags: a -march=native build must never be reused on another CPU model."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+# -ffp-contract=off: no fused multiply-adds, so float results match torch's bit for bit.
+_FLAGS = (["-O3", "-funroll-loops", "-fno-math-errno", "-ffp-contract=off", "-march=native"],
+          ["-O3", "-fno-math-errno", "-ffp-contract=off"])
+
+
 @functools.lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL | None:
-    """Build (once per source version) and load the coder; None if it cannot be built here."""
+    """Build (once per source version and CPU) and load the coder; None if it cannot be built here."""
     with _build_lock:
-        try:
-            from torch.utils import cpp_extension
+        from torch.utils import cpp_extension
 
-            tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-            name = f"cachegen_rans_{tag}"
-            build = _build_dir(tag)
-            library = build / f"{name}.so"
-            if not library.exists():
-                cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-fno-math-errno"],
-                                   build_directory=str(build), is_python_module=False, verbose=False)
-            lib = ctypes.CDLL(str(library))
-        except Exception as exc:  # no compiler, no ninja, read-only home...
-            logger.warning("CacheGen C++ coder unavailable (%s); using the slower numpy coder", exc)
+        errors = []
+        for flags in _FLAGS:
+            try:
+                tag = hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + _cpu_tag().encode()).hexdigest()[:12]
+                name = f"cachegen_rans_{tag}"
+                build = _build_dir(tag)
+                library = build / f"{name}.so"
+                if not library.exists():
+                    cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, build_directory=str(build),
+                                       is_python_module=False, verbose=False)
+                lib = ctypes.CDLL(str(library))
+                break
+            except Exception as exc:  # no compiler, no ninja, read-only home, flags refused...
+                errors.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        else:
+            logger.warning("CacheGen C++ coder unavailable (%s); using the slower numpy coder", "; ".join(errors))
             return None
     _C = ctypes.c_int
     lib.cg_scales.argtypes = [_P, _C, _I, _I, _P]
