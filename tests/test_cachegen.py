@@ -349,3 +349,10 @@ def test_table_choice_follows_the_lane_moments():
     for v, idx in ((0.25, var[0]), (4.0, var[2])):
         grid = np.array([float(g) for g in bank.variances])
         assert idx == np.argmin(np.abs(np.log(grid / v)))
+
+
+def test_without_a_compiler_auto_falls_back_to_numpy(monkeypatch):
+    monkeypatch.setattr(cpp, "load_library", lambda: None)
+    assert isinstance(CacheGenSerde().coder, codec.NumpyCoder)
+    with pytest.raises(ConfigError, match="could not be built"):
+        _ = CacheGenSerde(backend="cpp").coder
