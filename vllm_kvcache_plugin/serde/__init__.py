@@ -21,12 +21,16 @@ def available_serdes() -> list[str]:
     return SERDES.names()
 
 
-def create_serde(name: str, **options) -> Serde:
+def create_serde(name: str, allocator=None, config=None, **options) -> Serde:
+    """The serde ``name``; a serde with a ``from_config`` classmethod reads its settings from
+    ``config`` (a KVCacheConfig), e.g. CacheGen's bins."""
     try:
         cls = SERDES.load(name)
     except KeyError:
         raise ConfigError(f"remote_serde: {name!r} is not one of {', '.join(available_serdes())}") from None
-    return cls(**options)
+    if config is not None and hasattr(cls, "from_config"):
+        return cls.from_config(config, allocator, **options)
+    return cls(allocator, **options)
 
 
 __all__ = ["SERDES", "Serde", "available_serdes", "create_serde"]

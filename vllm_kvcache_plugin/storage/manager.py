@@ -61,7 +61,7 @@ class StorageManager:
             connector = create_connector(config.remote_url, config)
         if connector is not None:
             self._loop = EventLoopThread()
-            serde = create_serde(config.remote_serde, allocator=self.allocator, **(serde_options or {}))
+            serde = create_serde(config.remote_serde, allocator=self.allocator, config=config, **(serde_options or {}))
             self.remote = RemoteTier(connector, serde, config, self._loop, self.tier_counters["remote"],
                                      self.counters)
             self.remote.start()

@@ -216,7 +216,15 @@ class RemoteTier:
         todo = [(k, o) for k, o in items if not self.existence.known(k, now)]
         if not todo:
             return True
-        payload = [(k, self.serde.serialize(o)) for k, o in todo]
+        payload = []
+        for key, obj in todo:
+            try:
+                payload.append((key, self.serde.serialize(obj)))
+            except Exception as exc:  # e.g. values the codec rejects (NaN/inf): store nothing, say why
+                self.counters.errors += 1
+                logger.warning("Chunk %s not stored: %s serde refused it (%s)", key, self.serde.name, exc)
+        if not payload:
+            return False
         ok, _ = self._call(self.connector.batched_put(payload), "put")
         if not ok:
             return False
