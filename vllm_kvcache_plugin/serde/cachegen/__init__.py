@@ -1,9 +1,9 @@
 """The CacheGen serde: per-token quantisation with layer-dependent bins + rANS entropy coding.
 
-Lossy (every element within half a quantisation step of its token's scale), ~6x smaller than bf16 on
-real KV at LMCache's bins. Three coders write the same bytes: C++ (the CPU default, built on first use),
-numpy (fallback when no compiler) and Triton (GPUs). Wire format: :mod:`.format`; design and
-measurements: docs/cachegen.md.
+Lossy (every element within half a quantisation step of its token's scale): 4.2x smaller than bf16 on
+real SmolLM2 KV at the default bins (keys 64, values 24; perplexity -0.2%), 5.9x at LMCache's bins.
+Three coders write the same bytes: C++ (the CPU default, built on first use), numpy (fallback when no
+compiler) and Triton (GPUs). Wire format: :mod:`.format`; design and measurements: docs/cachegen.md.
 """
 
 from __future__ import annotations
