@@ -193,6 +193,16 @@ def test_pool_reuses_freed_chunk_memory_within_its_cap():
     assert (alloc.allocations, alloc.frees, alloc.live) == (7, 7, 0)
 
 
+def test_prewarm_fills_the_pool_within_its_cap():
+    alloc = Allocator(max_pool_bytes=10 * 4096)
+    assert alloc.prewarm([4096, 8192, 4096], per_size=3) == 3 * 4096 + 3 * 8192
+    assert alloc.prewarm([4096], per_size=5) == 4096  # only what the cap still allows
+    meta = ChunkMeta(KVFormat.KV, torch.uint8, (2, 1, 16, 2, 64))
+    hits = alloc.pool_hits
+    alloc.allocate(meta).ref_down()
+    assert alloc.pool_hits == hits + 1
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real 1 MB file system (tmpfs), for a disk that fills up or turns read-only."""

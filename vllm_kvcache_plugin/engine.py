@@ -91,5 +91,18 @@ class KVCacheEngine:
                 found[i] = None
         return found
 
+    def prewarm(self, shape: ChunkShape) -> int:
+        """Touch pooled buffers for this model's chunks (gathers) and stored values (loads) before the
+        first request, so a restart hit does not pay for fresh pages. Returns the bytes prepared."""
+        full = shape.meta(self.config.chunk_size)
+        sizes = [full.nbytes]
+        remote = self.storage.remote
+        max_value = getattr(remote.serde, "max_value_size", None) if remote is not None else None
+        if max_value is not None and remote.connector.supports_get_into:
+            sizes.append(max_value(full))
+        if self.storage.disk is not None:
+            sizes.append(self.storage.disk.serde.max_value_size(full))
+        return self.allocator.prewarm(sizes)
+
     def close(self) -> None:
         self.storage.close()

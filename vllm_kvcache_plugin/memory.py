@@ -106,6 +106,20 @@ class Allocator:
                 self._pool.setdefault(nbytes, []).append(block)
                 self.pool_bytes += nbytes
 
+    def prewarm(self, sizes: list[int], per_size: int = 16) -> int:
+        """Put ``per_size`` touched buffers of each size in the pool (within its cap), so the first
+        loads and saves after start-up fault in no pages. Returns the bytes added."""
+        added = 0
+        for _ in range(per_size):
+            for n in dict.fromkeys(sizes):
+                if n <= 0 or self.pool_bytes + n > self.max_pool_bytes:
+                    continue
+                block = torch.empty(n, dtype=torch.uint8)
+                block.fill_(0)  # touch every page now, not on the request path
+                self.recycle(block)
+                added += n
+        return added
+
     # -- chunks ------------------------------------------------------------------------------
     def allocate(self, meta: ChunkMeta, tensor: torch.Tensor | None = None,
                  block: torch.Tensor | None = None) -> MemoryObj:

@@ -65,9 +65,11 @@ class WorkerSide:
     # -- set-up ----------------------------------------------------------------------------
     def register(self, cache: RegisteredCache) -> None:
         self.cache = cache
-        logger.info("KV cache registered: %d layers, %s, block size %d, %d kv heads x %d, %s, packing %s, copier %s",
-                    len(cache.layers), cache.spec.kind, cache.spec.block_size, cache.spec.num_kv_heads,
-                    cache.spec.head_size, cache.spec.dtype, cache.spec.packing, cache.copier.name)
+        prepared = self.engine.prewarm(cache.shape)
+        logger.info("KV cache registered: %d layers, %s, block size %d, %d kv heads x %d, %s, packing %s, copier %s; "
+                    "%.0f MB of chunk buffers prepared", len(cache.layers), cache.spec.kind, cache.spec.block_size,
+                    cache.spec.num_kv_heads, cache.spec.head_size, cache.spec.dtype, cache.spec.packing,
+                    cache.copier.name, prepared / 1e6)
 
     def lookup(self, hashes: list[str]) -> LookupReply:
         start = time.perf_counter()
