@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -35,6 +36,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AskError, ClusterDownError, RedisClusterException, RedisError, TryAgainError
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
 from ..config import KVCacheConfig
 from ..errors import ConnectorError, URLError
@@ -223,6 +225,8 @@ class _RedisFamilyConnector(RemoteConnector):
     """Shared behaviour; subclasses build the blocking client and may batch differently."""
 
     blocking_threads: ClassVar[int] = 4
+    #: Errors that mean "try again in a moment" (retried within the socket time-out).
+    transient_errors: ClassVar[tuple[type[Exception], ...]] = ()
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
         super().__init__(_mask_query_secrets(url), config)
@@ -279,11 +283,18 @@ class _RedisFamilyConnector(RemoteConnector):
         """Run ``fn(client)`` on the pool; every store failure becomes one ConnectorError line."""
 
         def guarded() -> T:
-            try:
-                return fn(self._get_client())
-            except (RedisError, RedisClusterException, OSError) as exc:
-                where = f"{self.url.scheme} {self.url.redacted()}"
-                raise ConnectorError(f"{where}: {op} failed: {_one_line(exc)}") from None
+            deadline = time.monotonic() + self.socket_timeout
+            while True:
+                try:
+                    return fn(self._get_client())
+                except self.transient_errors:
+                    if time.monotonic() >= deadline:
+                        raise ConnectorError(f"{self.url.scheme} {self.url.redacted()}: {op} failed: no master "
+                                             f"within {self.socket_timeout:.1f}s (a failover?)") from None
+                    time.sleep(0.05)
+                except (RedisError, RedisClusterException, OSError) as exc:
+                    where = f"{self.url.scheme} {self.url.redacted()}"
+                    raise ConnectorError(f"{where}: {op} failed: {_one_line(exc)}") from None
 
         return await self.run_blocking(guarded)
 
@@ -397,6 +408,8 @@ class RedisSentinelConnector(_RedisFamilyConnector):
     when a connection breaks or the old master answers READONLY)."""
 
     schemes = ("redis-sentinel",)
+    # Right after a failover the sentinels may briefly name no master: wait (bounded), don't fail.
+    transient_errors = (MasterNotFoundError,)
 
     def _build_client(self) -> redis.Redis:
         from redis.sentinel import Sentinel
