@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cachegen.py [--quick] [--out DIR]   # codec + transformers quality, CPU
     python benchmarks/bench_cachegen.py --gpu-only              # Triton on CUDA, synthetic KV, no transformers
-    python benchmarks/bench_cachegen.py --e2e                   # vLLM restart hits through redis (draft)
+    python benchmarks/bench_cachegen.py --e2e                   # vLLM restart hits through redis
 
 Real KV: the model (scripts/build_model.py) run by transformers over the licence texts in
 /usr/share/common-licenses (pydoc_data's topics where those are missing). The forward runs in float32
@@ -394,8 +394,8 @@ def e2e(out: Path, quick: bool) -> dict:
     """Restart hits through redis: for each serde a cold vLLM stores the prompts, a fresh one (its own
     prefix cache empty) loads them and continues greedily. Both hits recompute the same tail, so
     cachegen vs naive differ only by the codec. bf16 (greedy tokens can differ even between two cache
-    paths, see ENVIRONMENT.md: the logprob gap is printed too). DRAFT: untested until the vLLM
-    integration lands; the lead finishes it."""
+    paths, see ENVIRONMENT.md: the logprob gap is printed too). tests/test_e2e_cachegen.py checks
+    the same path on fewer prompts in `make test`."""
     import re
 
     from tests import prompts
@@ -488,6 +488,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "cachegen")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    report = _Tee(sys.stdout)
+    sys.stdout = report
+    try:
+        return _run(args)
+    finally:
+        sys.stdout = report.stream
+        # The tables printed above, kept as this run's report (its headings one level down, below
+        # the section that `make bench` gives it in RESULTS.md).
+        name = "gpu.md" if args.gpu_only else "e2e.md" if args.e2e else "cachegen.md"
+        (args.out / name).write_text(report.text().replace("\n## ", "\n### "))
+
+
+class _Tee:
+    """Passes writes through to ``stream`` and keeps a copy."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _run(args: argparse.Namespace) -> int:
     print(environment_line())
     if args.gpu_only:
         results = {"gpu": gpu_only(args.quick)}

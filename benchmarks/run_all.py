@@ -38,7 +38,8 @@ BENCHES = (
     Bench("connectors", "Remote connectors vs their raw clients", ("benchmarks/bench_connectors.py",)),
     Bench("kernels", "Gather/scatter kernels vs a plain copy (CPU)",
           ("benchmarks/bench_kernels.py", "--device", "cpu")),
-    Bench("cachegen", "CacheGen: size, quality and speed on real SmolLM2 KV",
+    Bench("cachegen", "CacheGen: size, quality and speed on real SmolLM2 KV", ("benchmarks/bench_cachegen.py",)),
+    Bench("cachegen-e2e", "CacheGen on vLLM: restart hits through redis, cachegen vs naive",
           ("benchmarks/bench_cachegen.py", "--e2e")),
     Bench("ttft", "Time to first token on vLLM's CPU build",
           ("benchmarks/bench_ttft.py", "--stores", "lm,redis,disk,mooncake")),
@@ -72,12 +73,15 @@ def run(bench: Bench, quick: bool, extra: tuple[str, ...], index: int, total: in
     done = threading.Event()
 
     def progress() -> None:
+        # A spinner on a terminal; in a log file, one line a minute instead of a wall of \r frames.
+        tty = sys.stdout.isatty()
         spinner = "|/-\\"
         i = 0
-        while not done.wait(1.0):
+        while not done.wait(1.0 if tty else 60.0):
             i += 1
-            print(f"\r[{index}/{total}] {bench.name:11s} {spinner[i % 4]} {time.monotonic() - start:6.0f} s",
-                  end="", flush=True)
+            mark = spinner[i % 4] if tty else "."
+            line = f"[{index}/{total}] {bench.name:12s} {mark} {time.monotonic() - start:6.0f} s"
+            print(f"\r{line}" if tty else line, end="" if tty else "\n", flush=True)
 
     ticker = threading.Thread(target=progress, daemon=True)
     ticker.start()
@@ -86,7 +90,8 @@ def run(bench: Bench, quick: bool, extra: tuple[str, ...], index: int, total: in
     done.set()
     ticker.join()
     elapsed = time.monotonic() - start
-    print(f"\r[{index}/{total}] {bench.name:11s} {'ok ' if code == 0 else 'FAILED'} {elapsed:6.0f} s", flush=True)
+    print(f"{chr(13) if sys.stdout.isatty() else ''}[{index}/{total}] {bench.name:12s} "
+          f"{'ok ' if code == 0 else 'FAILED'} {elapsed:6.0f} s", flush=True)
     return code, elapsed, command
 
 
@@ -135,8 +140,13 @@ def main() -> int:
                 before, rest = existing.split(marker, 1)
                 after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
                 existing = before + text + ("\n## " + after if after else "")
-            else:
-                existing += "\n" + text
+            else:  # a new section goes before the recorded ones, which stay last
+                recorded_at = [existing.index(f"## {title}\n") for _, title in RECORDED if f"## {title}\n" in existing]
+                cut = min(recorded_at, default=len(existing))
+                existing = existing[:cut].rstrip("\n") + "\n\n" + text + "\n" + existing[cut:]
+        for recorded in recorded_sections():
+            if recorded.splitlines()[0] + "\n" not in existing:
+                existing += "\n" + recorded
         results_md.write_text(existing)
     else:
         results_md.write_text(header + "\n" + "\n".join(sections + recorded_sections()))
