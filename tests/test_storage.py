@@ -188,3 +188,26 @@ def test_manager_queue_drops_oldest_when_full(tmp_path):
         release.set()
         mgr.close()
     assert mgr.allocator.live == 0
+
+
+def test_close_finishes_queued_writes_and_says_so(tmp_path, caplog):
+    """vLLM's worker shutdown calls close(): chunks still queued must reach the store before exit."""
+    cfg = load_config({"local_disk": str(tmp_path), "local_cpu": False}, env={})
+    mgr = StorageManager(cfg)
+    real_write = mgr._write_batch
+
+    def slow_write(batch):  # a slow encoder / store: each batch takes 50 ms
+        time.sleep(0.05)
+        real_write(batch)
+
+    mgr._write_batch = slow_write
+    for i in range(6):
+        obj = _obj(mgr.allocator)
+        mgr.put(f"k{i}", obj)
+        obj.ref_down()
+    with caplog.at_level("INFO", logger="vllm_kvcache_plugin"):
+        mgr.close()
+    reopened = DiskTier(str(tmp_path), 1 << 30, NaiveSerde(Allocator()))
+    assert all(reopened.contains(f"k{i}") for i in range(6))
+    assert any("queued chunk writes finished" in r.getMessage() for r in caplog.records), caplog.text
+    assert mgr.allocator.live == 0

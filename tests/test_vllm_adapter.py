@@ -224,3 +224,12 @@ def test_unreachable_worker_is_a_miss():
     config = load_config({"chunk_size": CHUNK}, env={})
     sched = SchedulerSide(config, LookupClient([f"\0kvtest-nobody-{uuid.uuid4().hex}"], 0.5), True, True, BLOCK)
     assert sched.get_num_new_matched_tokens(make_request(list(range(100))), 0) == (0, False)
+
+
+def test_shutdown_hint_only_when_vllm_would_kill_pending_saves():
+    from vllm_kvcache_plugin.integration.vllm.connector import shutdown_hint
+
+    hint = shutdown_hint(True, 0)
+    assert hint is not None and "--shutdown-timeout 10" in hint
+    assert shutdown_hint(True, 10) is None  # a grace period: the worker's shutdown flushes
+    assert shutdown_hint(False, 0) is None  # kv_consumer: nothing is ever queued

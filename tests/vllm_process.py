@@ -59,7 +59,9 @@ class VLLMServer:
         self.url = f"http://{LOOPBACK}:{self.port}"
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--host", LOOPBACK, "--port", str(self.port), "--dtype", dtype, "--enforce-eager",
-                "--max-model-len", "8192", "--seed", "0", *extra_args]
+                "--max-model-len", "8192", "--seed", "0",
+                # A stop (SIGTERM) lets the connector finish its queued writes, as README advises.
+                "--shutdown-timeout", "10", *extra_args]
         if connector:
             argv += ["--kv-transfer-config", json.dumps(kv_transfer or CONNECTOR)]
         self.process = ManagedProcess(name, argv, cwd=str(REPO), env=env, log_dir=log_dir)

@@ -207,12 +207,21 @@ class StorageManager:
     def close(self, flush_timeout: float = 10.0) -> None:
         if self._closed:
             return
-        self.flush(flush_timeout)
+        with self._cond:
+            waiting = len(self._queue) + self._inflight
+        start = time.perf_counter()
+        flushed = self.flush(flush_timeout)
         with self._cond:
             self._closed = True
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
+        if waiting:
+            # Saves still queued at shutdown: say whether they made it (a restart hits only what did).
+            log = logger.info if flushed else logger.warning
+            outcome = "finished" if flushed else f"not finished ({len(pending)} dropped)"
+            log("Shutdown: %d queued chunk writes %s in %.0f ms", waiting, outcome,
+                1e3 * (time.perf_counter() - start))
         for _, obj in pending:
             obj.ref_down()
         if self._writer:

@@ -46,6 +46,17 @@ def connector_config(vllm_config: VllmConfig) -> KVCacheConfig:
     return config
 
 
+def shutdown_hint(can_save: bool, shutdown_timeout: int | None) -> str | None:
+    """vLLM's default ``--shutdown-timeout 0`` kills the workers at once on SIGTERM, before the
+    connector's shutdown can finish the writes still queued: the last requests before a restart
+    would then miss. Any grace period lets them finish (they take milliseconds)."""
+    if not can_save or shutdown_timeout != 0:
+        return None
+    return ("vllm-kvcache-plugin: vLLM runs with --shutdown-timeout 0, so on SIGTERM it kills its workers at "
+            "once and chunk writes still queued (the last requests before a restart) are lost; start vLLM "
+            "with --shutdown-timeout 10 to let them finish")
+
+
 def model_name_for_keys(vllm_config: VllmConfig, config: KVCacheConfig) -> str:
     return config.model_name or vllm_config.model_config.model
 
@@ -84,6 +95,8 @@ class LMCacheConnector(KVConnectorBase_V1):
             logger.info("vllm-kvcache-plugin scheduler side ready: role %s, chunk %d tokens, remote %s, serde %s",
                         ktc.kv_role, self.config.chunk_size, _redacted(self.config.remote_url),
                         self.config.remote_serde)
+            if hint := shutdown_hint(self.can_save, getattr(vllm_config, "shutdown_timeout", None)):
+                logger.warning(hint)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
