@@ -3,7 +3,7 @@ previous prompt + the answer + a new question. Hit rate and mean TTFT per turn, 
 the connector, on a vLLM whose own KV cache is too small to keep every conversation (as on a busy
 server), so earlier turns are evicted there and must come back from our tiers.
 
-    python benchmarks/bench_chat.py [--users 6] [--turns 4] [--kv-space-gb 0.3] [--out DIR]
+    python benchmarks/bench_chat.py [--users 6] [--turns 4] [--kv-space-gb 0.1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-words", type=int, default=900, help="size of the (shared) system prompt")
     parser.add_argument("--answer-tokens", type=int, default=32)
-    parser.add_argument("--kv-space-gb", default="0.3", help="vLLM's own CPU KV cache (small: evictions)")
+    parser.add_argument("--kv-space-gb", default="0.1",
+                        help="vLLM's own CPU KV cache (~4,500 tokens: earlier turns are evicted)")
     parser.add_argument("--quick", action="store_true", help="3 users, 3 turns")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     args = parser.parse_args()
