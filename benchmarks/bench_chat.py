@@ -90,9 +90,11 @@ def main() -> int:
                  {"LMCACHE_REMOTE_URL": lm.url, "LMCACHE_MAX_LOCAL_CPU_SIZE": "1"}, True),
             ):
                 started = time.perf_counter()
-                # vLLM 0.32 reads VLLM_CPU_KVCACHE_SPACE as whole GiB: size its cache in bytes instead.
+                # vLLM 0.32 reads VLLM_CPU_KVCACHE_SPACE as whole GiB and lets it override the flag:
+                # clear it and size the cache in bytes.
                 kv_bytes = str(int(float(args.kv_space_gb) * 2**30))
-                server = VLLMServer(clean_env(**env), connector=connector, name="vllm-chat", log_dir=tmp,
+                server = VLLMServer(clean_env(VLLM_CPU_KVCACHE_SPACE="", **env), connector=connector,
+                                    name="vllm-chat", log_dir=tmp,
                                     extra_args=("--kv-cache-memory-bytes", kv_bytes))
                 with server:
                     results[name] = run(server, args.users, args.turns, args.system_words, args.answer_tokens)
