@@ -95,7 +95,8 @@ def main() -> int:
                 kv_bytes = str(int(float(args.kv_space_gb) * 2**30))
                 server = VLLMServer(clean_env(VLLM_CPU_KVCACHE_SPACE="", **env), connector=connector,
                                     name="vllm-chat", log_dir=tmp,
-                                    extra_args=("--kv-cache-memory-bytes", kv_bytes))
+                                    # A context that fits that cache (vLLM refuses to start otherwise).
+                                    extra_args=("--kv-cache-memory-bytes", kv_bytes, "--max-model-len", "4096"))
                 with server:
                     results[name] = run(server, args.users, args.turns, args.system_words, args.answer_tokens)
                 print(f"{name}: done in {time.perf_counter() - started:.0f}s", flush=True)
