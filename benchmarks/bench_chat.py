@@ -90,10 +90,12 @@ def main() -> int:
                  {"LMCACHE_REMOTE_URL": lm.url, "LMCACHE_MAX_LOCAL_CPU_SIZE": "1"}, True),
             ):
                 started = time.perf_counter()
-                # vLLM 0.32 reads VLLM_CPU_KVCACHE_SPACE as whole GiB and lets it override the flag:
-                # clear it and size the cache in bytes.
+                # vLLM 0.32 reads VLLM_CPU_KVCACHE_SPACE as whole GiB and lets it override the flag
+                # (and an empty value fails): leave it out and size the cache in bytes.
                 kv_bytes = str(int(float(args.kv_space_gb) * 2**30))
-                server = VLLMServer(clean_env(VLLM_CPU_KVCACHE_SPACE="", **env), connector=connector,
+                server_env = clean_env(**env)
+                server_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+                server = VLLMServer(server_env, connector=connector,
                                     name="vllm-chat", log_dir=tmp,
                                     # A context that fits that cache (vLLM refuses to start otherwise).
                                     extra_args=("--kv-cache-memory-bytes", kv_bytes, "--max-model-len", "4096"))
