@@ -96,10 +96,8 @@ class KVCacheEngine:
         first request, so a restart hit does not pay for fresh pages. Returns the bytes prepared."""
         full = shape.meta(self.config.chunk_size)
         sizes = [full.nbytes]
-        remote = self.storage.remote
-        max_value = getattr(remote.serde, "max_value_size", None) if remote is not None else None
-        if max_value is not None and remote.connector.supports_get_into:
-            sizes.append(max_value(full))
+        if self.storage.remote is not None and (size := self.storage.remote.receive_size(full)) is not None:
+            sizes.append(size)
         if self.storage.disk is not None:
             sizes.append(self.storage.disk.serde.max_value_size(full))
         return self.allocator.prewarm(sizes)

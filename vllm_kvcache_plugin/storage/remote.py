@@ -157,14 +157,22 @@ class RemoteTier:
         if not keys or not self.healthy:
             self.counters.misses += len(keys)
             return [None] * len(keys)
-        max_size = getattr(self.serde, "max_value_size", None)
-        if self.connector.supports_get_into and expected is not None and max_size is not None:
-            return self._get_into_pooled(keys, expected, max_size(expected))
+        size = self.receive_size(expected) if expected is not None else None
+        if size is not None:
+            return self._get_into_pooled(keys, expected, size)
         ok, values = self._call(self.connector.batched_get(list(keys)), "get")
         if not ok:
             self.counters.misses += len(keys)
             return [None] * len(keys)
         return [self._decode(key, value, None, expected) for key, value in zip(keys, values, strict=True)]
+
+    def receive_size(self, expected: ChunkMeta) -> int | None:
+        """The pooled buffer a stored value of this geometry is received into, or None when this
+        connector / serde pair cannot receive in place."""
+        max_size = getattr(self.serde, "max_value_size", None)
+        if not self.connector.supports_get_into or max_size is None:
+            return None
+        return max_size(expected)
 
     def _get_into_pooled(self, keys: Sequence[str], expected: ChunkMeta, size: int) -> list[MemoryObj | None]:
         """Receive straight into pooled buffers: no fresh pages to fault in on the load path."""
