@@ -9,9 +9,10 @@ server), so earlier turns are evicted there and must come back from our tiers.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
-import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,17 +23,22 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
 from tests import prompts  # noqa: E402
-from tests.e2e_scenario import HIT_RE  # noqa: E402
 from tests.fixtures.lm_server import LMServerProcess  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 from tests.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
+
+# The connector's scheduler logs one line per request each time vLLM schedules it from the start.
+SCHEDULED_RE = re.compile(r"Request (\S+): cache (?:hit|miss), (?:loading (\d+) of )?\d+ prompt tokens "
+                          r"(?:to compute )?\(vLLM prefix cache had (\d+)")
 
 
 @dataclass
 class TurnStats:
     ttft: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
-    loaded_tokens: int = 0
+    loaded_tokens: int = 0  # from the connector, when the request was first scheduled
+    vllm_cached_tokens: int = 0  # already in vLLM's own prefix cache then
+    reloads: int = 0  # loads again after vLLM preempted the request (its tiny cache ran out)
 
 
 def conversations(users: int, system_words: int) -> list[str]:
@@ -46,16 +52,21 @@ def run(server: VLLMServer, users: int, turns: int, system_words: int, answer_to
     history = conversations(users, system_words)
     stats = [TurnStats() for _ in range(turns)]
 
+    lock = threading.Lock()  # the users' threads add to the same turn's totals
+
     def one_turn(u: int, turn: int) -> None:
-        stats[turn].prompt_tokens += len(server.tokenize(history[u]))
+        prompt_tokens = len(server.tokenize(history[u]))
         streamed = server.ttft(history[u], max_tokens=answer_tokens)
-        stats[turn].ttft.append(streamed.ttft)
         question = prompts.text(80, offset=60000 + 700 * u + 90 * turn)
         history[u] += f"{streamed.text}\n\nUser {u}, turn {turn + 1}: {question}"
-        log = server.log()
-        for match in HIT_RE.finditer(log):
-            if match.group(1).startswith(streamed.id):
-                stats[turn].loaded_tokens += int(match.group(2))
+        lines = [m for m in SCHEDULED_RE.finditer(server.log()) if m.group(1).startswith(streamed.id)]
+        with lock:
+            stats[turn].ttft.append(streamed.ttft)
+            stats[turn].prompt_tokens += prompt_tokens
+            if lines:  # the first scheduling gives the hit rate; later ones are restarts after preemption
+                stats[turn].loaded_tokens += int(lines[0].group(2) or 0)
+                stats[turn].vllm_cached_tokens += int(lines[0].group(3))
+                stats[turn].reloads += sum(1 for m in lines[1:] if m.group(2))
 
     with ThreadPoolExecutor(users) as pool:
         for turn in range(turns):
@@ -81,42 +92,48 @@ def main() -> int:
     ensure_model()
     print(environment_line(), flush=True)
     results: dict[str, list[TurnStats]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-chat-") as tmp:
-        lm = LMServerProcess(free_port(), ("--max-size-gb", "4")).start()
-        try:
-            for name, env, connector in (
-                ("vLLM alone", {}, False),
-                ("with connector (hot cache + lm://)",
-                 {"LMCACHE_REMOTE_URL": lm.url, "LMCACHE_MAX_LOCAL_CPU_SIZE": "1"}, True),
-            ):
-                started = time.perf_counter()
-                # vLLM 0.32 reads VLLM_CPU_KVCACHE_SPACE as whole GiB and lets it override the flag
-                # (and an empty value fails): leave it out and size the cache in bytes.
-                kv_bytes = str(int(float(args.kv_space_gb) * 2**30))
-                server_env = clean_env(**env)
-                server_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-                server = VLLMServer(server_env, connector=connector,
-                                    name="vllm-chat", log_dir=tmp,
-                                    # A context that fits that cache (vLLM refuses to start otherwise).
-                                    extra_args=("--kv-cache-memory-bytes", kv_bytes, "--max-model-len", "4096"))
-                with server:
-                    results[name] = run(server, args.users, args.turns, args.system_words, args.answer_tokens)
-                print(f"{name}: done in {time.perf_counter() - started:.0f}s", flush=True)
-        finally:
-            lm.stop()
+    lm = LMServerProcess(free_port(), ("--max-size-gb", "4")).start()
+    try:
+        for name, env, connector in (
+            ("vLLM alone", {}, False),
+            ("with connector (hot cache + lm://)",
+             {"LMCACHE_REMOTE_URL": lm.url, "LMCACHE_MAX_LOCAL_CPU_SIZE": "1"}, True),
+        ):
+            started = time.perf_counter()
+            # vLLM 0.32 reads VLLM_CPU_KVCACHE_SPACE as whole GiB and lets it override the flag
+            # (and an empty value fails): leave it out and size the cache in bytes.
+            kv_bytes = str(int(float(args.kv_space_gb) * 2**30))
+            server_env = clean_env(**env)
+            server_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            log_name = f"vllm-chat-{'connector' if connector else 'alone'}"
+            (out / f"{log_name}.log").unlink(missing_ok=True)
+            server = VLLMServer(server_env, connector=connector,  # its log stays in --out
+                                name=log_name, log_dir=str(out),
+                                # A context that fits that cache (vLLM refuses to start otherwise).
+                                extra_args=("--kv-cache-memory-bytes", kv_bytes, "--max-model-len", "4096"))
+            with server:
+                results[name] = run(server, args.users, args.turns, args.system_words, args.answer_tokens)
+            print(f"{name}: done in {time.perf_counter() - started:.0f}s", flush=True)
+    finally:
+        lm.stop()
     rows = []
     for turn in range(args.turns):
-        row = [turn + 1]
+        row = [turn + 1, round(list(results.values())[1][turn].prompt_tokens / args.users)]
         for stats in results.values():
             s = stats[turn]
             row += [fmt(statistics.mean(s.ttft), 3)]
         conn = list(results.values())[1][turn]
-        row += [f"{100 * conn.loaded_tokens / max(1, conn.prompt_tokens):.0f}%"]
+        row += [f"{100 * conn.loaded_tokens / max(1, conn.prompt_tokens):.0f}%",
+                f"{100 * conn.vllm_cached_tokens / max(1, conn.prompt_tokens):.0f}%", conn.reloads]
         rows.append(row)
-    table = markdown_table(["turn", *[f"mean TTFT s, {n}" for n in results], "tokens loaded by the connector"], rows)
+    table = markdown_table(["turn", "mean prompt tokens", *[f"mean TTFT s, {n}" for n in results],
+                            "hit rate (prompt tokens loaded)", "prompt tokens in vLLM's own cache",
+                            "loads again after preemption"], rows)
     text = (f"{environment_line()}\n\nMulti-turn chat: {args.users} users (half share a {args.system_words}-word "
             f"system prompt), {args.turns} turns, {args.answer_tokens}-token answers, vLLM KV cache "
-            f"{args.kv_space_gb} GB\n\n{table}\n")
+            f"{args.kv_space_gb} GB\n\n{table}\n\nHit rate: prompt tokens the connector loaded when vLLM first "
+            f"scheduled the request. Loads again: preempted requests (vLLM's small cache ran out) whose KV came "
+            f"back from the connector instead of being recomputed.\n")
     print("\n" + text)
     (out / "chat.md").write_text(text)
     return 0
