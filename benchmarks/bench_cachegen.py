@@ -423,6 +423,8 @@ def e2e(out: Path, quick: bool) -> dict:
     runs: dict[str, dict] = {}
     for name, settings in variants.items():
         tag = name.replace(" ", "").replace("/", "-")
+        for stale in (f"cold-{tag}", f"warm-{tag}"):  # logs append: an earlier run's hits would count
+            (out / f"{stale}.log").unlink(missing_ok=True)
         redis = start_redis(f"bench-{tag}")
         try:
             env = clean_env(LMCACHE_REMOTE_URL=redis.url, LMCACHE_LOCAL_CPU="False", LMCACHE_LOG_LEVEL="DEBUG",
