@@ -50,7 +50,9 @@ class KVCacheConfig:
     """Remote store URL, chosen by scheme: lm, redis, rediss, unix, redis-sentinel,
     redis-cluster, valkey, mooncakestore, fs, blackhole."""
     remote_serde: str = "naive"
-    """Wire format of values in the remote store: naive or cachegen."""
+    """Wire format of values in the remote store: naive (the exact KV) or cachegen (~4.2x smaller, lossy:
+    perplexity unchanged, but 32 greedy tokens after a hit differed from a naive hit's in 15 of 20 prompts
+    on vLLM, 9 of 20 with bins 256 / 96 at 2.7x; docs/cachegen.md)."""
     save_unfull_chunk: bool = True
     """Also store a prompt's trailing partial chunk (else its tokens are recomputed on a hit)."""
     blocking_timeout_secs: float = 2.0
