@@ -50,13 +50,15 @@ def test_seed_example_mooncake_cachegen(tmp_path):
             first = server.complete(SEED_PROMPT, max_tokens=10)
             second = server.complete(SEED_PROMPT, max_tokens=10)
             log = server.log()
+            # Listed while vLLM runs: in the seed's set-up vLLM's own client owns the Mooncake segment,
+            # and a graceful shutdown (--shutdown-timeout) unmounts it, taking its values along.
+            with urllib.request.urlopen(f"http://{master.metrics_address}/get_all_keys", timeout=5) as reply:
+                keys = [k for k in reply.read().decode().splitlines() if k]
         assert first["choices"][0]["text"] == second["choices"][0]["text"]
         assert first["choices"][0]["text"].startswith(" 16 17 18")
         assert re.search(rf"Request {re.escape(first['id'])}\S*: cache miss", log)
         hit = re.search(rf"Request {re.escape(second['id'])}\S*: cache hit, loading (\d+) of (\d+)", log)
         assert hit and int(hit.group(1)) == first["usage"]["prompt_tokens"] - 1
-        with urllib.request.urlopen(f"http://{master.metrics_address}/get_all_keys", timeout=5) as reply:
-            keys = [k for k in reply.read().decode().splitlines() if k]
         # The seed's key format: the model's path (not its served name), world size 1, rank 0.
         assert keys and all(re.fullmatch(rf"vllm@{re.escape(model)}@1@0@[0-9a-f]{{64}}", k) for k in keys)
         assert len(keys) == -(-first["usage"]["prompt_tokens"] // 16)  # chunks of 16, the last one partial
