@@ -409,9 +409,8 @@ def e2e(out: Path, quick: bool) -> dict:
     greedy tokens can differ even between two cache paths (ENVIRONMENT.md), so the naive hit against
     the cold run is printed as the engine's own floor, and the logprob gap too.
     tests/test_e2e_cachegen.py checks the same path on fewer prompts in `make test`."""
-    import re
-
     from tests import prompts
+    from tests.e2e_scenario import HIT_RE
     from tests.fixtures.redis_servers import start_redis
     from tests.vllm_process import VLLMServer, clean_env
 
@@ -436,8 +435,8 @@ def e2e(out: Path, quick: bool) -> dict:
             stored = sum(client.strlen(k) for k in client.scan_iter())
             with VLLMServer(env, name=f"warm-{tag}", log_dir=str(out)) as warm:
                 answers = [warm.complete(text, max_tokens=32, logprobs=1)["choices"][0]["logprobs"] for text in texts]
-                hits = [int(m) for m in re.findall(r"cache hit, loading (\d+) of", warm.log())]
-            runs[name] = {"stored_bytes": stored, "answers": answers, "cold": cold_answers, "hit_tokens": sum(hits)}
+                hit_tokens = sum(int(m.group(2)) for m in HIT_RE.finditer(warm.log()))
+            runs[name] = {"stored_bytes": stored, "answers": answers, "cold": cold_answers, "hit_tokens": hit_tokens}
         finally:
             redis.stop()
 
@@ -490,17 +489,14 @@ def save_plot(results: dict, out: Path) -> None:
     ax1.set(xlabel="compression ratio vs bf16 (chunk 256)", ylabel="relative L2 error (o: K, s: V)")
     ax1.legend(fontsize=8)
     for name, q in results.get("quality", {}).items():
-        if isinstance(q, dict) and name in results["size"]["configs"]:
-            ax2.scatter(results["size"]["configs"][name]["ratio"], q["kl"], color="C2")
-            ax2.annotate(name.split(" (")[0], (results["size"]["configs"][name]["ratio"], q["kl"]), fontsize=7,
-                         xytext=(3, 3), textcoords="offset points")
+        if not (isinstance(q, dict) and name in results["size"]["configs"]):
+            continue
+        ratio = results["size"]["configs"][name]["ratio"]
+        points = [(ax2, q["kl"], "C2")] + ([(ax4, q["identical"] * 100, "C3")] if "no sink" not in name else [])
+        for ax, y, color in points:
+            ax.scatter(ratio, y, color=color)
+            ax.annotate(name.split(" (")[0], (ratio, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax2.set(xlabel="compression ratio vs bf16 (chunk 256)", ylabel="next-token KL with restored KV", yscale="log")
-    for name, q in results.get("quality", {}).items():
-        if isinstance(q, dict) and name in results["size"]["configs"] and "no sink" not in name:
-            ratio = results["size"]["configs"][name]["ratio"]
-            ax4.scatter(ratio, q["identical"] * 100, color="C3")
-            ax4.annotate(name.split(" (")[0], (ratio, q["identical"] * 100), fontsize=7, xytext=(3, 3),
-                         textcoords="offset points")
     ax4.axhline(90, color="r", linestyle="--", linewidth=1, label="bar 90%")
     ax4.axvline(4, color="grey", linestyle=":", linewidth=1, label="bar 4x")
     ax4.set(xlabel="compression ratio vs bf16 (chunk 256)", ylabel="identical 32-token continuations (%)",

@@ -9,7 +9,6 @@ server), so earlier turns are evicted there and must come back from our tiers.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import threading
@@ -23,13 +22,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
 from tests import prompts  # noqa: E402
+from tests.e2e_scenario import SCHEDULED_RE  # noqa: E402
 from tests.fixtures.lm_server import LMServerProcess  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 from tests.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
-
-# The connector's scheduler logs one line per request each time vLLM schedules it from the start.
-SCHEDULED_RE = re.compile(r"Request (\S+): cache (?:hit|miss), (?:loading (\d+) of )?\d+ prompt tokens "
-                          r"(?:to compute )?\(vLLM prefix cache had (\d+)")
 
 
 @dataclass
@@ -118,11 +114,9 @@ def main() -> int:
         lm.stop()
     rows = []
     for turn in range(args.turns):
-        row = [turn + 1, round(list(results.values())[1][turn].prompt_tokens / args.users)]
-        for stats in results.values():
-            s = stats[turn]
-            row += [fmt(statistics.mean(s.ttft), 3)]
         conn = list(results.values())[1][turn]
+        row = [turn + 1, round(conn.prompt_tokens / args.users)]
+        row += [fmt(statistics.mean(stats[turn].ttft), 3) for stats in results.values()]
         row += [f"{100 * conn.loaded_tokens / max(1, conn.prompt_tokens):.0f}%",
                 f"{100 * conn.vllm_cached_tokens / max(1, conn.prompt_tokens):.0f}%", conn.reloads]
         rows.append(row)

@@ -36,6 +36,10 @@ KEY_RE = r"vllm@{model}@1@0@[0-9a-f]{{64}}"
 SAVED_RE = re.compile(r"saved chunk (\S+) tokens (\d+)-(\d+) xxh3=([0-9a-f]{16})")
 LOADED_RE = re.compile(r"loaded chunk (\S+) tokens (\d+)-(\d+) xxh3=([0-9a-f]{16})")
 HIT_RE = re.compile(r"Request (\S+): cache hit, loading (\d+) of (\d+) prompt tokens \(vLLM prefix cache had (\d+)")
+# Either line the connector's scheduler logs each time vLLM schedules a request from its start:
+# (request id, tokens loaded or None on a miss, tokens vLLM's own prefix cache had).
+SCHEDULED_RE = re.compile(r"Request (\S+): cache (?:hit|miss), (?:loading (\d+) of )?\d+ prompt tokens "
+                          r"(?:to compute )?\(vLLM prefix cache had (\d+)")
 
 
 @dataclass
