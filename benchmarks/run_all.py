@@ -39,6 +39,8 @@ BENCHES = (
     Bench("kernels", "Gather/scatter kernels vs a plain copy (CPU)",
           ("benchmarks/bench_kernels.py", "--device", "cpu")),
     Bench("cachegen", "CacheGen: size, quality and speed on real SmolLM2 KV", ("benchmarks/bench_cachegen.py",)),
+    Bench("cachegen-float32", "CacheGen on float32 KV: the bounds of the end-to-end test",
+          ("benchmarks/bench_cachegen_float32.py",)),
     Bench("cachegen-e2e", "CacheGen on vLLM: restart hits through redis, cachegen vs naive",
           ("benchmarks/bench_cachegen.py", "--e2e")),
     Bench("ttft", "Time to first token on vLLM's CPU build",

@@ -60,6 +60,16 @@ def start_vllm(backend: Backend, tmp_path_factory, name: str) -> VLLMServer:
     return VLLMServer(env, dtype="float32", name=f"vllm-{name}", log_dir=log_dir).start()
 
 
+def greedy_margins(result: dict) -> list[float]:
+    """Per generated token, its logprob minus the runner-up's (needs ``logprobs`` >= 2): how far
+    the greedy choice is from a tie, i.e. how much noise a text comparison of it can stand."""
+    margins = []
+    for top in result["choices"][0]["logprobs"]["top_logprobs"]:
+        best = sorted(top.values(), reverse=True)
+        margins.append(best[0] - best[1] if len(best) > 1 else float("inf"))
+    return margins
+
+
 def hits_for(log: str, completion_id: str) -> list[int]:
     """Tokens the connector loaded for a request (one entry per scheduling of it)."""
     return [int(m.group(2)) for m in HIT_RE.finditer(log) if m.group(1).startswith(completion_id)]

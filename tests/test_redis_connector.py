@@ -260,7 +260,8 @@ def test_stopped_or_hung_redis_fails_fast_and_recovers_after_restart() -> None:
         with pytest.raises(ConnectorError) as err:
             loop.run_until_complete(make())
         elapsed = time.monotonic() - started
-        assert elapsed < timeout + 0.5, f"{what} took {elapsed:.2f}s with a {timeout}s time-out"
+        # Bounded by the time-out, not a hang (a generous margin: no sub-second bar on a loaded machine).
+        assert elapsed < timeout + 5, f"{what} took {elapsed:.2f}s with a {timeout}s time-out"
         assert "\n" not in str(err.value) and what in str(err.value)
 
     ops = {
