@@ -69,6 +69,11 @@ def test_unknown_key_names_key_source_and_suggestion(tmp_path):
     ({"LMCACHE_REMOTE_SERDE": "zip"}, ["remote_serde", "naive", "cachegen"]),
     ({"LMCACHE_LOG_LEVEL": "LOUD"}, ["log_level", "DEBUG"]),
     ({"LMCACHE_BLOCKING_TIMEOUT_SECS": "0"}, ["blocking_timeout_secs"]),
+    ({"LMCACHE_BLOCKING_TIMEOUT_SECS": "inf"}, ["blocking_timeout_secs", "finite"]),
+    ({"LMCACHE_BLOCKING_TIMEOUT_SECS": "nan"}, ["blocking_timeout_secs", "finite"]),
+    ({"LMCACHE_MAX_LOCAL_CPU_SIZE": "1e999"}, ["max_local_cpu_size", "finite"]),
+    ({"LMCACHE_MIN_LOAD_GB_PER_SEC": "0"}, ["min_load_gb_per_sec", "> 0"]),
+    ({"LMCACHE_PUT_QUEUE_MAX_GB": "-1"}, ["put_queue_max_gb", "> 0"]),
     ({"LMCACHE_CACHEGEN_KEY_BINS": "32:x"}, ["cachegen_key_bins", "BINS[:LAYERS]"]),
 ])
 def test_every_bad_value_gets_one_line(env, needles):

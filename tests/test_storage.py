@@ -211,3 +211,72 @@ def test_close_finishes_queued_writes_and_says_so(tmp_path, caplog):
     assert all(reopened.contains(f"k{i}") for i in range(6))
     assert any("queued chunk writes finished" in r.getMessage() for r in caplog.records), caplog.text
     assert mgr.allocator.live == 0
+
+
+def test_manager_queue_is_bounded_in_bytes_with_the_hot_cache_off(tmp_path):
+    """Two 16 KB chunks fit a 40 KB queue: each one beyond pushes the oldest pending one out."""
+    cfg = load_config({"local_disk": str(tmp_path), "local_cpu": False, "put_queue_max_gb": 40e3 / 1e9}, env={})
+    mgr = StorageManager(cfg)
+    release = threading.Event()
+    real_write = mgr._write_batch
+
+    def stalled_write(batch):  # a store that hangs until released (a fault injected on purpose)
+        release.wait(10)
+        real_write(batch)
+
+    mgr._write_batch = stalled_write
+    try:
+        first = _obj(mgr.allocator, tokens=128)  # 16 KB of float32
+        mgr.put("k0", first)
+        first.ref_down()
+        deadline = time.monotonic() + 5
+        while mgr._queue and time.monotonic() < deadline:  # the writer took k0 and is stuck on it
+            time.sleep(0.01)
+        for i in range(1, 5):
+            obj = _obj(mgr.allocator, tokens=128)
+            mgr.put(f"k{i}", obj)
+            obj.ref_down()
+        assert mgr.counters.puts_dropped == 2 and mgr.counters.puts_dropped_bytes == 2 * 16384
+        assert mgr.counters.put_queue_bytes == 2 * 16384
+        release.set()
+        assert mgr.flush(10)
+        assert [mgr.disk.contains(f"k{i}") for i in range(5)] == [True, False, False, True, True]
+        assert mgr.counters.put_queue_bytes == 0
+    finally:
+        release.set()
+        mgr.close()
+    assert mgr.allocator.live == 0
+
+
+def test_counters_are_exact_under_concurrency():
+    """Forward, lookup and writer threads update the same counters: none may be lost."""
+    from vllm_kvcache_plugin.metrics import StorageCounters, TierCounters
+
+    tier, storage, hot = TierCounters("remote"), StorageCounters(), HotCache(1 << 30)
+    alloc = Allocator()
+    hot.put("present", _obj(alloc))
+    threads, rounds = 4, 40000  # enough that unlocked read-add-writes do lose counts (checked)
+
+    def hammer(i: int) -> None:
+        for n in range(rounds):
+            tier.add(hits=1, bytes_read=3)
+            storage.add(lookups=1, lookup_chunks_total=2)
+            if n % 10 == 0:
+                obj = hot.get("present" if i % 2 else "absent")
+                if obj is not None:
+                    obj.ref_down()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a lost update would show
+    try:
+        workers = [threading.Thread(target=hammer, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(old)
+    total = threads * rounds
+    assert tier.snapshot()["hits"] == total and tier.bytes_read == 3 * total
+    assert storage.lookups == total and storage.lookup_chunks_total == 2 * total
+    assert hot.counters.hits == total // 20 and hot.counters.misses == total // 20

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -56,12 +57,20 @@ class KVCacheConfig:
     save_unfull_chunk: bool = True
     """Also store a prompt's trailing partial chunk (else its tokens are recomputed on a hit)."""
     blocking_timeout_secs: float = 2.0
-    """Longest wait for the remote in the request path (lookup, load) before treating it as a miss."""
+    """Longest wait for the remote in the request path (a lookup; a load waits this plus its bytes at
+    min_load_gb_per_sec) before treating it as a miss."""
+    min_load_gb_per_sec: float = 0.5
+    """Slowest remote transfer rate (GB/s) a load is given time for: a load of B bytes may take
+    blocking_timeout_secs + B / this before it is a miss, so a long prompt or a big model's chunks
+    do not time out on a store that is slow but alive."""
     existence_cache_ttl_secs: float = 10.0
     """How long a positive existence answer from the remote is trusted without asking again
     (0 disables the existence cache)."""
     put_queue_size: int = 256
-    """Pending remote writes; when full the oldest pending write is dropped (and counted)."""
+    """Pending disk / remote writes; when full the oldest pending write is dropped (and counted)."""
+    put_queue_max_gb: float = 1.0
+    """Bytes of chunks the pending writes may hold (GB), whatever their count (256 chunks of a 7B
+    model are ~8.6 GB); beyond it the oldest pending writes are dropped (and counted)."""
     model_name: str | None = None
     """Model name used in keys instead of vLLM's model name/path (share a store across paths)."""
     log_level: str = "INFO"
@@ -77,6 +86,10 @@ class KVCacheConfig:
     @property
     def max_local_cpu_bytes(self) -> int:
         return int(self.max_local_cpu_size * 1e9)
+
+    @property
+    def put_queue_max_bytes(self) -> int:
+        return int(self.put_queue_max_gb * 1e9)
 
     @property
     def max_local_disk_bytes(self) -> int:
@@ -108,8 +121,10 @@ FIELD_TYPES: dict[str, str] = {
     "remote_serde": "str",
     "save_unfull_chunk": "bool",
     "blocking_timeout_secs": "float",
+    "min_load_gb_per_sec": "float",
     "existence_cache_ttl_secs": "float",
     "put_queue_size": "int",
+    "put_queue_max_gb": "float",
     "model_name": "optional_str",
     "log_level": "str",
     "remote_options": "dict",
@@ -157,14 +172,15 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
     if kind == "float":
         if isinstance(raw, bool):
             raise bad
-        if isinstance(raw, (int, float)):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
+        if not isinstance(raw, (int, float, str)):
+            raise bad
+        try:
+            value = float(raw.strip() if isinstance(raw, str) else raw)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(value):  # "inf" would be a wait with no end, "nan" compares false to every bound
+            raise ConfigError(f"{key} (from {source}): {raw!r} must be a finite number")
+        return value
     if kind == "dict":
         if isinstance(raw, Mapping):
             return dict(raw)
@@ -196,6 +212,10 @@ def _validate(values: dict[str, Any], sources: dict[str, str]) -> None:
             fail(key, f"{values[key]} must be >= 0 (seconds)")
     if values["blocking_timeout_secs"] == 0:
         fail("blocking_timeout_secs", "0 would make every remote lookup a miss; use > 0")
+    if values["min_load_gb_per_sec"] <= 0:
+        fail("min_load_gb_per_sec", f"{values['min_load_gb_per_sec']} must be > 0 (GB/s)")
+    if values["put_queue_max_gb"] <= 0:
+        fail("put_queue_max_gb", f"{values['put_queue_max_gb']} must be > 0 (GB)")
     if values["put_queue_size"] <= 0:
         fail("put_queue_size", f"{values['put_queue_size']} must be a positive count")
     level = str(values["log_level"]).upper()

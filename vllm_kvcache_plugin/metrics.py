@@ -8,14 +8,39 @@ from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 # Seconds; covers a hot-cache hit (~100 us) to a remote time-out (seconds).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class _Counters:
+    """Counters updated from several threads at once (vLLM's forward, the lookup channel, the
+    writer, the event loop): ``x += n`` on an attribute is a read and a write, and two threads
+    interleaving them lose counts. Every update goes through :meth:`add` / :meth:`set` under one
+    lock; :meth:`snapshot` reads them all under it."""
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def set(self, **values: int) -> None:
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, name, value)
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            return {f.name: (v.snapshot() if isinstance(v := getattr(self, f.name), Histogram) else v)
+                    for f in fields(self)}
+
+
 @dataclass
-class TierCounters:
+class TierCounters(_Counters):
     """What happened in one tier (hot, disk, remote) since start."""
 
     tier: str
@@ -27,9 +52,7 @@ class TierCounters:
     bytes_written: int = 0
     errors: int = 0
     corrupt: int = 0
-
-    def snapshot(self) -> dict[str, int | str]:
-        return asdict(self)
+    timeouts: int = 0
 
 
 @dataclass
@@ -70,7 +93,7 @@ class Histogram:
 
 
 @dataclass
-class StorageCounters:
+class StorageCounters(_Counters):
     """Storage-manager wide counters (besides the per-tier ones)."""
 
     lookups: int = 0
@@ -78,16 +101,12 @@ class StorageCounters:
     lookup_chunks_total: int = 0
     puts_queued: int = 0
     puts_dropped: int = 0
+    puts_dropped_bytes: int = 0
     puts_done: int = 0
+    put_queue_bytes: int = 0  # a gauge: bytes of chunks waiting to be written
     remote_healthy: int = 1
     remote_reconnects: int = 0
     existence_cache_hits: int = 0
     lookup_latency: Histogram = field(default_factory=Histogram)
     get_latency: Histogram = field(default_factory=Histogram)
     put_latency: Histogram = field(default_factory=Histogram)
-
-    def snapshot(self) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for name, value in self.__dict__.items():
-            out[name] = value.snapshot() if isinstance(value, Histogram) else value
-        return out

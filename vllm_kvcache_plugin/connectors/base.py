@@ -85,7 +85,10 @@ class RemoteConnector(ABC):
 
     async def batched_get_into(self, keys: Sequence[str], outs: Sequence[Buffer]) -> list[int | None]:
         """Receive each value into its buffer: its length, None for a miss, or a length above the
-        buffer's size when the value did not fit (it is dropped). Only if ``supports_get_into``."""
+        buffer's size when the value did not fit (it is dropped). Only if ``supports_get_into``.
+
+        Once this returns or raises (a cancellation included), nothing may write into ``outs``
+        any more: the caller hands them to other users at once."""
         raise NotImplementedError(f"{type(self).__name__} does not receive into caller buffers")
 
     # -- helpers -----------------------------------------------------------------------------

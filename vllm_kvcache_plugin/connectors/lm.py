@@ -170,9 +170,14 @@ class LMConnector(RemoteConnector):
         if proto is None or not proto.usable or self._loop is not asyncio.get_running_loop():
             proto = await self._connection()
         future = proto.send(op, meta, parts, body_len, into)
-        if proto.needs_drain:
-            await proto.drain()
-        return self._checked(op, await future)  # the connection's watchdog bounds the wait
+        try:
+            if proto.needs_drain:
+                await proto.drain()
+            reply = await future  # the connection's watchdog bounds the wait
+        except BaseException:
+            proto.forget([future])  # a cancelled receive must not write into `into` afterwards
+            raise
+        return self._checked(op, reply)
 
     async def _call_many(self, op: Op, frames: Sequence, into: Sequence | None = None) -> list[Reply]:
         """Send every frame, then collect the replies: one round trip however many frames."""
@@ -180,12 +185,17 @@ class LMConnector(RemoteConnector):
             return []
         proto = await self._connection()
         futures = []
-        for i, frame in enumerate(frames):
-            meta, parts, body_len = frame if isinstance(frame, tuple) else (frame, (), 0)
-            futures.append(proto.send(op, meta, parts, body_len, into[i] if into else None))
-            if proto.needs_drain:
-                await proto.drain()
-        return [self._checked(op, await f) for f in futures]
+        try:
+            for i, frame in enumerate(frames):
+                meta, parts, body_len = frame if isinstance(frame, tuple) else (frame, (), 0)
+                futures.append(proto.send(op, meta, parts, body_len, into[i] if into else None))
+                if proto.needs_drain:
+                    await proto.drain()
+            replies = [await f for f in futures]
+        except BaseException:
+            proto.forget(futures)  # no reply of this call may land in the caller's buffers later
+            raise
+        return [self._checked(op, reply) for reply in replies]
 
     def _checked(self, op: Op, reply: Reply) -> Reply:
         if reply.status >= Status.BAD_REQUEST:

@@ -105,6 +105,21 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def forget(self, futures: Sequence[asyncio.Future]) -> None:
+        """The caller gave up on these requests (a time-out, a cancel): once this returns, no byte
+        of their replies lands in the caller's buffers, so the caller may reuse them at once. Later
+        replies are discarded as they arrive; a reply already arriving into a caller's buffer can
+        only be stopped by dropping the connection (the next call reconnects)."""
+        given_up = set(map(id, futures))
+        for request_id, entry in list(self.pending.items()):
+            if id(entry.future) not in given_up:
+                continue
+            if not entry.future.done():
+                entry.future.cancel()
+            if entry.into is not None and self.reader.body_request_id == request_id:
+                self.abort(ConnectorError(f"{self.where}: a {entry.op.name} reply was abandoned part-way; "
+                                          "reconnecting"))
+
     def _check_oldest(self) -> None:
         self._watchdog = None
         if not self.pending or self.lost is not None:

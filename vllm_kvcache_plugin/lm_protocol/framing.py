@@ -144,6 +144,13 @@ class FrameReader:
         """True while part of a frame has arrived (a peer that stops here is stuck or gone)."""
         return self._state != _HEADER or self._start != self._end
 
+    @property
+    def body_request_id(self) -> int | None:
+        """The request whose reply body is being received into its buffers right now, if any."""
+        if self._state == _BODY and self._header is not None:
+            return self._header.request_id
+        return None
+
     def get_buffer(self) -> memoryview:
         self._direct = False  # a recv that found nothing leaves no buffer_updated call behind
         if self._state == _BODY:

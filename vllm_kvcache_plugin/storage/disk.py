@@ -96,7 +96,7 @@ class DiskTier:
                 name, size = self._index.popitem(last=False)
                 self._bytes -= size
                 victims.append(name)
-                self.counters.evictions += 1
+                self.counters.add(evictions=1)
         for name in victims:
             self._unlink(os.path.join(self.path, name))
 
@@ -107,7 +107,7 @@ class DiskTier:
             pass
 
     def _warn(self, msg: str, *args: object) -> None:
-        self.counters.errors += 1
+        self.counters.add(errors=1)
         now = time.monotonic()
         if now - self._last_warning > 10.0:  # a failing disk must not flood the log
             self._last_warning = now
@@ -144,8 +144,7 @@ class DiskTier:
                 self._bytes -= old
             self._index[name] = size
             self._bytes += size
-            self.counters.puts += 1
-            self.counters.bytes_written += size
+            self.counters.add(puts=1, bytes_written=size)
         return True
 
     def get(self, key: str, expected: ChunkMeta | None = None) -> MemoryObj | None:
@@ -155,7 +154,7 @@ class DiskTier:
             if known:
                 self._index.move_to_end(name)
         if not known:
-            self.counters.misses += 1
+            self.counters.add(misses=1)
             return None
         path = os.path.join(self.path, name)
         allocator = self.serde.allocator
@@ -168,29 +167,28 @@ class DiskTier:
         except FileNotFoundError:
             self._forget(name)
             self._warn("Disk tier %s: %s vanished underneath; treating as a miss", self.path, name)
-            self.counters.misses += 1
+            self.counters.add(misses=1)
             return None
         except OSError as exc:
             if block is not None:
                 allocator.recycle(block)
             self._warn("Disk tier %s: read failed (%s); treating as a miss", self.path, exc.strerror or exc)
-            self.counters.misses += 1
+            self.counters.add(misses=1)
             return None
         try:
             obj = self.serde.deserialize_block(data, block, expected)
         except CorruptValueError as exc:
-            self.counters.corrupt += 1
+            self.counters.add(corrupt=1)
             self._forget(name)
             self._unlink(path)
             self._warn("Disk tier %s: dropped corrupt chunk %s (%s)", self.path, name, exc)
-            self.counters.misses += 1
+            self.counters.add(misses=1)
             return None
         try:
             os.utime(path)  # persist recency for the index rebuilt at the next start
         except OSError:
             pass
-        self.counters.hits += 1
-        self.counters.bytes_read += len(data)
+        self.counters.add(hits=1, bytes_read=len(data))
         return obj
 
     def remove(self, key: str) -> bool:

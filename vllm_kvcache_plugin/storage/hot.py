@@ -37,11 +37,10 @@ class HotCache:
         with self._lock:
             obj = self._entries.get(key)
             if obj is None:
-                self.counters.misses += 1
+                self.counters.add(misses=1)
                 return None
             self._entries.move_to_end(key)
-            self.counters.hits += 1
-            self.counters.bytes_read += obj.nbytes
+            self.counters.add(hits=1, bytes_read=obj.nbytes)
             return obj.ref_up()
 
     def put(self, key: str, obj: MemoryObj) -> bool:
@@ -60,11 +59,10 @@ class HotCache:
                 _, victim = self._entries.popitem(last=False)
                 self._bytes -= victim.nbytes
                 evicted.append(victim)
-                self.counters.evictions += 1
+                self.counters.add(evictions=1)
             self._entries[key] = obj.ref_up()
             self._bytes += obj.nbytes
-            self.counters.puts += 1
-            self.counters.bytes_written += obj.nbytes
+            self.counters.add(puts=1, bytes_written=obj.nbytes)
         for victim in evicted:
             victim.ref_down()
         return True

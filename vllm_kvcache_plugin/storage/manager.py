@@ -2,8 +2,8 @@
 
 Tiers are searched hot -> disk -> remote. ``put`` stores into the hot cache at once (the caller's
 tensor, no copy) and queues the disk and remote writes for a writer thread, so the caller (vLLM's
-forward loop) never waits on I/O. The queue is bounded: when full, the oldest pending write is
-dropped and counted. A hit in a lower tier is promoted to the hot cache.
+forward loop) never waits on I/O. The queue is bounded in count and in bytes: beyond either, the
+oldest pending writes are dropped and counted. A hit in a lower tier is promoted to the hot cache.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class StorageManager:
             logger.warning("No storage tier is enabled (local_cpu off, no local_disk, no remote_url): "
                            "nothing will be cached")
         self._queue: collections.deque[tuple[str, MemoryObj]] = collections.deque()
+        self._queued_bytes = 0
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
@@ -89,16 +90,23 @@ class StorageManager:
             self.hot.put(key, obj)
         if self._writer is None:
             return
-        dropped: MemoryObj | None = None
+        dropped: list[MemoryObj] = []
         with self._cond:
-            if len(self._queue) >= self.config.put_queue_size:
-                _, dropped = self._queue.popleft()
-                self.counters.puts_dropped += 1
+            # Bounded in count and in bytes; the newest write always gets in (a stale one is the
+            # cheaper loss: its prompt is older), so one chunk above the byte bound is still stored.
+            while self._queue and (len(self._queue) >= self.config.put_queue_size
+                                   or self._queued_bytes + obj.nbytes > self.config.put_queue_max_bytes):
+                _, old = self._queue.popleft()
+                self._queued_bytes -= old.nbytes
+                dropped.append(old)
             self._queue.append((key, obj.ref_up()))
-            self.counters.puts_queued += 1
+            self._queued_bytes += obj.nbytes
+            self.counters.add(puts_queued=1, puts_dropped=len(dropped),
+                              puts_dropped_bytes=sum(o.nbytes for o in dropped))
+            self.counters.set(put_queue_bytes=self._queued_bytes)
             self._cond.notify()
-        if dropped is not None:
-            dropped.ref_down()
+        for old in dropped:
+            old.ref_down()
 
     def _write_loop(self) -> None:
         while True:
@@ -108,6 +116,8 @@ class StorageManager:
                 if self._closed and not self._queue:
                     return
                 batch = [self._queue.popleft() for _ in range(min(WRITE_BATCH, len(self._queue)))]
+                self._queued_bytes -= sum(obj.nbytes for _, obj in batch)
+                self.counters.set(put_queue_bytes=self._queued_bytes)
                 self._inflight = len(batch)
             try:
                 self._write_batch(batch)
@@ -118,7 +128,7 @@ class StorageManager:
                     obj.ref_down()
                 with self._cond:
                     self._inflight = 0
-                    self.counters.puts_done += len(batch)
+                    self.counters.add(puts_done=len(batch))
                     self._cond.notify_all()
 
     def _write_batch(self, batch: list[tuple[str, MemoryObj]]) -> None:
@@ -127,7 +137,7 @@ class StorageManager:
             for key, obj in batch:
                 self.disk.put(key, obj)
         if self.remote is not None and not self.remote.batched_put(batch):
-            self.counters.puts_dropped += len(batch)
+            self.counters.add(puts_dropped=len(batch))
         self.counters.put_latency.observe(time.perf_counter() - start)
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -160,9 +170,7 @@ class StorageManager:
                 if present:
                     sources[i] = "remote"
         hit = next((i for i, s in enumerate(sources) if s is None), len(keys))
-        self.counters.lookups += 1
-        self.counters.lookup_chunks_total += len(keys)
-        self.counters.lookup_chunks_hit += hit
+        self.counters.add(lookups=1, lookup_chunks_total=len(keys), lookup_chunks_hit=hit)
         self.counters.lookup_latency.observe(time.perf_counter() - start)
         return LookupResult(hit, [s for s in sources[:hit] if s is not None])
 
@@ -215,6 +223,7 @@ class StorageManager:
             self._closed = True
             pending = list(self._queue)
             self._queue.clear()
+            self._queued_bytes = 0
             self._cond.notify_all()
         if waiting:
             # Saves still queued at shutdown: say whether they made it (a restart hits only what did).

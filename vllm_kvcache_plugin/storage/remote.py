@@ -72,7 +72,9 @@ class RemoteTier:
         self.storage_counters = storage_counters or StorageCounters()
         self.existence = ExistenceCache(config.existence_cache_ttl_secs)
         self.healthy = False
+        self.min_load_bytes_per_sec = config.min_load_gb_per_sec * 1e9
         self._reconnect_task: asyncio.Future | None = None
+        self._probe_task: asyncio.Future | None = None
         self._closed = False
 
     # -- health ----------------------------------------------------------------------------
@@ -89,10 +91,10 @@ class RemoteTier:
 
     def _set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy
-        self.storage_counters.remote_healthy = int(healthy)
+        self.storage_counters.set(remote_healthy=int(healthy))
 
     def _mark_failed(self, exc: BaseException, log: bool = True) -> None:
-        self.counters.errors += 1
+        self.counters.add(errors=1)
         if self.healthy and log:
             logger.warning("Remote store %s failed (%s); serving misses and retrying in the background",
                            self.connector.url.redacted(), _reason(exc))
@@ -115,20 +117,51 @@ class RemoteTier:
                 ok = False
             if ok:
                 self._set_healthy(True)
-                self.storage_counters.remote_reconnects += 1
+                self.storage_counters.add(remote_reconnects=1)
                 logger.info("Remote store %s is back", self.connector.url.redacted())
                 return
             delay = min(delay * 2, BACKOFF_MAX_SECS)
 
-    def _call(self, coro, what: str) -> tuple[bool, object]:
-        """Run a connector coroutine with the deadline: (True, result), or (False, None) after
-        marking the tier unhealthy on any failure."""
+    def load_deadline(self, nbytes: int) -> float:
+        """Seconds a load of ``nbytes`` may take: the blocking time-out plus the bytes at the
+        slowest rate allowed (``min_load_gb_per_sec``), so a big load on a slow store can finish."""
+        return self.timeout + nbytes / self.min_load_bytes_per_sec
+
+    def _call(self, coro, what: str, deadline: float | None = None, nbytes: int = 0) -> tuple[bool, object]:
+        """Run a connector coroutine within ``deadline`` (default: the blocking time-out):
+        (True, result), or (False, None) on any failure, which marks the tier unhealthy. A load
+        (``nbytes`` > 0) that only ran out of time does not: the store may be slow but alive, so a
+        ping decides in the background, and only a store that does not answer it is marked down."""
+        deadline = self.timeout if deadline is None else deadline
         try:
-            return True, self.loop.run(asyncio.wait_for(coro, self.timeout), self.timeout + 1.0)
+            return True, self.loop.run(asyncio.wait_for(coro, deadline), deadline + 1.0)
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            if not nbytes:
+                self._mark_failed(exc)
+                return False, None
+            self.counters.add(timeouts=1)
+            logger.warning("Remote %s of %.1f MB took over %.1f s (slower than %.2f GB/s); a miss, and a ping "
+                           "decides whether the store is down", what, nbytes / 1e6, deadline,
+                           self.min_load_bytes_per_sec / 1e9)
+            if not self._closed:
+                self.loop.loop.call_soon_threadsafe(self._ensure_probe)
+            return False, None
         except Exception as exc:
             logger.debug("Remote %s failed: %s", what, _reason(exc))
             self._mark_failed(exc)
             return False, None
+
+    def _ensure_probe(self) -> None:
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        try:
+            alive = await asyncio.wait_for(self.connector.ping(), self.timeout)
+        except Exception:
+            alive = False
+        if not alive and self.healthy:
+            self._mark_failed(TimeoutError("no answer to a ping after a slow load"))
 
     # -- data ------------------------------------------------------------------------------
     def batched_exists(self, keys: Sequence[str]) -> list[bool]:
@@ -138,7 +171,7 @@ class RemoteTier:
         now = time.monotonic()
         answer = [self.existence.known(k, now) for k in keys]
         unknown = [i for i, known in enumerate(answer) if not known]
-        self.storage_counters.existence_cache_hits += len(keys) - len(unknown)
+        self.storage_counters.add(existence_cache_hits=len(keys) - len(unknown))
         if not unknown:
             return answer
         if not self.healthy:
@@ -155,14 +188,16 @@ class RemoteTier:
     def batched_get(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
         """Each key's chunk or None (missing, corrupt, foreign, or the store failed)."""
         if not keys or not self.healthy:
-            self.counters.misses += len(keys)
+            self.counters.add(misses=len(keys))
             return [None] * len(keys)
         size = self.receive_size(expected) if expected is not None else None
         if size is not None:
             return self._get_into_pooled(keys, expected, size)
-        ok, values = self._call(self.connector.batched_get(list(keys)), "get")
+        max_size = getattr(self.serde, "max_value_size", None)
+        nbytes = len(keys) * max_size(expected) if expected is not None and max_size is not None else 0
+        ok, values = self._call(self.connector.batched_get(list(keys)), "get", self.load_deadline(nbytes), nbytes)
         if not ok:
-            self.counters.misses += len(keys)
+            self.counters.add(misses=len(keys))
             return [None] * len(keys)
         return [self._decode(key, value, None, expected) for key, value in zip(keys, values, strict=True)]
 
@@ -175,14 +210,26 @@ class RemoteTier:
         return max_size(expected)
 
     def _get_into_pooled(self, keys: Sequence[str], expected: ChunkMeta, size: int) -> list[MemoryObj | None]:
-        """Receive straight into pooled buffers: no fresh pages to fault in on the load path."""
+        """Receive straight into pooled buffers: no fresh pages to fault in on the load path.
+
+        A failed or timed-out receive hands its buffers back to the pool from the event loop, after
+        the connector has given them up (see ``batched_get_into``), never from this thread: here the
+        wait may end while bytes are still arriving, and a buffer reused then would be overwritten."""
         allocator = self.serde.allocator
         blocks = [allocator.buffer(size) for _ in keys]
-        ok, lengths = self._call(self.connector.batched_get_into(list(keys), [b.numpy() for b in blocks]), "get")
+
+        async def receive() -> list[int | None]:
+            try:
+                return await self.connector.batched_get_into(list(keys), [b.numpy() for b in blocks])
+            except BaseException:
+                for block in blocks:
+                    allocator.recycle(block)
+                raise
+
+        nbytes = size * len(keys)
+        ok, lengths = self._call(receive(), "get", self.load_deadline(nbytes), nbytes)
         if not ok:
-            for block in blocks:
-                allocator.recycle(block)
-            self.counters.misses += len(keys)
+            self.counters.add(misses=len(keys))
             return [None] * len(keys)
         out: list[MemoryObj | None] = []
         for key, block, n in zip(keys, blocks, lengths, strict=True):
@@ -195,23 +242,21 @@ class RemoteTier:
 
     def _decode(self, key: str, value, block, expected: ChunkMeta | None) -> MemoryObj | None:
         if value is None or len(value) == 0:
-            self.counters.misses += 1
+            self.counters.add(misses=1)
             self.existence.discard(key)
             if value is not None:  # present but unusable
-                self.counters.corrupt += 1
+                self.counters.add(corrupt=1)
                 logger.warning("Remote chunk %s does not fit this model's chunks; recomputing", key)
             return None
         try:
             obj = (self.serde.deserialize(value, expected) if block is None
                    else self.serde.deserialize_block(value, block, expected))
         except CorruptValueError as exc:
-            self.counters.corrupt += 1
-            self.counters.misses += 1
+            self.counters.add(corrupt=1, misses=1)
             self.existence.discard(key)
             logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, exc)
             return None
-        self.counters.hits += 1
-        self.counters.bytes_read += len(value)
+        self.counters.add(hits=1, bytes_read=len(value))
         return obj
 
     def batched_put(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
@@ -229,7 +274,7 @@ class RemoteTier:
             try:
                 payload.append((key, self.serde.serialize(obj)))
             except Exception as exc:  # e.g. values the codec rejects (NaN/inf): store nothing, say why
-                self.counters.errors += 1
+                self.counters.add(errors=1)
                 logger.warning("Chunk %s not stored: %s serde refused it (%s)", key, self.serde.name, exc)
         if not payload:
             return False
@@ -238,8 +283,7 @@ class RemoteTier:
             return False
         for key, value in payload:
             self.existence.add(key, now)
-            self.counters.puts += 1
-            self.counters.bytes_written += len(value)
+            self.counters.add(puts=1, bytes_written=len(value))
         return True
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from ...errors import ConfigError
 from ...kernels import PagedKVSpec
 from .lookup import LookupClient, lookup_address
 from .metadata import StepMetadata
+from .request_keys import instance_variant
 from .scheduler import SchedulerSide
 from .stats import KVCacheConnectorStats, PromMetrics, flatten_storage_stats
 from .worker import WorkerSide, build_registered_cache
@@ -57,6 +58,11 @@ def shutdown_hint(can_save: bool, shutdown_timeout: int | None) -> str | None:
             "with --shutdown-timeout 10 to let them finish")
 
 
+def worker_rank(tp_rank: int, pp_rank: int, tp_size: int) -> int:
+    """The rank in keys and lookup addresses: stage-major, so PP=1 keeps the TP rank."""
+    return pp_rank * tp_size + tp_rank
+
+
 def model_name_for_keys(vllm_config: VllmConfig, config: KVCacheConfig) -> str:
     return config.model_name or vllm_config.model_config.model
 
@@ -77,7 +83,10 @@ class LMCacheConnector(KVConnectorBase_V1):
         self.can_save = ktc.kv_role in ("kv_producer", "kv_both")
         self.can_load = ktc.kv_role in ("kv_consumer", "kv_both")
         parallel = vllm_config.parallel_config
-        self.world_size = parallel.tensor_parallel_size
+        # Keys and lookup channels are per worker of this replica: TP x PP ranks (a PP stage holds
+        # other layers, so its chunks are other values). With PP=1 this is the seed's TP rank.
+        self.tp_size = parallel.tensor_parallel_size
+        self.world_size = self.tp_size * parallel.pipeline_parallel_size
         self.block_size = vllm_config.cache_config.block_size
         engine_id = ktc.engine_id or "default"
         dp_rank = parallel.data_parallel_rank
@@ -91,16 +100,17 @@ class LMCacheConnector(KVConnectorBase_V1):
                             "(a chunk that cannot be loaded is recomputed, not an error)")
             addresses = [lookup_address(engine_id, dp_rank, r) for r in range(self.world_size)]
             self.scheduler_side = SchedulerSide(self.config, LookupClient(addresses, self.config.blocking_timeout_secs),
-                                                self.can_load, self.can_save, self.block_size)
+                                                self.can_load, self.can_save, self.block_size,
+                                                instance_variant(vllm_config))
             logger.info("vllm-kvcache-plugin scheduler side ready: role %s, chunk %d tokens, remote %s, serde %s",
                         ktc.kv_role, self.config.chunk_size, _redacted(self.config.remote_url),
                         self.config.remote_serde)
             if hint := shutdown_hint(self.can_save, getattr(vllm_config, "shutdown_timeout", None)):
                 logger.warning(hint)
         else:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
-            rank = get_tensor_model_parallel_rank()
+            rank = worker_rank(get_tensor_model_parallel_rank(), get_pp_group().rank_in_group, self.tp_size)
             engine = KVCacheEngine(self.config, model_name_for_keys(vllm_config, self.config), self.world_size, rank)
             self.worker_side = WorkerSide(engine, self.block_size, lookup_address(engine_id, dp_rank, rank))
             logger.info("vllm-kvcache-plugin worker %d/%d ready: tiers %s, keys vllm@%s@%d@%d@<hash>",

@@ -3,8 +3,8 @@
 vLLM runs the scheduler (engine core) and each worker in different processes, but the hot cache
 and the disk index live in the worker. So each worker serves lookups on a Linux abstract unix
 socket (no file to clean up, not reachable from the network), and the scheduler asks every
-tensor-parallel rank and takes the smallest answer. A worker that does not answer within the
-time-out counts as a miss.
+worker (each tensor- and pipeline-parallel rank) at once and takes the smallest answer. A worker
+that does not answer within the time-out counts as a miss.
 
 Frame (little-endian): request ``u32 magic, u32 n, n * 32 bytes`` (raw SHA-256 chunk hashes);
 reply ``u32 hit_chunks, u32 hot, u32 disk, u32 remote``. Nothing is unpickled.
@@ -117,7 +117,7 @@ class LookupClient:
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
-    def _ask(self, address: str, frame: bytes) -> LookupReply:
+    def _send(self, address: str, frame: bytes) -> socket.socket:
         sock = self._socks.get(address)
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -125,27 +125,42 @@ class LookupClient:
             sock.connect(address)
             self._socks[address] = sock
         sock.sendall(frame)
-        return LookupReply(*_REPLY.unpack(_recv_exact(sock, _REPLY.size)))
+        return sock
+
+    def _failed(self, address: str, exc: BaseException) -> None:
+        sock = self._socks.pop(address, None)
+        if sock is not None:
+            sock.close()
+        if address not in self._warned:
+            self._warned.add(address)
+            logger.warning("Worker lookup channel %r not answering (%s); treating as a miss",
+                           address.lstrip("\0"), exc)
 
     def lookup(self, hashes: Sequence[str]) -> LookupReply:
+        """Ask every worker at once (all frames go out before any reply is read); a chunk counts
+        only if every rank has it, so the answer is the smallest."""
         if not hashes:
             return LookupReply(0)
         frame = _REQ.pack(MAGIC, len(hashes)) + b"".join(bytes.fromhex(h) for h in hashes)
         replies = []
         with self._lock:
+            sent = []
             for address in self.addresses:
                 try:
-                    replies.append(self._ask(address, frame))
+                    sent.append((address, self._send(address, frame)))
+                except (OSError, ConnectionError) as exc:
+                    self._failed(address, exc)
+                    sent.append((address, None))
+            for address, sock in sent:
+                if sock is None:
+                    replies.append(LookupReply(0))
+                    continue
+                try:
+                    replies.append(LookupReply(*_REPLY.unpack(_recv_exact(sock, _REPLY.size))))
                     self._warned.discard(address)
                 except (OSError, ConnectionError, struct.error) as exc:
-                    sock = self._socks.pop(address, None)
-                    if sock is not None:
-                        sock.close()
-                    if address not in self._warned:
-                        self._warned.add(address)
-                        logger.warning("Worker lookup channel %r not answering (%s); treating as a miss",
-                                       address.lstrip("\0"), exc)
-                    return LookupReply(0)
+                    self._failed(address, exc)
+                    replies.append(LookupReply(0))
         return min(replies, key=lambda r: r.hit_chunks)
 
     def close(self) -> None:

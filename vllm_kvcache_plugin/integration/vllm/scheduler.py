@@ -1,7 +1,8 @@
 """Scheduler side: prefix lookups, request tracking through chunked prefill and preemption, and the
 per-step plan (which chunks to load before the forward and which to save after it).
 
-A request's prompt is cut into chunks once (chained hashes, see keys.py). ``stored`` counts the
+A request's prompt is cut into chunks once (chained hashes that carry every input of its K/V:
+request_keys.py). ``stored`` counts the
 leading chunks known to be in the store (found by the lookup, or saved by us); every step saves
 the chunks that the step completes beyond it, so no chunk of a request is saved twice.
 """
@@ -13,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ...config import KVCacheConfig
-from ...keys import chained_hashes
 from .lookup import LookupClient, LookupReply
 from .metadata import ChunkRef, LoadSpec, SaveSpec, StepMetadata
+from .request_keys import RequestKeys
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -51,8 +52,9 @@ class PendingLookup:
 
 class SchedulerSide:
     def __init__(self, config: KVCacheConfig, lookup: LookupClient, can_load: bool, can_save: bool,
-                 block_size: int) -> None:
+                 block_size: int, variant: tuple[tuple[str, str], ...] = ()) -> None:
         self.config = config
+        self.request_keys = RequestKeys(config.chunk_size, config.save_unfull_chunk, variant)
         self.lookup_client = lookup
         self.can_load = can_load
         self.can_save = can_save
@@ -61,8 +63,7 @@ class SchedulerSide:
         self.pending: dict[str, PendingLookup] = {}
 
     def _chunks(self, request: Request) -> list[ChunkRef]:
-        return chained_hashes(request.prompt_token_ids or [], self.config.chunk_size,
-                              include_partial=self.config.save_unfull_chunk)
+        return self.request_keys.chunks(request)
 
     # -- lookup ------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
