@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvcache_plugin.config import KVCacheConfig, describe_keys, load_config, parse_bins_spec
+from vllm_kvcache_plugin.config import KVCacheConfig, describe_keys, load_config
+from vllm_kvcache_plugin.serde.cachegen.bins import parse_bins_spec
+from vllm_kvcache_plugin.settings import load_settings
 from vllm_kvcache_plugin.errors import ConfigError
 
 
@@ -42,7 +44,7 @@ def test_seed_environment_is_accepted():
 
 def _error(**kwargs) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(**kwargs)
+        load_settings(**kwargs)
     msg = str(info.value)
     assert "\n" not in msg, "config errors must be one line"
     return msg

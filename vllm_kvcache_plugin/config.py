@@ -2,8 +2,11 @@
 
 Precedence, lowest to highest: defaults < the YAML file named by ``LMCACHE_CONFIG_FILE`` <
 ``LMCACHE_<KEY>`` environment variables < vLLM's ``kv_connector_extra_config`` (bare keys or keys
-prefixed ``lmcache.``). Every bad value raises :class:`ConfigError` with one line that names the key,
-where it came from and what is allowed, so a typo stops start-up instead of silently caching nothing.
+prefixed ``lmcache.``). This module checks types and ranges and remembers each value's source; the
+values a component owns (a serde's name and options, the remote URL) are checked by that
+component's registry (``settings.load_settings`` runs both). Every bad value raises
+:class:`ConfigError` with one line that names the key, where it came from and what is allowed, so a
+typo stops start-up instead of silently caching nothing.
 """
 
 from __future__ import annotations
@@ -104,6 +107,14 @@ class KVCacheConfig:
             path = path[len("file://") :]
         return path
 
+    def source(self, key: str) -> str:
+        """Where ``key``'s value came from (a file, an environment variable, vLLM's extra config)."""
+        return self.__dict__.get("_sources", {}).get(key, "default")
+
+    def invalid(self, key: str, message: str) -> ConfigError:
+        """The one-line start-up error for a bad value of ``key``, naming where it came from."""
+        return ConfigError(f"{key} (from {self.source(key)}): {message}")
+
     def replace(self, **changes: Any) -> KVCacheConfig:
         return load_config(extra_config={**self.as_dict(), **changes}, env={}, source="replace")
 
@@ -199,6 +210,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
 
 
 def _validate(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Types and ranges. What a component owns (a serde's name and options, the remote URL) is
+    checked by that component's registry: ``settings.load_settings`` runs both."""
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{key} (from {sources.get(key, 'default')}): {msg}")
 
@@ -223,48 +236,6 @@ def _validate(values: dict[str, Any], sources: dict[str, str]) -> None:
         fail("log_level", f"{values['log_level']!r} is not one of {', '.join(_LOG_LEVELS)}")
     values["log_level"] = level
 
-    from .serde import available_serdes  # local import: serde imports config-free modules only
-
-    serdes = available_serdes()
-    if values["remote_serde"] not in serdes:
-        fail("remote_serde", f"{values['remote_serde']!r} is not one of {', '.join(serdes)}")
-    if values["remote_url"]:
-        from .connectors.url import parse_remote_url
-        from .errors import URLError
-
-        try:
-            parse_remote_url(values["remote_url"], require_known_scheme=True)
-        except URLError as exc:
-            fail("remote_url", str(exc))
-    for key in ("cachegen_key_bins", "cachegen_value_bins"):
-        if values[key]:
-            try:
-                parse_bins_spec(values[key])
-            except ValueError as exc:
-                fail(key, str(exc))
-
-
-def parse_bins_spec(spec: str) -> list[tuple[int, int | None]]:
-    """Parse "32:10,16" into [(32, 10), (16, None)]: 32 bins for 10 layers, then 16 for the rest."""
-    groups: list[tuple[int, int | None]] = []
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise ValueError(f"{spec!r} is empty; write e.g. '32:10,16'")
-    for i, part in enumerate(parts):
-        bins_text, _, count_text = part.partition(":")
-        try:
-            bins = int(bins_text)
-            count = int(count_text) if count_text else None
-        except ValueError:
-            raise ValueError(f"{spec!r}: {part!r} is not BINS[:LAYERS]; write e.g. '32:10,16'") from None
-        if not 2 <= bins <= 256:
-            raise ValueError(f"{spec!r}: {bins} bins is outside 2..256")
-        if count is None and i != len(parts) - 1:
-            raise ValueError(f"{spec!r}: only the last group may omit its layer count")
-        if count is not None and count <= 0:
-            raise ValueError(f"{spec!r}: layer count {count} must be positive")
-        groups.append((bins, count))
-    return groups
 
 
 def _normalise_key(key: str) -> str:
@@ -349,7 +320,9 @@ def load_config(
         apply(str(key), raw, source)
 
     _validate(values, sources)
-    return KVCacheConfig(**values)
+    config = KVCacheConfig(**values)
+    object.__setattr__(config, "_sources", dict(sources))  # not a setting: where each one came from
+    return config
 
 
 def describe_keys() -> list[tuple[str, str, str, str]]:

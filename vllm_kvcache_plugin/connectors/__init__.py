@@ -26,4 +26,24 @@ def create_connector(url: str, config: KVCacheConfig | None = None) -> RemoteCon
     return cls(parsed, config)
 
 
-__all__ = ["CONNECTORS", "Buffer", "RemoteConnector", "RemoteURL", "create_connector", "parse_remote_url"]
+def check_settings(config: KVCacheConfig) -> None:
+    """Start-up check of the settings this package owns: a remote URL that parses, with a known scheme."""
+    if config.remote_url:
+        try:
+            parse_remote_url(config.remote_url, require_known_scheme=True)
+        except URLError as exc:
+            raise config.invalid("remote_url", str(exc)) from None
+
+
+def describe_remote(url: str | None) -> str:
+    """The remote URL as logs may show it: secrets redacted, "none" when unset."""
+    if not url:
+        return "none"
+    try:
+        return parse_remote_url(url).redacted()
+    except URLError:
+        return "<invalid>"
+
+
+__all__ = ["CONNECTORS", "Buffer", "RemoteConnector", "RemoteURL", "check_settings", "create_connector",
+           "describe_remote", "parse_remote_url"]

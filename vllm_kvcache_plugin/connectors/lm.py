@@ -35,8 +35,8 @@ from ..lm_protocol import (
     encode_keys,
     encode_put_meta,
 )
-from ..lm_protocol.client import ClientConnection, Reply
 from .base import Buffer, RemoteConnector
+from .lm_client import ClientConnection, Reply
 from .url import RemoteURL
 
 

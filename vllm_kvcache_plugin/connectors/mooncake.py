@@ -27,7 +27,7 @@ import numpy as np
 from ..config import KVCacheConfig
 from ..errors import ConnectorError, MissingDependencyError
 from .base import Buffer, RemoteConnector
-from .mooncake_settings import MooncakeSettings, _servers
+from .mooncake_settings import MooncakeSettings
 from .url import RemoteURL
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class MooncakeStoreConnector(RemoteConnector):
         s = self.settings
         # setup() holds the GIL for its whole run (4 s per try against a dead master, 10 s against a
         # dead etcd), stalling every Python thread: only call it once its servers accept connections.
-        for host, port in _servers(s):
+        for host, port in s.servers():
             try:
                 socket.create_connection((host, port), timeout=1.0).close()
             except OSError as exc:

@@ -110,6 +110,17 @@ class MooncakeSettings:
                 raise ConfigError(f"{required}: not set; add it to {where} or to remote_options")
         return cls(**values)
 
+    def servers(self) -> list[tuple[str, int]]:
+        """(host, port) of the master and of the metadata server (none for P2PHANDSHAKE): what must
+        accept connections before Mooncake's setup is worth calling."""
+        found = []
+        for address in (self.master_server_address,
+                        self.metadata_server.split("://")[-1].split(";")[0].split("/")[0]):
+            host, _, port = address.rpartition(":")
+            if host and port.isdigit():
+                found.append((host.strip("[]"), int(port)))
+        return found
+
 
 _text, _address = _string(), _string(r"^\S+:\d+$", "host:port")
 _PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -155,13 +166,3 @@ def _read_json(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{CONFIG_PATH_ENV}={path}: the top level must be a JSON object of settings")
     return data
-
-
-def _servers(s: MooncakeSettings) -> list[tuple[str, int]]:
-    """(host, port) of the master and of the metadata server (none for P2PHANDSHAKE)."""
-    found = []
-    for address in (s.master_server_address, s.metadata_server.split("://")[-1].split(";")[0].split("/")[0]):
-        host, _, port = address.rpartition(":")
-        if host and port.isdigit():
-            found.append((host.strip("[]"), int(port)))
-    return found

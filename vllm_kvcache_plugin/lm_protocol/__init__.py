@@ -1,6 +1,6 @@
-"""The lm:// protocol: wire format (:mod:`.wire`), framing over asyncio (:mod:`.framing`) and the
-client side of a connection (:mod:`.client`). Floor 1: imports nothing from the connectors or the
-server, which both build on it. docs/lm-protocol.md is the specification."""
+"""The lm:// protocol: wire format (:mod:`.wire`) and framing over asyncio (:mod:`.framing`), shared
+by the client (``connectors/lm.py`` with its connection, ``connectors/lm_client.py``) and the server.
+Floor 1: imports nothing from either, which both build on it. docs/lm-protocol.md is the specification."""
 
 from .framing import FrameHandler, FrameReader, FrameWriter, ScratchPool
 from .wire import (

@@ -21,6 +21,19 @@ def available_serdes() -> list[str]:
     return SERDES.names()
 
 
+def check_settings(config) -> None:
+    """Start-up check of the serde settings: ``remote_serde`` names a registered serde, and every
+    serde that has settings of its own (``check_settings`` classmethod, e.g. CacheGen's bins)
+    checks them."""
+    names = available_serdes()
+    if config.remote_serde not in names:
+        raise config.invalid("remote_serde", f"{config.remote_serde!r} is not one of {', '.join(names)}")
+    for name in names:
+        check = getattr(SERDES.load(name), "check_settings", None)
+        if check is not None:
+            check(config)
+
+
 def create_serde(name: str, allocator=None, config=None, **options) -> Serde:
     """The serde ``name``; a serde with a ``from_config`` classmethod reads its settings from
     ``config`` (a KVCacheConfig), e.g. CacheGen's bins."""
@@ -33,4 +46,4 @@ def create_serde(name: str, allocator=None, config=None, **options) -> Serde:
     return cls(allocator, **options)
 
 
-__all__ = ["SERDES", "Serde", "available_serdes", "create_serde"]
+__all__ = ["SERDES", "Serde", "available_serdes", "check_settings", "create_serde"]

@@ -15,10 +15,11 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from ...config import KVCacheConfig, load_config
+from ...config import KVCacheConfig
 from ...engine import KVCacheEngine
 from ...errors import ConfigError
 from ...kernels import PagedKVSpec
+from ...settings import load_settings
 from .lookup import LookupClient, lookup_address
 from .metadata import StepMetadata
 from .request_keys import instance_variant
@@ -42,7 +43,7 @@ _TIER_SOURCE = {"hot": CacheHitSource.HOST, "disk": CacheHitSource.DISK,
 def connector_config(vllm_config: VllmConfig) -> KVCacheConfig:
     """Our settings: LMCACHE_CONFIG_FILE, LMCACHE_* env vars, then kv_connector_extra_config."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-    config = load_config(extra)
+    config = load_settings(extra)
     logging.getLogger("vllm_kvcache_plugin").setLevel(config.log_level)
     return config
 

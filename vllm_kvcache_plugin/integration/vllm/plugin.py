@@ -55,11 +55,11 @@ def validate_early(argv: Sequence[str] | None = None) -> None:
     transfer = _cli_transfer_config(sys.argv if argv is None else argv)
     if not transfer or transfer.get("kv_connector") != CONNECTOR_NAME:
         return
-    from ...config import load_config
     from ...errors import ConfigError
+    from ...settings import load_settings
 
     try:
-        load_config(transfer.get("kv_connector_extra_config") or {})
+        load_settings(transfer.get("kv_connector_extra_config") or {})
     except ConfigError as exc:
         raise SystemExit(f"vllm-kvcache-plugin: invalid configuration: {exc}") from None
 

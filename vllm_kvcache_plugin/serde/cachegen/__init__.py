@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from ...config import KVCacheConfig, parse_bins_spec
+from ...config import KVCacheConfig
 from ...errors import ConfigError, CorruptValueError
 from ...memory import Allocator, ChunkMeta, KVFormat, MemoryObj
 from ..base import Serde
 from ..header import HEADER_SIZE, pack_header, parse_header
 from . import codec
+from .bins import parse_bins_spec
 from .quant import BinsLike, UnsupportedValueError, resolve_bins
 
 BACKENDS = ("auto", "cpp", "numpy", "triton")
@@ -75,6 +76,16 @@ class CacheGenSerde(Serde):
         self.device = torch.device(device) if device is not None else None
         self._coder: codec.LaneCoder | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def check_settings(cls, config: KVCacheConfig) -> None:
+        """The bins settings parse (checked at start-up even when another serde is chosen)."""
+        for key in ("cachegen_key_bins", "cachegen_value_bins"):
+            if getattr(config, key):
+                try:
+                    parse_bins_spec(getattr(config, key))
+                except ValueError as exc:
+                    raise config.invalid(key, str(exc)) from None
 
     @classmethod
     def from_config(cls, config: KVCacheConfig, allocator: Allocator | None = None, **kwargs: Any) -> CacheGenSerde:

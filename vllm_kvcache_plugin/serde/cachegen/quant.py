@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ...config import parse_bins_spec
 from ...errors import KVCacheError
+from .bins import parse_bins_spec
 from .tables import MAX_HALF_LEVELS
 
 BF16_MAX_FINITE_BITS = 0x7F7F

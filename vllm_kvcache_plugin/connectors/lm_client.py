@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ..errors import ConnectorError, ProtocolError
-from .framing import FrameReader, FrameWriter, ScratchPool
-from .wire import (
+from ..lm_protocol.framing import FrameReader, FrameWriter, ScratchPool
+from ..lm_protocol.wire import (
     KNOWN_STATUSES,
     MAX_ERROR_MESSAGE,
     Header,

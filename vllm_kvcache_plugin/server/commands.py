@@ -1,0 +1,161 @@
+"""The lm server's commands: what each request does to the shared store, and what it answers.
+
+One :class:`Commands` per connection (it holds that client's HELLO state and the buffers of values
+it is sending). Every handler is synchronous (the store is in memory) and returns
+``(status, reply meta, reply body parts)``; the connection (connection.py) does the framing, flow
+control and time-outs around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from .. import __version__
+from ..errors import ProtocolError
+from ..lm_protocol import PROTOCOL_VERSION, Op, Status, decode_keys, decode_put_meta, encode_keys, encode_lengths
+from .state import ServerState
+from .store import entry_cost
+
+logger = logging.getLogger("vllm_kvcache_plugin.server")
+
+Answer = tuple[Status, bytes, list]
+
+
+class RequestError(Exception):
+    """Answer this request with an error status; the connection stays open."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Disconnect(Exception):
+    """Answer with an error status, then close the connection."""
+
+    def __init__(self, status: Status, message: str, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+
+
+class Commands:
+    def __init__(self, state: ServerState, peer: Callable[[], object]) -> None:
+        self.state = state
+        self.limits = state.config.limits
+        self.peer = peer  # the client's address, for the log
+        self.authenticated = False
+        self.incoming: list[tuple[bytes, bytearray]] = []  # values of the request being received
+
+    def run(self, op: int, meta: bytes) -> Answer:
+        return self._HANDLERS[op](self, meta)
+
+    # -- receiving values ----------------------------------------------------------------------
+    def body_buffers(self, op: int, meta: bytes, body_len: int, request_id: int) -> list[memoryview]:
+        """Buffers for a PUT / BATCH_PUT body, charged to the memory budget (RequestError if not)."""
+        if op == Op.PUT:
+            keys, lengths = [self.check_key(meta)], [body_len]
+        else:
+            keys, lengths = decode_put_meta(meta, self.limits.max_batch)
+            for key in keys:
+                self.check_key(key)
+            if sum(lengths) != body_len:
+                raise Disconnect(Status.BAD_REQUEST, "value lengths do not add up to the body", request_id)
+        self._allocate(keys, lengths)
+        return [memoryview(value) for _key, value in self.incoming]
+
+    def _allocate(self, keys: list[bytes], lengths: list[int]) -> None:
+        store = self.state.store
+        if any(n > self.limits.max_value_size for n in lengths):
+            raise RequestError(Status.VALUE_TOO_LARGE, f"a value is over the limit of {self.limits.max_value_size}")
+        cost = sum(entry_cost(len(k), n) for k, n in zip(keys, lengths, strict=True))
+        if cost > store.budget:
+            raise RequestError(Status.VALUE_TOO_LARGE, f"{cost} bytes is over the memory budget of {store.budget}")
+        for key, n in zip(keys, lengths, strict=True):
+            buffer = store.allocate(len(key), n)
+            if buffer is None:
+                self.drop_incoming()
+                raise RequestError(Status.NO_SPACE, "memory is held by values still arriving; retry later")
+            self.incoming.append((key, buffer))
+
+    def drop_incoming(self) -> None:
+        incoming, self.incoming = self.incoming, []
+        for key, buffer in incoming:
+            self.state.store.release(len(key), buffer)
+
+    # -- commands ------------------------------------------------------------------------------
+    def _hello(self, meta: bytes) -> Answer:
+        if not self.state.token_ok(meta):
+            logger.warning("bad token from %s", self.peer())
+            raise Disconnect(Status.UNAUTHORIZED, "bad token")
+        self.authenticated = True
+        info = {"server": f"vllm-kvcache-plugin {__version__}", "protocol_version": PROTOCOL_VERSION,
+                **vars(self.limits)}
+        return Status.OK, b"", [json.dumps(info).encode()]
+
+    def _put(self, meta: bytes) -> Answer:
+        store = self.state.store
+        for key, value in self.incoming:
+            store.commit(key, value)
+        self.incoming = []
+        return Status.OK, b"", []
+
+    def _get(self, meta: bytes) -> Answer:
+        value = self.state.store.get(self.check_key(meta))
+        return (Status.NOT_FOUND, b"", []) if value is None else (Status.OK, b"", [value])
+
+    def _exists(self, meta: bytes) -> Answer:
+        found = self.state.store.contains(self.check_key(meta))
+        return Status.OK if found else Status.NOT_FOUND, b"", []
+
+    def _delete(self, meta: bytes) -> Answer:
+        found = self.state.store.delete(self.check_key(meta))
+        return Status.OK if found else Status.NOT_FOUND, b"", []
+
+    def _list(self, meta: bytes) -> Answer:
+        if len(meta) > self.limits.max_key_len:
+            raise RequestError(Status.KEY_TOO_LONG, "prefix is longer than the longest key")
+        return Status.OK, b"", [encode_keys(self.state.store.keys(meta))]
+
+    def _health(self, meta: bytes) -> Answer:
+        return Status.OK, b"", []
+
+    def _stats(self, meta: bytes) -> Answer:
+        return Status.OK, b"", [json.dumps(self.state.snapshot()).encode()]
+
+    def _batch_exists(self, meta: bytes) -> Answer:
+        store = self.state.store
+        return Status.OK, b"", [bytes(store.contains(k) for k in self._decode_keys(meta))]
+
+    def _batch_get(self, meta: bytes) -> Answer:
+        values = [self.state.store.get(k) for k in self._decode_keys(meta)]
+        lengths = [-1 if v is None else len(v) for v in values]
+        return Status.OK, encode_lengths(lengths), [v for v in values if v]
+
+    def _batch_delete(self, meta: bytes) -> Answer:
+        store = self.state.store
+        return Status.OK, b"", [bytes(store.delete(k) for k in self._decode_keys(meta))]
+
+    _HANDLERS = {
+        Op.HELLO: _hello, Op.PUT: _put, Op.BATCH_PUT: _put, Op.GET: _get, Op.EXISTS: _exists,
+        Op.DELETE: _delete, Op.LIST: _list, Op.HEALTH: _health, Op.STATS: _stats,
+        Op.BATCH_EXISTS: _batch_exists, Op.BATCH_GET: _batch_get, Op.BATCH_DELETE: _batch_delete,
+    }
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_key(self, key: bytes) -> bytes:
+        if not key:
+            raise RequestError(Status.BAD_REQUEST, "empty key")
+        if len(key) > self.limits.max_key_len:
+            raise RequestError(Status.KEY_TOO_LONG, f"key of {len(key)} bytes is over {self.limits.max_key_len}")
+        return key
+
+    def _decode_keys(self, meta: bytes) -> list[bytes]:
+        try:
+            keys = decode_keys(meta, self.limits.max_batch)
+        except ProtocolError as exc:
+            raise RequestError(Status.BAD_REQUEST, str(exc)) from None
+        for key in keys:
+            self.check_key(key)
+        return keys
