@@ -36,10 +36,10 @@ def test_escaping_keeps_models_apart():
 def test_hashes_are_chained():
     tokens = list(range(1000, 1040))
     full = chained_hashes(tokens, 16)
-    assert [(s, e) for s, e, _ in full] == [(0, 16), (16, 32), (32, 40)]
+    assert [(c.start, c.end) for c in full] == [(0, 16), (16, 32), (32, 40)]
     # Changing the first token changes every later chunk's hash.
     changed = chained_hashes([0, *tokens[1:]], 16)
-    assert all(a[2] != b[2] for a, b in zip(full, changed, strict=True))
+    assert all(a.chunk_hash != b.chunk_hash for a, b in zip(full, changed, strict=True))
     # A shared prefix gives shared leading hashes.
     other = chained_hashes([*tokens[:32], 7, 7, 7], 16)
     assert other[:2] == full[:2] and other[2] != full[2]
@@ -48,12 +48,13 @@ def test_hashes_are_chained():
 
 def test_same_key_in_another_process_with_another_hash_seed():
     tokens = list(range(300))
-    here = KeyBuilder("model", 1, 0, 256).spans(tokens)
-    code = ("from vllm_kvcache_plugin.keys import KeyBuilder;"
-            "print('\\n'.join(s.key for s in KeyBuilder('model', 1, 0, 256).spans(range(300))))")
+    builder = KeyBuilder("model", 1, 0)
+    here = [builder.key(c.chunk_hash) for c in chained_hashes(tokens, 256)]
+    code = ("from vllm_kvcache_plugin.keys import KeyBuilder, chained_hashes; b = KeyBuilder('model', 1, 0);"
+            "print('\\n'.join(b.key(c.chunk_hash) for c in chained_hashes(range(300), 256)))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [s.key for s in here]
+    assert out.split() == here
 
 
 def test_token_ids_out_of_range_rejected():

@@ -35,7 +35,7 @@ def request(tokens=TOKENS, **kwargs) -> Request:
 
 
 def hashes(req: Request) -> list[str]:
-    return [h for _, _, h in KEYS.chunks(req)]
+    return [c.chunk_hash for c in KEYS.chunks(req)]
 
 
 def image(identifier: str, offset: int, length: int) -> MultiModalFeatureSpec:
@@ -106,7 +106,7 @@ def test_a_prompt_of_embeddings_only_is_not_cached(caplog):
 
 def test_instance_variant_changes_every_key():
     quantized = RequestKeys(CHUNK, True, (("quantization", "fp8"),))
-    assert all(x != y for x, y in zip(hashes(request()), [h for _, _, h in quantized.chunks(request())],
+    assert all(x != y for x, y in zip(hashes(request()), [c.chunk_hash for c in quantized.chunks(request())],
                                       strict=True))
 
 

@@ -122,8 +122,8 @@ def test_chunked_prefill_saves_each_chunk_once_and_a_new_instance_loads_it(harne
     tokens = list(range(1000, 1300))  # 9 full chunks of 32 and a partial one of 12
     kv = torch.randn(2, NUM_LAYERS, 300, 2, 32).to(torch.bfloat16)
     _, saves = run_chunked_prefill(harness, tokens, kv, [100, 100, 100])
-    assert [(s, e) for s, e, _ in saves] == [(i, min(i + CHUNK, 300)) for i in range(0, 300, CHUNK)]
-    assert len({h for _, _, h in saves}) == len(saves)  # no chunk saved twice
+    assert [(c.start, c.end) for c in saves] == [(i, min(i + CHUNK, 300)) for i in range(0, 300, CHUNK)]
+    assert len({c.chunk_hash for c in saves}) == len(saves)  # no chunk saved twice
 
     # Another request with the same prompt (as after a restart: nothing computed locally).
     again = make_request(tokens)
@@ -152,7 +152,7 @@ def test_load_starts_after_vllms_own_prefix_hit(harness: Harness):
     meta = harness.sched.build_meta(step(new=[(again, blocks, 159)], scheduled={again.request_id: 1}))
     (load,) = meta.loads
     assert (load.start, load.end) == (local, 159)
-    assert [c[:2] for c in load.chunks] == [(64, 96), (96, 128), (128, 160)]
+    assert [(c.start, c.end) for c in load.chunks] == [(64, 96), (96, 128), (128, 160)]
     harness.worker.load(meta)
     assert torch.equal(harness.read(blocks, 0, 159), kv[:, :, :159])
 
@@ -175,11 +175,11 @@ def test_preempted_request_resumes_with_new_blocks(harness: Harness):
     harness.sched.update_state_after_alloc(req, new_blocks, hit)
     out = step(cached=[(req.request_id, new_blocks, 64, True)], scheduled={req.request_id: 64})
     meta = harness.sched.build_meta(out)
-    assert [(ld.start, ld.end, ld.block_ids) for ld in meta.loads] == [(0, 64, new_blocks)]
+    assert [(ld.start, ld.end, list(ld.block_ids)) for ld in meta.loads] == [(0, 64, new_blocks)]
     harness.worker.load(meta)
     harness.forward(new_blocks, 64, 128, kv)
     harness.worker.save(meta)
-    assert [c[:2] for s in meta.saves for c in s.chunks] == [(64, 96), (96, 128)]  # not the first two again
+    assert [(c.start, c.end) for s in meta.saves for c in s.chunks] == [(64, 96), (96, 128)]  # not the first two again
     assert torch.equal(harness.read(new_blocks, 0, 128), kv)
 
 
@@ -189,7 +189,7 @@ def test_a_chunk_gone_between_lookup_and_load_is_a_load_error(harness: Harness):
     _, saves = run_chunked_prefill(harness, tokens, kv, [100])
     again = make_request(tokens)
     hit, _ = harness.sched.get_num_new_matched_tokens(again, 0)
-    harness.engine.storage.hot.remove(harness.engine.keys.key(saves[2][2]))  # evicted before the load
+    harness.engine.storage.hot.remove(harness.engine.key(saves[2]))  # evicted before the load
     blocks = harness.blocks(7)
     harness.sched.update_state_after_alloc(again, blocks, hit)
     meta = harness.sched.build_meta(step(new=[(again, blocks, hit)], scheduled={again.request_id: 1}))

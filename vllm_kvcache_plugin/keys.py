@@ -71,16 +71,20 @@ class ChunkKey:
 
 
 @dataclass(frozen=True)
-class ChunkSpan:
-    """One chunk of a token sequence: tokens ``[start, end)`` and its key string."""
+class ChunkRef:
+    """One chunk of a prompt: tokens ``[start, end)`` and its chained hash (hex). The hash is the
+    same for every worker; each one turns it into its own key (which names its rank)."""
 
     start: int
     end: int
-    key: str
+    chunk_hash: str
 
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return self.end > start and self.start < end
 
 
 def _field(data: bytes) -> bytes:
@@ -121,8 +125,8 @@ class KeyScope:
 
 def chained_hashes(token_ids: Sequence[int] | np.ndarray, chunk_size: int, include_partial: bool = True,
                    root: bytes = ROOT_HASH,
-                   chunk_extra: Callable[[int, int], bytes | None] | None = None) -> list[tuple[int, int, str]]:
-    """``(start, end, hex)`` for every chunk; the last one may be partial if ``include_partial``.
+                   chunk_extra: Callable[[int, int], bytes | None] | None = None) -> list[ChunkRef]:
+    """A :class:`ChunkRef` for every chunk; the last one may be partial if ``include_partial``.
 
     ``root`` starts the chain (:meth:`KeyScope.root`); ``chunk_extra(start, end)`` returns bytes that
     also decide the chunk's K/V (multimodal items, prompt embeddings in it) or None."""
@@ -132,7 +136,7 @@ def chained_hashes(token_ids: Sequence[int] | np.ndarray, chunk_size: int, inclu
     if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN_ID):
         raise ValueError(f"token ids must be in 0..{MAX_TOKEN_ID}")
     data = tokens.astype("<u4").tobytes()
-    out: list[tuple[int, int, str]] = []
+    out: list[ChunkRef] = []
     parent = root
     n = len(tokens)
     for start in range(0, n, chunk_size):
@@ -142,25 +146,23 @@ def chained_hashes(token_ids: Sequence[int] | np.ndarray, chunk_size: int, inclu
         extra = chunk_extra(start, end) if chunk_extra is not None else None
         tail = _EXTRA_MARKER + hashlib.sha256(extra).digest() if extra else b""
         digest = hashlib.sha256(parent + data[start * 4 : end * 4] + tail).digest()
-        out.append((start, end, digest.hex()))
+        out.append(ChunkRef(start, end, digest.hex()))
         parent = digest
     return out
 
 
 @dataclass(frozen=True)
 class KeyBuilder:
-    """Turns token ids into chunk spans for one (model, world_size, rank)."""
+    """Turns chunk hashes into the keys of one (model, world_size, rank)."""
 
     model: str
     world_size: int
     rank: int
-    chunk_size: int
 
     def key(self, chunk_hash: str) -> str:
         return ChunkKey(KEY_FORMAT, self.model, self.world_size, self.rank, chunk_hash).to_string()
 
-    def spans(self, token_ids: Sequence[int] | np.ndarray, include_partial: bool = True) -> list[ChunkSpan]:
-        return [
-            ChunkSpan(start, end, self.key(h))
-            for start, end, h in chained_hashes(token_ids, self.chunk_size, include_partial)
-        ]
+    @property
+    def pattern(self) -> str:
+        """What this worker's keys look like, for logs."""
+        return self.key("<hash>")

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import enum
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 
 class KVFormat(enum.IntEnum):
@@ -191,3 +193,22 @@ class MemoryObj:
 
     def __repr__(self) -> str:
         return f"MemoryObj({self.meta.fmt.name}, {self.meta.dtype}, {self.meta.shape}, refs={self._refs})"
+
+
+# -- chunk bytes: the views every serde and log line reads ----------------------------------
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (bf16 included)."""
+    flat = tensor.contiguous().view(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def bytes_tensor(buffer, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A tensor over ``buffer`` without copying (read-only buffers are fine: we never write)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
+        return torch.frombuffer(buffer, dtype=dtype).view(shape) if len(buffer) else torch.empty(shape, dtype=dtype)
+
+
+def chunk_checksum(tensor: torch.Tensor) -> int:
+    """xxh3 of a chunk's bytes (the naive serde's payload), for logs that prove bit-exactness."""
+    return xxhash.xxh3_64_intdigest(tensor_bytes(tensor.cpu()))

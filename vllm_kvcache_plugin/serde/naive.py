@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
-import torch
-
-from ..memory import ChunkMeta, MemoryObj
+from ..memory import ChunkMeta, MemoryObj, bytes_tensor, tensor_bytes
 from .base import Serde
 from .header import HEADER_SIZE, pack_header, parse_header
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor (bf16 included)."""
-    flat = tensor.contiguous().view(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
-
-
-def bytes_tensor(buffer, dtype: torch.dtype, shape) -> torch.Tensor:
-    """A tensor over ``buffer`` without copying (read-only buffers are fine: we never write)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
-        return torch.frombuffer(buffer, dtype=dtype).view(shape) if len(buffer) else torch.empty(shape, dtype=dtype)
 
 
 class NaiveSerde(Serde):

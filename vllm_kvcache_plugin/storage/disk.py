@@ -16,11 +16,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from ..errors import CorruptValueError
 from ..memory import ChunkMeta, MemoryObj
 from ..metrics import TierCounters
 from ..serde.base import Serde
+from .tier import Tier, TierName
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ def file_name(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest() + SUFFIX
 
 
-class DiskTier:
-    name = "disk"
+class DiskTier(Tier):
+    name = TierName.DISK
 
     def __init__(self, path: str, max_bytes: int, serde: Serde, counters: TierCounters | None = None) -> None:
         self.path = os.path.abspath(path)
@@ -113,7 +115,21 @@ class DiskTier:
             self._last_warning = now
             logger.warning(msg, *args)
 
-    # -- data ------------------------------------------------------------------------------
+    # -- Tier ------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> list[bool]:
+        with self._lock:
+            return [file_name(key) in self._index for key in keys]
+
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
+        return [self.get(key, expected) for key in keys]
+
+    def put_many(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
+        return all([self.put(key, obj) for key, obj in items])
+
+    def receive_sizes(self, expected: ChunkMeta) -> list[int]:
+        return [self.serde.max_value_size(expected)]
+
+    # -- single keys -----------------------------------------------------------------------
     def put(self, key: str, obj: MemoryObj) -> bool:
         """Write ``obj`` (the caller keeps its reference). False if the disk refused it."""
         data = self.serde.serialize(obj)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
-from ..memory import MemoryObj
+from ..memory import ChunkMeta, MemoryObj
 from ..metrics import TierCounters
+from .tier import Tier, TierName
 
 
-class HotCache:
+class HotCache(Tier):
     """Thread-safe LRU. The cache holds one reference to each chunk it stores."""
 
-    name = "hot"
+    name = TierName.HOT
+    writes_inline = True
+    promotes = True
 
     def __init__(self, max_bytes: int, counters: TierCounters | None = None) -> None:
         self.max_bytes = max_bytes
@@ -32,6 +36,28 @@ class HotCache:
         with self._lock:
             return key in self._entries
 
+    # -- Tier ------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> list[bool]:
+        with self._lock:
+            return [key in self._entries for key in keys]
+
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
+        out = []
+        for key in keys:
+            obj = self.get(key)
+            if obj is not None and expected is not None and not obj.meta.fits(expected):
+                obj.ref_down()  # another model's geometry under this key: not ours to load
+                obj = None
+            out.append(obj)
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
+        return all([self.put(key, obj) for key, obj in items])
+
+    def close(self) -> None:
+        self.clear()
+
+    # -- single keys -----------------------------------------------------------------------
     def get(self, key: str) -> MemoryObj | None:
         """The chunk with a reference taken for the caller (who must ``ref_down``), or None."""
         with self._lock:

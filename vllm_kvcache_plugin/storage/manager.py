@@ -1,6 +1,7 @@
 """The storage manager: tier order, promotion, the asynchronous write queue, prefix lookups.
 
-Tiers are searched hot -> disk -> remote. ``put`` stores into the hot cache at once (the caller's
+Tiers (tier.py: hot, disk, remote) are searched in that order; the manager knows them only
+through the :class:`Tier` interface. ``put`` stores into the hot cache at once (the caller's
 tensor, no copy) and queues the disk and remote writes for a writer thread, so the caller (vLLM's
 forward loop) never waits on I/O. The queue is bounded in count and in bytes: beyond either, the
 oldest pending writes are dropped and counted. A hit in a lower tier is promoted to the hot cache.
@@ -20,11 +21,11 @@ from ..connectors import RemoteConnector, create_connector
 from ..memory import Allocator, ChunkMeta, MemoryObj
 from ..metrics import StorageCounters, TierCounters
 from ..serde import create_serde
-from ..serde.naive import NaiveSerde
 from .disk import DiskTier
 from .hot import HotCache
 from .loop import EventLoopThread
 from .remote import RemoteTier
+from .tier import Tier, TierName
 
 logger = logging.getLogger(__name__)
 
@@ -48,46 +49,61 @@ class StorageManager:
         self.config = config
         self.allocator = allocator or Allocator()
         self.counters = StorageCounters()
-        self.tier_counters = {name: TierCounters(name) for name in ("hot", "disk", "remote")}
-        self.hot = (HotCache(config.max_local_cpu_bytes, self.tier_counters["hot"])
-                    if config.local_cpu and config.max_local_cpu_bytes > 0 else None)
-        self.disk = None
-        if config.local_disk_path and config.max_local_disk_bytes > 0:
-            self.disk = DiskTier(config.local_disk_path, config.max_local_disk_bytes,
-                                 NaiveSerde(self.allocator), self.tier_counters["disk"])
-        self.remote = None
+        self.tier_counters = {name.value: TierCounters(name.value) for name in TierName}
         self._loop: EventLoopThread | None = None
-        if connector is None and config.remote_url:
-            connector = create_connector(config.remote_url, config)
-        if connector is not None:
-            self._loop = EventLoopThread()
-            serde = create_serde(config.remote_serde, allocator=self.allocator, config=config, **(serde_options or {}))
-            self.remote = RemoteTier(connector, serde, config, self._loop, self.tier_counters["remote"],
-                                     self.counters)
-            self.remote.start()
-        if self.hot is None and self.disk is None and self.remote is None:
+        self._tiers: list[Tier] = self._build_tiers(connector, serde_options or {})
+        by_name = {tier.name: tier for tier in self._tiers}
+        # The tiers by name, for callers that look into one (tests, the engine's stats).
+        self.hot: HotCache | None = by_name.get(TierName.HOT)  # type: ignore[assignment]
+        self.disk: DiskTier | None = by_name.get(TierName.DISK)  # type: ignore[assignment]
+        self.remote: RemoteTier | None = by_name.get(TierName.REMOTE)  # type: ignore[assignment]
+        if not self._tiers:
             logger.warning("No storage tier is enabled (local_cpu off, no local_disk, no remote_url): "
                            "nothing will be cached")
+        self._inline = [t for t in self._tiers if t.writes_inline]
+        self._queued = [t for t in self._tiers if not t.writes_inline]
         self._queue: collections.deque[tuple[str, MemoryObj]] = collections.deque()
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
         self._writer: threading.Thread | None = None
-        if self.disk is not None or self.remote:
+        if self._queued:
             self._writer = threading.Thread(target=self._write_loop, name="kvcache-writer", daemon=True)
             self._writer.start()
 
+    def _build_tiers(self, connector: RemoteConnector | None, serde_options: dict) -> list[Tier]:
+        """The enabled tiers, in search order: hot, disk, remote."""
+        config, tiers = self.config, []
+        if config.local_cpu and config.max_local_cpu_bytes > 0:
+            tiers.append(HotCache(config.max_local_cpu_bytes, self.tier_counters["hot"]))
+        if config.local_disk_path and config.max_local_disk_bytes > 0:
+            # The disk keeps the exact KV whatever the remote's serde: it is local and cheap to fill.
+            tiers.append(DiskTier(config.local_disk_path, config.max_local_disk_bytes,
+                                  create_serde("naive", allocator=self.allocator), self.tier_counters["disk"]))
+        if connector is None and config.remote_url:
+            connector = create_connector(config.remote_url, config)
+        if connector is not None:
+            self._loop = EventLoopThread()
+            serde = create_serde(config.remote_serde, allocator=self.allocator, config=config, **serde_options)
+            remote = RemoteTier(connector, serde, config, self._loop, self.tier_counters["remote"], self.counters)
+            remote.start()
+            tiers.append(remote)
+        return tiers
+
     @property
     def tiers(self) -> list[str]:
-        return [name for name, tier in (("hot", self.hot), ("disk", self.disk), ("remote", self.remote))
-                if tier is not None]
+        return [tier.name.value for tier in self._tiers]
+
+    def receive_sizes(self, expected: ChunkMeta) -> list[int]:
+        """Buffer sizes loads of this geometry receive into, over every tier (to pre-warm them)."""
+        return [size for tier in self._tiers for size in tier.receive_sizes(expected)]
 
     # -- writes ----------------------------------------------------------------------------
     def put(self, key: str, obj: MemoryObj) -> None:
         """Store ``obj`` under ``key``. The caller keeps (and must drop) its own reference."""
-        if self.hot is not None:
-            self.hot.put(key, obj)
+        for tier in self._inline:
+            tier.put_many([(key, obj)])
         if self._writer is None:
             return
         dropped: list[MemoryObj] = []
@@ -133,11 +149,9 @@ class StorageManager:
 
     def _write_batch(self, batch: list[tuple[str, MemoryObj]]) -> None:
         start = time.perf_counter()
-        if self.disk is not None:
-            for key, obj in batch:
-                self.disk.put(key, obj)
-        if self.remote is not None and not self.remote.batched_put(batch):
-            self.counters.add(puts_dropped=len(batch))
+        for tier in self._queued:
+            if not tier.put_many(batch):  # refused (store down, disk full): counted as dropped
+                self.counters.add(puts_dropped=len(batch))
         self.counters.put_latency.observe(time.perf_counter() - start)
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -153,50 +167,42 @@ class StorageManager:
 
     # -- reads -----------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[str]) -> LookupResult:
-        """How many leading ``keys`` exist in any tier, with at most ONE remote round trip."""
+        """How many leading ``keys`` exist in any tier. Each tier is asked once, for the keys the
+        tiers above it lack from the first gap on (so the remote costs at most ONE round trip)."""
         start = time.perf_counter()
-        sources: list[str | None] = []
-        for key in keys:
-            if self.hot is not None and self.hot.contains(key):
-                sources.append("hot")
-            elif self.disk is not None and self.disk.contains(key):
-                sources.append("disk")
-            else:
-                sources.append(None)
-        first_missing = next((i for i, s in enumerate(sources) if s is None), len(keys))
-        if self.remote is not None and first_missing < len(keys):
+        sources: list[str | None] = [None] * len(keys)
+        for tier in self._tiers:
+            first_missing = next((i for i, s in enumerate(sources) if s is None), len(keys))
             todo = [i for i in range(first_missing, len(keys)) if sources[i] is None]
-            for i, present in zip(todo, self.remote.batched_exists([keys[i] for i in todo]), strict=True):
+            if not todo:
+                break
+            for i, present in zip(todo, tier.lookup([keys[i] for i in todo]), strict=True):
                 if present:
-                    sources[i] = "remote"
+                    sources[i] = tier.name.value
         hit = next((i for i, s in enumerate(sources) if s is None), len(keys))
         self.counters.add(lookups=1, lookup_chunks_total=len(keys), lookup_chunks_hit=hit)
         self.counters.lookup_latency.observe(time.perf_counter() - start)
         return LookupResult(hit, [s for s in sources[:hit] if s is not None])
 
     def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
-        """Each key's chunk (a reference the caller must drop) or None; lower-tier hits are promoted."""
+        """Each key's chunk (a reference the caller must drop) or None, searched tier by tier;
+        a hit is copied into the tiers above it that promote (the hot cache)."""
         start = time.perf_counter()
         out: list[MemoryObj | None] = [None] * len(keys)
-        remote_todo: list[int] = []
-        for i, key in enumerate(keys):
-            obj = self.hot.get(key) if self.hot is not None else None
-            if obj is not None and expected is not None and not obj.meta.fits(expected):
-                obj.ref_down()
-                obj = None
-            if obj is None and self.disk is not None:
-                obj = self.disk.get(key, expected)
-                if obj is not None and self.hot is not None:
-                    self.hot.put(key, obj)
-            if obj is None:
-                remote_todo.append(i)
-            out[i] = obj
-        if remote_todo and self.remote is not None:
-            fetched = self.remote.batched_get([keys[i] for i in remote_todo], expected)
-            for i, obj in zip(remote_todo, fetched, strict=True):
+        todo = list(range(len(keys)))
+        promote_into: list[Tier] = []
+        for tier in self._tiers:
+            if not todo:
+                break
+            found = tier.get_many([keys[i] for i in todo], expected)
+            for i, obj in zip(todo, found, strict=True):
                 out[i] = obj
-                if obj is not None and self.hot is not None:
-                    self.hot.put(keys[i], obj)
+                if obj is not None:
+                    for upper in promote_into:
+                        upper.put_many([(keys[i], obj)])
+            todo = [i for i in todo if out[i] is None]
+            if tier.promotes:
+                promote_into.append(tier)
         self.counters.get_latency.observe(time.perf_counter() - start)
         return out
 
@@ -235,10 +241,8 @@ class StorageManager:
             obj.ref_down()
         if self._writer:
             self._writer.join(timeout=flush_timeout)
-        if self.remote is not None:
-            self.remote.close()
+        for tier in self._tiers:
+            tier.close()
         if self._loop:
             self._loop.stop()
-        if self.hot is not None:
-            self.hot.clear()
 

@@ -21,6 +21,7 @@ from ..memory import ChunkMeta, MemoryObj
 from ..metrics import StorageCounters, TierCounters
 from ..serde.base import Serde
 from .loop import EventLoopThread
+from .tier import Tier, TierName
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class ExistenceCache:
         self._expiry.clear()
 
 
-class RemoteTier:
-    name = "remote"
+class RemoteTier(Tier):
+    name = TierName.REMOTE
 
     def __init__(self, connector: RemoteConnector, serde: Serde, config: KVCacheConfig, loop: EventLoopThread,
                  counters: TierCounters | None = None, storage_counters: StorageCounters | None = None) -> None:
@@ -285,6 +286,20 @@ class RemoteTier:
             self.existence.add(key, now)
             self.counters.add(puts=1, bytes_written=len(value))
         return True
+
+    # -- Tier ------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> list[bool]:
+        return self.batched_exists(keys)
+
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
+        return self.batched_get(keys, expected)
+
+    def put_many(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
+        return self.batched_put(items)
+
+    def receive_sizes(self, expected: ChunkMeta) -> list[int]:
+        size = self.receive_size(expected)
+        return [] if size is None else [size]
 
     def close(self) -> None:
         self._closed = True

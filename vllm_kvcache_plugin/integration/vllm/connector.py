@@ -16,7 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ...config import KVCacheConfig
-from ...engine import KVCacheEngine
+from ...engine import KVCacheEngine, TierName, describe_remote
 from ...errors import ConfigError
 from ...kernels import PagedKVSpec
 from ...settings import load_settings
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm_kvcache_plugin")
 
-_TIER_SOURCE = {"hot": CacheHitSource.HOST, "disk": CacheHitSource.DISK,
-                "remote": CacheHitSource.EXTERNAL_UNSPECIFIED}
+_TIER_SOURCE = {TierName.HOT: CacheHitSource.HOST, TierName.DISK: CacheHitSource.DISK,
+                TierName.REMOTE: CacheHitSource.EXTERNAL_UNSPECIFIED}
 
 
 def connector_config(vllm_config: VllmConfig) -> KVCacheConfig:
@@ -104,7 +104,7 @@ class LMCacheConnector(KVConnectorBase_V1):
                                                 self.can_load, self.can_save, self.block_size,
                                                 instance_variant(vllm_config))
             logger.info("vllm-kvcache-plugin scheduler side ready: role %s, chunk %d tokens, remote %s, serde %s",
-                        ktc.kv_role, self.config.chunk_size, _redacted(self.config.remote_url),
+                        ktc.kv_role, self.config.chunk_size, describe_remote(self.config.remote_url),
                         self.config.remote_serde)
             if hint := shutdown_hint(self.can_save, getattr(vllm_config, "shutdown_timeout", None)):
                 logger.warning(hint)
@@ -114,9 +114,8 @@ class LMCacheConnector(KVConnectorBase_V1):
             rank = worker_rank(get_tensor_model_parallel_rank(), get_pp_group().rank_in_group, self.tp_size)
             engine = KVCacheEngine(self.config, model_name_for_keys(vllm_config, self.config), self.world_size, rank)
             self.worker_side = WorkerSide(engine, self.block_size, lookup_address(engine_id, dp_rank, rank))
-            logger.info("vllm-kvcache-plugin worker %d/%d ready: tiers %s, keys vllm@%s@%d@%d@<hash>",
-                        rank, self.world_size, "+".join(engine.storage.tiers) or "none",
-                        engine.keys.model, self.world_size, rank)
+            logger.info("vllm-kvcache-plugin worker %d/%d ready: tiers %s, keys %s",
+                        rank, self.world_size, "+".join(engine.tiers) or "none", engine.key_pattern)
 
     # ==============================  worker side  ==============================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -169,7 +168,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVCacheConnectorStats | None:
         if self.worker_side is None:
             return None
-        snapshot = flatten_storage_stats(self.worker_side.engine.storage.stats())
+        snapshot = flatten_storage_stats(self.worker_side.engine.stats())
         data = self.worker_side.stats.take(snapshot)
         return KVCacheConnectorStats(data=data) if data else None
 
@@ -205,8 +204,8 @@ class LMCacheConnector(KVConnectorBase_V1):
             return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
         # The outermost tier that served the request, for vLLM's prefix-cache hit metrics.
         tiers = tracker.tiers
-        for tier in ("remote", "disk", "hot"):
-            if tiers.get(tier):
+        for tier in reversed(TierName):
+            if tiers.get(tier.value):
                 return {_TIER_SOURCE[tier]: num_external_tokens}
         return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
 
@@ -240,15 +239,3 @@ def _distinct_layers(kv_caches: dict[str, torch.Tensor]) -> tuple[list[str], lis
         names.append(name)
         layers.append(tensor)
     return names, layers
-
-
-def _redacted(url: str | None) -> str:
-    if not url:
-        return "none"
-    from ...connectors.url import parse_remote_url
-
-    try:
-        return parse_remote_url(url).redacted()
-    except Exception:
-        return "<invalid>"
-

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ...engine import TierName
+
 logger = logging.getLogger(__name__)
 
 MAGIC = 0x4B564C4B  # "KVLK"
@@ -36,7 +38,8 @@ class LookupReply:
     remote: int = 0
 
     def by_tier(self) -> dict[str, int]:
-        return {k: v for k, v in (("hot", self.hot), ("disk", self.disk), ("remote", self.remote)) if v}
+        counts = (self.hot, self.disk, self.remote)  # in TierName's order, as the reply frame carries them
+        return {tier.value: n for tier, n in zip(TierName, counts, strict=True) if n}
 
 
 def lookup_address(engine_id: str, dp_rank: int, tp_rank: int) -> str:

@@ -1,7 +1,7 @@
 """The per-step plan the scheduler hands to the workers: the only thing that crosses between them.
 
-Chunks travel as ``(start, end, chunk_hash)``: the hash is rank independent, and each worker turns it
-into its own key (which carries its tensor-parallel rank).
+Chunks travel as :class:`~vllm_kvcache_plugin.keys.ChunkRef` (start, end, chunk hash): the hash is rank
+independent, and each worker turns it into its own key (which carries its rank).
 """
 
 from __future__ import annotations
@@ -10,27 +10,29 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-ChunkRef = tuple[int, int, str]  # (start token, end token, chunk hash hex)
+from ...keys import ChunkRef
+
+__all__ = ["ChunkRef", "LoadSpec", "SaveSpec", "StepMetadata"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadSpec:
     """Load tokens ``[start, end)`` of a request into its blocks, before this step's forward."""
 
     req_id: str
     start: int
     end: int
-    chunks: list[ChunkRef]  # the stored chunks overlapping [start, end), in order
-    block_ids: list[int]  # the request's blocks, covering at least [0, end)
+    chunks: tuple[ChunkRef, ...]  # the stored chunks overlapping [start, end), in order
+    block_ids: tuple[int, ...]  # the request's blocks, covering at least [0, end)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SaveSpec:
     """Gather and store these whole chunks of a request after this step's forward."""
 
     req_id: str
-    chunks: list[ChunkRef]
-    block_ids: list[int]
+    chunks: tuple[ChunkRef, ...]
+    block_ids: tuple[int, ...]
 
 
 @dataclass

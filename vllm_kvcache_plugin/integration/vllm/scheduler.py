@@ -72,8 +72,8 @@ class SchedulerSide:
         pending = self.pending.get(request.request_id)
         if pending is None:
             chunks = self._chunks(request)
-            reply = self.lookup_client.lookup([h for _, _, h in chunks]) if chunks else LookupReply(0)
-            stored_tokens = chunks[reply.hit_chunks - 1][1] if reply.hit_chunks else 0
+            reply = self.lookup_client.lookup([c.chunk_hash for c in chunks]) if chunks else LookupReply(0)
+            stored_tokens = chunks[reply.hit_chunks - 1].end if reply.hit_chunks else 0
             # A synchronous load must leave at least one token for the forward to compute.
             hit = min(stored_tokens, request.num_tokens - 1)
             pending = PendingLookup(chunks, reply, hit)
@@ -138,18 +138,18 @@ class SchedulerSide:
     def _plan(self, meta: StepMetadata, tracker: RequestTracker, computed_after: int) -> None:
         if tracker.load is not None:
             start, end = tracker.load
-            chunks = [c for c in tracker.chunks if c[1] > start and c[0] < end]
-            meta.loads.append(LoadSpec(tracker.req_id, start, end, chunks, list(tracker.block_ids)))
+            chunks = tuple(c for c in tracker.chunks if c.overlaps(start, end))
+            meta.loads.append(LoadSpec(tracker.req_id, start, end, chunks, tuple(tracker.block_ids)))
             tracker.load = None
         if tracker.done_saving:
             return
         computed = min(computed_after, tracker.prompt_len)
         todo = []
-        while tracker.stored < len(tracker.chunks) and tracker.chunks[tracker.stored][1] <= computed:
+        while tracker.stored < len(tracker.chunks) and tracker.chunks[tracker.stored].end <= computed:
             todo.append(tracker.chunks[tracker.stored])
             tracker.stored += 1
         if todo:
-            meta.saves.append(SaveSpec(tracker.req_id, todo, list(tracker.block_ids)))
+            meta.saves.append(SaveSpec(tracker.req_id, tuple(todo), tuple(tracker.block_ids)))
 
     def request_finished(self, request: Request) -> None:
         self.trackers.pop(request.request_id, None)

@@ -15,12 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import xxhash
 
-from ...engine import ChunkShape, KVCacheEngine
+from ...engine import ChunkShape, KVCacheEngine, TierName
 from ...kernels import KVCopier, PagedKVSpec, get_copier
-from ...keys import ChunkSpan
-from ...memory import KVFormat
+from ...memory import KVFormat, chunk_checksum
 from .lookup import LookupReply, LookupServer
 from .metadata import LoadSpec, SaveSpec, StepMetadata
 from .stats import StepStats
@@ -37,13 +35,6 @@ class RegisteredCache:
     spec: PagedKVSpec
     shape: ChunkShape
     copier: KVCopier
-
-
-def chunk_checksum(tensor: torch.Tensor) -> int:
-    """xxh3 of a chunk's bytes (the naive serde's payload), for DEBUG logs that prove bit-exactness."""
-    from ...serde.naive import tensor_bytes
-
-    return xxhash.xxh3_64_intdigest(tensor_bytes(tensor.cpu()))
 
 
 def slots_for(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
@@ -73,10 +64,10 @@ class WorkerSide:
 
     def lookup(self, hashes: list[str]) -> LookupReply:
         start = time.perf_counter()
-        result = self.engine.storage.lookup_prefix([self.engine.keys.key(h) for h in hashes])
+        result = self.engine.lookup(hashes)
         tiers = result.count_by_tier()
         self.stats.record_lookup(len(hashes), result.hit_chunks, tiers, time.perf_counter() - start)
-        return LookupReply(result.hit_chunks, tiers.get("hot", 0), tiers.get("disk", 0), tiers.get("remote", 0))
+        return LookupReply(result.hit_chunks, *(tiers.get(t.value, 0) for t in TierName))
 
     # -- load ------------------------------------------------------------------------------
     def load(self, meta: StepMetadata) -> None:
@@ -89,26 +80,25 @@ class WorkerSide:
         cache = self.cache
         assert cache is not None
         started = time.perf_counter()
-        spans = [ChunkSpan(s, e, self.engine.keys.key(h)) for s, e, h in load.chunks]
-        chunks = self.engine.retrieve(spans, cache.shape)
+        chunks = self.engine.retrieve(load.chunks, cache.shape)
         loaded_to = load.start
         nbytes = 0
         try:
-            for span, obj in zip(spans, chunks, strict=True):
+            for ref, obj in zip(load.chunks, chunks, strict=True):
                 if obj is None:
                     break
-                a, b = max(span.start, load.start), min(span.end, load.end)
-                src = obj.tensor[:, :, a - span.start:b - span.start]
+                a, b = max(ref.start, load.start), min(ref.end, load.end)
+                src = obj.tensor[:, :, a - ref.start:b - ref.start]
                 try:
                     cache.copier.scatter(cache.layers, cache.spec, slots_for(load.block_ids, self.block_size, a, b),
                                          src.to(cache.layers[0].device))
                 except Exception:
-                    logger.exception("Scatter of chunk %s failed; recomputing", span.key)
+                    logger.exception("Scatter of chunk %s failed; recomputing", self.engine.key(ref))
                     break
                 loaded_to = b
                 nbytes += src.numel() * src.element_size()
                 if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("loaded chunk %s tokens %d-%d xxh3=%016x", span.key, span.start, span.end,
+                    logger.debug("loaded chunk %s tokens %d-%d xxh3=%016x", self.engine.key(ref), ref.start, ref.end,
                                  chunk_checksum(obj.tensor))
         finally:
             for obj in chunks:
@@ -138,21 +128,21 @@ class WorkerSide:
         assert cache is not None
         started = time.perf_counter()
         tokens = nbytes = 0
-        for start, end, chunk_hash in save.chunks:
-            span = ChunkSpan(start, end, self.engine.keys.key(chunk_hash))
-            obj = self.engine.allocator.allocate(cache.shape.meta(end - start))
+        for ref in save.chunks:
+            obj = self.engine.allocate(cache.shape, ref.num_tokens)
             try:
-                cache.copier.gather(cache.layers, cache.spec, slots_for(save.block_ids, self.block_size, start, end),
-                                    obj.tensor)
-                self.engine.store([span], [obj])
+                cache.copier.gather(cache.layers, cache.spec,
+                                    slots_for(save.block_ids, self.block_size, ref.start, ref.end), obj.tensor)
+                self.engine.store([ref], [obj])
                 if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("saved chunk %s tokens %d-%d xxh3=%016x", span.key, start, end,
+                    logger.debug("saved chunk %s tokens %d-%d xxh3=%016x", self.engine.key(ref), ref.start, ref.end,
                                  chunk_checksum(obj.tensor))
             except Exception:
-                logger.exception("Saving chunk %s of request %s failed; it stays uncached", span.key, save.req_id)
+                logger.exception("Saving chunk %s of request %s failed; it stays uncached", self.engine.key(ref),
+                                 save.req_id)
             finally:
                 obj.ref_down()
-            tokens += end - start
+            tokens += ref.num_tokens
             nbytes += obj.nbytes
         self.stats.record_save(tokens, nbytes, time.perf_counter() - started)
 
