@@ -6,16 +6,26 @@ path, or the torch reference). Nothing here imports vLLM.
 
 from .copier import CopyGeometry, KVCopier, check_copy_args
 from .dispatch import ENV_VAR, IMPLEMENTATIONS, KernelUnavailable, available_copiers, get_copier
-from .layouts import LAYOUT_ORDERS, PagedKVSpec, allocate_paged_layers, layout_strides, token_views
+from .layouts import (
+    LAYOUT_ORDERS,
+    AttentionKind,
+    Packing,
+    PagedKVSpec,
+    allocate_paged_layers,
+    layout_strides,
+    token_views,
+)
 from .torch_ref import TorchCopier
 
 __all__ = [
     "ENV_VAR",
     "IMPLEMENTATIONS",
     "LAYOUT_ORDERS",
+    "AttentionKind",
     "CopyGeometry",
     "KVCopier",
     "KernelUnavailable",
+    "Packing",
     "PagedKVSpec",
     "TorchCopier",
     "allocate_paged_layers",

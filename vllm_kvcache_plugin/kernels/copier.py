@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layouts import PagedKVSpec
+from .layouts import Packing, PagedKVSpec
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ def _check_layers(layers: Sequence[torch.Tensor], spec: PagedKVSpec) -> LayerSet
             raise ValueError(f"KV layer {index} ({tuple(layer.shape)}, strides {tuple(layer.stride())}, "
                              f"{layer.dtype}, {layer.device}) differs from layer 0 ({tuple(first.shape)}, "
                              f"strides {tuple(first.stride())}, {first.dtype}, {first.device})")
-    if spec.packing != "plain" and first.stride(2) != content:
-        raise ValueError(f"packing {spec.packing!r} needs each (block, head) region contiguous, "
+    if spec.packing is not Packing.PLAIN and first.stride(2) != content:
+        raise ValueError(f"packing {spec.packing.value!r} needs each (block, head) region contiguous, "
                          f"got layer strides {tuple(first.stride())}")
     addresses = tuple(layer.data_ptr() for layer in layers)
     return LayerSet(tuple(layers), spec, num_blocks, (first.stride(0), first.stride(1), first.stride(2)),

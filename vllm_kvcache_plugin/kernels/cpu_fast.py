@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from .copier import CopyGeometry, KVCopier, check_copy_args, slot_error
-from .layouts import PagedKVSpec
+from .layouts import Packing, PagedKVSpec
 
 SOURCE = Path(__file__).with_name("cpu_copy.c")
 CACHE_ENV = "VLLM_KVCACHE_KERNEL_CACHE"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_PACKING_CODES = {"plain": 0, "cpu_vec": 1, "cpu_amx": 2}
+_PACKING_CODES = {Packing.PLAIN: 0, Packing.CPU_VEC: 1, Packing.CPU_AMX: 2}
 _ABI_VERSION = 2
 _BUILD_TIMEOUT_S = 120
 STREAMING = os.environ.get("VLLM_KVCACHE_CPU_STREAMING", "1") != "0"

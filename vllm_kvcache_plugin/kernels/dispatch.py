@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .copier import KVCopier
-from .layouts import PagedKVSpec
+from .layouts import Packing, PagedKVSpec
 from .torch_ref import TorchCopier
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ def _load_cpu(spec: PagedKVSpec, device: torch.device) -> KVCopier:
 
 
 def _load_triton(spec: PagedKVSpec, device: torch.device) -> KVCopier:
-    if spec.packing != "plain":
-        raise KernelUnavailable(f"the triton kernel handles packing 'plain', not {spec.packing!r}")
+    if spec.packing is not Packing.PLAIN:
+        raise KernelUnavailable(f"the triton kernel handles packing 'plain', not {spec.packing.value!r}")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise KernelUnavailable("triton runs on CPU tensors only under TRITON_INTERPRET=1")
     if device.type not in ("cuda", "cpu"):
@@ -55,8 +55,8 @@ def _load_triton(spec: PagedKVSpec, device: torch.device) -> KVCopier:
 def _load_cuda(spec: PagedKVSpec, device: torch.device) -> KVCopier:
     if device.type != "cuda":
         raise KernelUnavailable(f"the CUDA kernel runs on CUDA tensors, not {device}")
-    if spec.packing != "plain":
-        raise KernelUnavailable(f"the CUDA kernel handles packing 'plain', not {spec.packing!r}")
+    if spec.packing is not Packing.PLAIN:
+        raise KernelUnavailable(f"the CUDA kernel handles packing 'plain', not {spec.packing.value!r}")
     from .cuda_copy import CudaCopier
 
     return CudaCopier.create()

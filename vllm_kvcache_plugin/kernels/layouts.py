@@ -18,12 +18,39 @@ strided views indexed the same way.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
-KINDS = ("mha", "mla")
-PACKINGS = ("plain", "cpu_vec", "cpu_amx")
+
+class AttentionKind(str, enum.Enum):
+    """What a layer's KV is: K and V per head (MHA / GQA) or one latent per token (MLA)."""
+
+    MHA = "mha"
+    MLA = "mla"
+
+    def __str__(self) -> str:  # logs and messages show the plain name ("mha", "cpu_vec")
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Packing(str, enum.Enum):
+    """How tokens are laid out inside one (block, head) region (see the module docstring)."""
+
+    PLAIN = "plain"
+    CPU_VEC = "cpu_vec"
+    CPU_AMX = "cpu_amx"
+
+    def __str__(self) -> str:  # logs and messages show the plain name ("mha", "cpu_vec")
+        return self.value
+
+    __format__ = str.__format__
+
+
+KINDS = tuple(k.value for k in AttentionKind)
+PACKINGS = tuple(p.value for p in Packing)
 
 # vLLM's KVCacheLayout: the physical order of the logical axes [L, B, H, N, C] (outermost first).
 LAYOUT_ORDERS: dict[str, tuple[int, ...]] = {
@@ -39,13 +66,13 @@ LAYOUT_ORDERS: dict[str, tuple[int, ...]] = {
 # Only "vec"/"vec16" were observed on this project's machines; the others are documented to share
 # the vec packing (neon, vsx, vxe, rvv), and "amx" is modelled from its formula.
 _ISA_PACKING = {
-    "vec": "cpu_vec",
-    "vec16": "cpu_vec",
-    "neon": "cpu_vec",
-    "vsx": "cpu_vec",
-    "vxe": "cpu_vec",
-    "rvv": "cpu_vec",
-    "amx": "cpu_amx",
+    "vec": Packing.CPU_VEC,
+    "vec16": Packing.CPU_VEC,
+    "neon": Packing.CPU_VEC,
+    "vsx": Packing.CPU_VEC,
+    "vxe": Packing.CPU_VEC,
+    "rvv": Packing.CPU_VEC,
+    "amx": Packing.CPU_AMX,
 }
 
 
@@ -53,29 +80,31 @@ _ISA_PACKING = {
 class PagedKVSpec:
     """The shape of one group of paged KV layers, as the vLLM adapter registers them."""
 
-    kind: str  # "mha" | "mla"
+    kind: AttentionKind  # a plain string ("mha") is accepted and converted
     block_size: int  # tokens per block (N)
     num_kv_heads: int  # H (1 for MLA)
     head_size: int  # D for MHA (each layer's content is 2*D: K then V); the latent size for MLA
     dtype: torch.dtype  # storage dtype (fp8 caches are torch.uint8 storage)
-    packing: str = "plain"  # "plain" | "cpu_vec" | "cpu_amx"
+    packing: Packing = Packing.PLAIN
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
+        object.__setattr__(self, "kind", AttentionKind(self.kind))
+        object.__setattr__(self, "packing", Packing(self.packing))
         for name in ("block_size", "num_kv_heads", "head_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"dtype must be a torch.dtype, got {self.dtype!r}")
-        if self.kind == "mla" and self.num_kv_heads != 1:
+        if self.kind is AttentionKind.MLA and self.num_kv_heads != 1:
             raise ValueError(f"an MLA cache has one latent head, got num_kv_heads={self.num_kv_heads}")
-        if self.kind == "mla" and self.packing != "plain":
-            raise ValueError(f"MLA caches are not packed, got packing={self.packing!r}")
-        if self.packing == "cpu_amx":
+        if self.kind is AttentionKind.MLA and self.packing is not Packing.PLAIN:
+            raise ValueError(f"MLA caches are not packed, got packing={self.packing.value!r}")
+        if self.packing is Packing.CPU_AMX:
             if self.block_size % 32 or self.head_size % 16:
                 raise ValueError(
                     f"cpu_amx packing needs block_size % 32 == 0 and head_size % 16 == 0, "
@@ -85,7 +114,7 @@ class PagedKVSpec:
                 raise ValueError(f"cpu_amx packing is defined for 2-byte dtypes, got {self.dtype}")
 
     @staticmethod
-    def packing_for_cpu_isa(isa: str) -> str:
+    def packing_for_cpu_isa(isa: str) -> Packing:
         """The packing vLLM's CPU attention writes for ``isa`` (``layer.isa``)."""
         try:
             return _ISA_PACKING[isa]
@@ -95,7 +124,7 @@ class PagedKVSpec:
     @property
     def num_kv(self) -> int:
         """Tensors per token and head: 2 (K, V) for MHA, 1 (the latent) for MLA."""
-        return 2 if self.kind == "mha" else 1
+        return 2 if self.kind is AttentionKind.MHA else 1
 
     @property
     def content_size(self) -> int:
@@ -175,13 +204,13 @@ def token_views(layer: torch.Tensor, spec: PagedKVSpec) -> tuple[TokenView, ...]
         sizes = (num_blocks, heads, n // group, group, d // pair, pair)
         return TokenView(torch.as_strided(layer, sizes, (sb, sh, *strides), base + offset), group)
 
-    if spec.packing == "plain":
+    if spec.packing is Packing.PLAIN:
         return tuple(view(k * d, 1, 1, (sn, 0, 1, 0)) for k in range(spec.num_kv))
     if layer.stride(3) != 1 or sn != content:
-        raise ValueError(f"packing {spec.packing!r} needs each (block, head) region contiguous, "
+        raise ValueError(f"packing {spec.packing.value!r} needs each (block, head) region contiguous, "
                          f"got layer strides {tuple(layer.stride())}")
     region = n * d
-    if spec.packing == "cpu_vec":
+    if spec.packing is Packing.CPU_VEC:
         # K stored [D, N] (transposed), V stored [N, D].
         return view(0, 1, 1, (1, 0, n, 0)), view(region, 1, 1, (d, 0, 1, 0))
     # cpu_amx: K stored [N/16, D/2, 16, 2] by (o//16, d//2, o%16, d%2);

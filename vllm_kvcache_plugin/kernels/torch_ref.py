@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .copier import KVCopier, LayerSet, check_copy_args
-from .layouts import PagedKVSpec, token_views
+from .layouts import Packing, PagedKVSpec, token_views
 
 _BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -29,7 +29,7 @@ def _token_index(slots: torch.Tensor, block_size: int, group: int) -> tuple[torc
 
 def _all_layers_view(layer_set: LayerSet) -> torch.Tensor | None:
     """[L, B, H, N, C] over every layer (plain packing, layers at a constant stride), as bits."""
-    if layer_set.layer_step is None or layer_set.spec.packing != "plain":
+    if layer_set.layer_step is None or layer_set.spec.packing is not Packing.PLAIN:
         return None
     first = as_bits(layer_set.layers[0])
     return torch.as_strided(first, (len(layer_set.layers), *first.shape), (layer_set.layer_step, *first.stride()),

@@ -28,6 +28,8 @@ class TierName(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    __format__ = str.__format__
+
 
 class Tier(ABC):
     name: ClassVar[TierName]

@@ -18,7 +18,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from ...config import KVCacheConfig
 from ...engine import KVCacheEngine, TierName, describe_remote
 from ...errors import ConfigError
-from ...kernels import PagedKVSpec
+from ...kernels import AttentionKind, Packing, PagedKVSpec
 from ...settings import load_settings
 from .lookup import LookupClient, lookup_address
 from .metadata import StepMetadata
@@ -132,14 +132,14 @@ class LMCacheConnector(KVConnectorBase_V1):
         if not specs:
             raise RuntimeError("vllm-kvcache-plugin supports attention KV caches only")
         attn = specs[0]
-        kind = "mla" if isinstance(attn, MLAAttentionSpec) else "mha"
-        packing = "plain"
+        kind = AttentionKind.MLA if isinstance(attn, MLAAttentionSpec) else AttentionKind.MHA
+        packing = Packing.PLAIN
         layer_module = self._vllm_config.compilation_config.static_forward_context.get(first_name)
         isa = getattr(layer_module, "isa", None)
         if isa is not None and first_layer.device.type == "cpu":
             packing = PagedKVSpec.packing_for_cpu_isa(isa)
         block_size = first_layer.shape[2]
-        head_size = first_layer.shape[3] // (2 if kind == "mha" else 1)
+        head_size = first_layer.shape[3] // (2 if kind is AttentionKind.MHA else 1)
         return PagedKVSpec(kind=kind, block_size=block_size, num_kv_heads=first_layer.shape[1],
                            head_size=head_size, dtype=first_layer.dtype, packing=packing)
 

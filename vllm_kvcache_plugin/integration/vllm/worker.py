@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...engine import ChunkShape, KVCacheEngine, TierName
-from ...kernels import KVCopier, PagedKVSpec, get_copier
+from ...kernels import AttentionKind, KVCopier, PagedKVSpec, get_copier
 from ...memory import KVFormat, chunk_checksum
 from .lookup import LookupReply, LookupServer
 from .metadata import LoadSpec, SaveSpec, StepMetadata
@@ -153,7 +153,7 @@ class WorkerSide:
 
 
 def chunk_shape_for(spec: PagedKVSpec, num_layers: int) -> ChunkShape:
-    if spec.kind == "mla":
+    if spec.kind is AttentionKind.MLA:
         return ChunkShape(KVFormat.MLA, spec.dtype, num_layers, 1, spec.head_size)
     return ChunkShape(KVFormat.KV, spec.dtype, num_layers, spec.num_kv_heads, spec.head_size)
 
