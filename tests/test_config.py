@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from vllm_kvcache_plugin.config import KVCacheConfig, describe_keys, load_config
+from vllm_kvcache_plugin.errors import ConfigError
 from vllm_kvcache_plugin.serde.cachegen.bins import parse_bins_spec
 from vllm_kvcache_plugin.settings import load_settings
-from vllm_kvcache_plugin.errors import ConfigError
 
 
 def test_defaults():

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import LOOPBACK, free_port, wait_for
+from vllm_kvcache_plugin.atomic_files import TEMP_PREFIX
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.errors import ConnectorError
 from vllm_kvcache_plugin.lm_protocol import (
@@ -391,10 +392,10 @@ def test_disk_spill_survives_eviction_and_restart(lm_server_factory, tmp_path: P
     s = run(fill_and_check(fill=True))
     assert s["spills"] >= 4 and s["disk_hits"] >= 4 and charged(s) <= s["budget"]
     assert s["disk"]["bytes_used"] <= s["disk"]["budget"] and s["keys"] == 8
-    (disk / ".leftover.1.2.tmp").write_bytes(b"half a value")  # as if a writer died mid-file
+    (disk / f"{TEMP_PREFIX}leftover-1").write_bytes(b"half a value")  # as if a writer died mid-file
     server.restart()
     s = run(fill_and_check(fill=False))  # what was on disk is indexed again
-    assert s["disk_hits"] >= 1 and not list(disk.glob("*.tmp"))
+    assert s["disk_hits"] >= 1 and not list(disk.glob(f"{TEMP_PREFIX}*"))
 
 
 def test_disk_budget_is_lru(lm_server_factory, tmp_path: Path) -> None:

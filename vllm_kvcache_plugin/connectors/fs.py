@@ -1,9 +1,9 @@
 """``fs:///path``: a folder on a (shared) file system, one file per key.
 
-* Writes are atomic: the value goes to a hidden temp file in the same folder, then ``os.replace``
-  renames it over the final name. A writer killed mid-write leaves only a temp file, which no read
-  or listing ever sees; readers see the old value or the new one, never half of one. Temp files
-  older than an hour (left by killed writers) are removed at :meth:`connect`.
+* Writes are atomic (atomic_files.py): a hidden temp file in the same folder renamed over the final
+  name. A writer killed mid-write leaves only a temp file, which no read or listing ever sees;
+  readers see the old value or the new one, never half of one. Temp files older than an hour
+  (left by killed writers) are removed at :meth:`connect`.
 * ``?fsync=true`` also flushes every file to the disk before the rename (survives a power loss,
   costs throughput); a killed process needs no fsync.
 * Keys map to file names reversibly (:func:`key_to_relpath`), so :meth:`list` returns the original
@@ -21,15 +21,13 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import re
-import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar, TypeVar
 from urllib.parse import unquote
 
+from ..atomic_files import sweep_temp_files, write_atomic
 from ..config import KVCacheConfig
 from ..errors import ConnectorError, URLError
 from .base import Buffer, RemoteConnector
@@ -39,15 +37,11 @@ T = TypeVar("T")
 
 SEGMENT_CHARS = 200
 _DIR_MARK = "~"
-_TEMP_PREFIX = ".tmp-"
 _STALE_TEMP_SECS = 3600.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9@._-]")
 _QUERY_OPTIONS = ("fsync", "threads", "inline_exists")
 # File systems whose metadata calls answer from the local kernel: a stat never waits on a network.
 LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "overlay", "zfs", "f2fs"})
-# Temp names unique across hosts sharing the folder (random per process) and across threads.
-_WRITER_ID = uuid.uuid4().hex[:16]
-_temp_counter = itertools.count()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -136,27 +130,8 @@ class FSConnector(RemoteConnector):
 
     def _write(self, item: tuple[str, Buffer]) -> None:
         key, value = item
-        path = self.path_of(key)
-        data = _as_view(key, value)
-        folder = os.path.dirname(path)
-        tmp = os.path.join(folder, f"{_TEMP_PREFIX}{_WRITER_ID}-{next(_temp_counter)}")
-        try:
-            fh = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed below before the rename
-        except FileNotFoundError:  # first key in a long-name folder (or the root was removed)
-            os.makedirs(folder, exist_ok=True)
-            fh = open(tmp, "wb", buffering=0)  # noqa: SIM115
-        try:
-            with fh:
-                _write_all(fh, data)
-                if self.fsync:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # make_dirs: the first key in a long-name folder (or after the root was removed)
+        write_atomic(self.path_of(key), [_as_view(key, value)], fsync=self.fsync, make_dirs=True)
 
     def _exists(self, key: str) -> bool:
         return os.path.isfile(self.path_of(key))
@@ -196,14 +171,7 @@ class FSConnector(RemoteConnector):
 
     def _prepare(self) -> None:
         os.makedirs(self.root, exist_ok=True)
-        now = time.time()
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(_TEMP_PREFIX):
-                try:
-                    if now - entry.stat().st_mtime > _STALE_TEMP_SECS:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass
+        sweep_temp_files(self.root, _STALE_TEMP_SECS)
 
     # -- RemoteConnector ---------------------------------------------------------------------
     async def connect(self) -> None:
@@ -277,13 +245,3 @@ def _as_view(key: str, value: Buffer) -> memoryview:
     except TypeError:
         raise TypeError(f"value of {key!r:.80} must be bytes-like, got {type(value).__name__}") from None
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _write_all(fh, data: memoryview) -> None:
-    """An unbuffered write may be short; loop until every byte is written (bounded by the size)."""
-    done = 0
-    while done < len(data):
-        written = fh.write(data[done:])
-        if not written:
-            raise OSError(f"short write: {done} of {len(data)} bytes")
-        done += written

@@ -1,7 +1,7 @@
 """The server's disk spill: values evicted from memory, one file each, LRU within a byte budget.
 
-A file is written to a temporary name and renamed into place, so a reader (or a restarted server
-rebuilding its index) never sees half a value. Each file starts with its key, so the index is
+Files are written atomically (atomic_files.py), so a reader (or a restarted server rebuilding its
+index) never sees half a value. Each file starts with its key, so the index is
 rebuilt from the folder at start-up and a hash collision in file names cannot return the wrong
 value. Disk faults (full, read-only, files deleted underneath) lose the value, never the server.
 """
@@ -9,7 +9,6 @@ value. Disk faults (full, read-only, files deleted underneath) lose the value, n
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import struct
@@ -17,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..atomic_files import is_temp, sweep_temp_files, write_atomic
 from ..lm_protocol import new_buffer
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 FILE_MAGIC = b"LMKVSPIL"
 FILE_HEADER = struct.Struct("<8sIQ")  # magic, key length, value length
 SUFFIX = ".kv"
-TMP_SUFFIX = ".tmp"
 
 
 class DiskSpill:
@@ -36,7 +35,6 @@ class DiskSpill:
         self.used = 0
         self.write_failures = 0
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
-        self._tmp_counter = itertools.count()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rebuild_index()
 
@@ -58,16 +56,11 @@ class DiskSpill:
         while self.used + size > self.budget and self._index:
             self._remove(next(iter(self._index)))
         final = self._path(key)
-        tmp = final.with_name(f".{final.stem}.{os.getpid()}.{next(self._tmp_counter)}{TMP_SUFFIX}")
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(FILE_HEADER.pack(FILE_MAGIC, len(key), len(value)) + key)
-                fh.write(value)
-            os.replace(tmp, final)
+            write_atomic(final, [FILE_HEADER.pack(FILE_MAGIC, len(key), len(value)) + key, value])
         except OSError as exc:
             self.write_failures += 1
             logger.warning("disk spill: cannot write %s: %s (value dropped)", final, exc.strerror or exc)
-            _unlink(tmp)
             return False
         self._index[key] = size
         self.used += size
@@ -109,9 +102,9 @@ class DiskSpill:
     def _rebuild_index(self) -> None:
         """Index the files a previous run left, oldest first; drop temporaries and over-budget files."""
         found: list[tuple[float, bytes, int]] = []
+        sweep_temp_files(self.folder, 0.0)  # the server owns its folder: every temp file is a dead writer's
         for path in self.folder.iterdir():
-            if path.name.endswith(TMP_SUFFIX):
-                _unlink(path)  # a writer died before its rename
+            if is_temp(path.name):
                 continue
             if path.suffix != SUFFIX:
                 continue

@@ -1,9 +1,9 @@
 """The local disk tier: one file per chunk, written atomically, LRU within a byte budget.
 
 File name = SHA-256 of the key (keys contain '/' and '@'); content = the naive serde's bytes, whose
-header and checksums make a torn or foreign file detectable. A write goes to a temp file that is
-renamed into place, so a writer killed mid-write leaves only a temp file, never a readable half
-value; temp files are swept at start. The index is rebuilt from the folder at start (oldest
+header and checksums make a torn or foreign file detectable. Writes are atomic (atomic_files.py):
+a writer killed mid-write leaves only a temp file, never a readable half value; stale temp files
+are swept at start. The index is rebuilt from the folder at start (oldest
 modification first), so the LRU order survives a restart.
 """
 
@@ -14,10 +14,10 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from ..atomic_files import is_temp, sweep_temp_files, write_atomic
 from ..errors import CorruptValueError
 from ..memory import ChunkMeta, MemoryObj
 from ..metrics import TierCounters
@@ -27,7 +27,6 @@ from .tier import Tier, TierName
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".kv"
-TMP_PREFIX = ".tmp-"
 STALE_TMP_SECS = 600.0
 
 
@@ -53,16 +52,14 @@ class DiskTier(Tier):
     # -- index -----------------------------------------------------------------------------
     def _rebuild_index(self) -> None:
         entries = []
-        now = time.time()
+        sweep_temp_files(self.path, STALE_TMP_SECS)
         with os.scandir(self.path) as it:
             for entry in it:
                 try:
                     st = entry.stat()
                 except OSError:
                     continue
-                if entry.name.startswith(TMP_PREFIX):
-                    if now - st.st_mtime > STALE_TMP_SECS:
-                        self._unlink(entry.path)
+                if is_temp(entry.name):
                     continue
                 if entry.name.endswith(SUFFIX) and entry.is_file():
                     entries.append((st.st_mtime, entry.name, st.st_size))
@@ -137,21 +134,10 @@ class DiskTier(Tier):
         if size > self.max_bytes:
             return False
         name = file_name(key)
-        final = os.path.join(self.path, name)
-        tmp = os.path.join(self.path, f"{TMP_PREFIX}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         self._evict_to(self.max_bytes - size)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+            write_atomic(os.path.join(self.path, name), [data])
         except OSError as exc:
-            self._unlink(tmp)
             self._warn("Disk tier %s: write failed (%s); chunk not cached on disk", self.path, exc.strerror or exc)
             return False
         with self._lock:
