@@ -12,12 +12,12 @@ import hashlib
 import logging
 import os
 import struct
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..atomic_files import is_temp, sweep_temp_files, write_atomic
 from ..lm_protocol import new_buffer
+from ..lru import ByteLRU
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +32,23 @@ class DiskSpill:
     def __init__(self, folder: str | os.PathLike[str], budget: int) -> None:
         self.folder = Path(folder)
         self.budget = budget
-        self.used = 0
         self.write_failures = 0
-        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
+        self._index: ByteLRU[bytes, None] = ByteLRU(budget)  # key -> (None, file size), LRU first
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rebuild_index()
 
     def __len__(self) -> int:
         return len(self._index)
 
+    @property
+    def used(self) -> int:
+        return self._index.used
+
     def __contains__(self, key: bytes) -> bool:
         return key in self._index
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(list(self._index))
+        return iter(self._index)
 
     def write(self, key: bytes, value: bytes | bytearray | memoryview) -> bool:
         """Store ``key``; False when it does not fit the budget or the disk failed."""
@@ -53,8 +56,8 @@ class DiskSpill:
         if size > self.budget:
             return False
         self.delete(key)
-        while self.used + size > self.budget and self._index:
-            self._remove(next(iter(self._index)))
+        for old, _ in self._index.evict(size):
+            _unlink(self._path(old))
         final = self._path(key)
         try:
             write_atomic(final, [FILE_HEADER.pack(FILE_MAGIC, len(key), len(value)) + key, value])
@@ -62,8 +65,7 @@ class DiskSpill:
             self.write_failures += 1
             logger.warning("disk spill: cannot write %s: %s (value dropped)", final, exc.strerror or exc)
             return False
-        self._index[key] = size
-        self.used += size
+        self._index.add(key, None, size)
         return True
 
     def read(self, key: bytes) -> bytearray | None:
@@ -83,7 +85,7 @@ class DiskSpill:
             logger.warning("disk spill: dropping unreadable %s: %s", path, exc)
             self._remove(key)
             return None
-        self._index.move_to_end(key)
+        self._index.get(key)  # now the most recently used
         return value
 
     def delete(self, key: bytes) -> bool:
@@ -93,7 +95,7 @@ class DiskSpill:
         return True
 
     def _remove(self, key: bytes) -> None:
-        self.used -= self._index.pop(key)
+        self._index.pop(key)
         _unlink(self._path(key))
 
     def _path(self, key: bytes) -> Path:
@@ -120,10 +122,9 @@ class DiskSpill:
                 continue
             found.append((stat.st_mtime, key, stat.st_size))
         for _mtime, key, size in sorted(found):
-            self._index[key] = size
-            self.used += size
-        while self.used > self.budget and self._index:
-            self._remove(next(iter(self._index)))
+            self._index.add(key, None, size)
+        for old, _ in self._index.evict():
+            _unlink(self._path(old))
         if self._index:
             logger.info("disk spill: %d values (%d bytes) found in %s", len(self._index), self.used, self.folder)
 

@@ -14,10 +14,10 @@ again costs no write until it changes).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..lm_protocol import new_buffer
+from ..lru import ByteLRU
 from .disk import DiskSpill
 
 ENTRY_OVERHEAD = 64  # bytes charged per entry for the dict slot, the key object and the value object
@@ -47,16 +47,20 @@ class MemoryStore:
             raise ValueError(f"memory budget must be positive, got {budget}")
         self.budget = budget
         self.disk = disk
-        self.used = 0  # cost of stored entries
         self.reserved = 0  # cost of entries being received
         self.pooled = 0  # bytes of free buffers kept for reuse
         self.counters = StoreCounters()
-        self._entries: OrderedDict[bytes, bytearray] = OrderedDict()
+        self._entries: ByteLRU[bytes, bytearray] = ByteLRU(budget)  # key -> (value, entry cost)
         self._clean: set[bytes] = set()  # keys whose disk copy equals the memory value
         self._free: dict[int, list[bytearray]] = {}  # size -> free buffers
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def used(self) -> int:
+        """Cost of the stored entries."""
+        return self._entries.used
 
     @property
     def total(self) -> int:
@@ -111,8 +115,7 @@ class MemoryStore:
         self._drop_memory(key)
         if self.disk is not None:
             self.disk.delete(key)  # stale now
-        self._entries[key] = buffer
-        self.used += entry_cost(len(key), len(buffer))
+        self._entries.add(key, buffer, entry_cost(len(key), len(buffer)))
 
     def delete(self, key: bytes) -> bool:
         found = self._drop_memory(key)
@@ -124,7 +127,6 @@ class MemoryStore:
     def get(self, key: bytes) -> bytearray | None:
         value = self._entries.get(key)
         if value is not None:
-            self._entries.move_to_end(key)
             self.counters.hits += 1
             return value
         if self.disk is not None:
@@ -157,22 +159,19 @@ class MemoryStore:
         if not self.reserve(cost):
             return  # values still arriving hold the memory: serve from disk only
         self.reserved -= cost
-        self._entries[key] = value
+        self._entries.add(key, value, cost)
         self._clean.add(key)
-        self.used += cost
 
     def _drop_memory(self, key: bytes) -> bool:
-        value = self._entries.pop(key, None)
-        if value is None:
+        entry = self._entries.pop(key)
+        if entry is None:
             return False
         self._clean.discard(key)
-        self.used -= entry_cost(len(key), len(value))
-        self._recycle(value)
+        self._recycle(entry[0])
         return True
 
     def _evict_oldest(self) -> None:
-        key, value = self._entries.popitem(last=False)
-        self.used -= entry_cost(len(key), len(value))
+        key, value, _ = self._entries.pop_oldest()
         self.counters.evictions += 1
         clean = key in self._clean
         self._clean.discard(key)

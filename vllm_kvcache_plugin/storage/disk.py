@@ -14,11 +14,11 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from ..atomic_files import is_temp, sweep_temp_files, write_atomic
 from ..errors import CorruptValueError
+from ..lru import ByteLRU
 from ..memory import ChunkMeta, MemoryObj
 from ..metrics import TierCounters
 from ..serde.base import Serde
@@ -42,8 +42,7 @@ class DiskTier(Tier):
         self.max_bytes = max_bytes
         self.serde = serde
         self.counters = counters or TierCounters("disk")
-        self._index: OrderedDict[str, int] = OrderedDict()  # file name -> size
-        self._bytes = 0
+        self._index: ByteLRU[str, None] = ByteLRU(max_bytes)  # file name -> (None, file size)
         self._lock = threading.Lock()
         self._last_warning = 0.0
         os.makedirs(self.path, exist_ok=True)
@@ -65,15 +64,15 @@ class DiskTier(Tier):
                     entries.append((st.st_mtime, entry.name, st.st_size))
         entries.sort()
         for _, name, size in entries:
-            self._index[name] = size
-            self._bytes += size
+            self._index.add(name, None, size)
         if entries:
-            logger.info("Disk tier %s: %d chunks, %.1f MB found at start", self.path, len(entries), self._bytes / 1e6)
-        self._evict_to(self.max_bytes)
+            logger.info("Disk tier %s: %d chunks, %.1f MB found at start", self.path, len(entries),
+                        self._index.used / 1e6)
+        self._evict_to(0)
 
     @property
     def bytes_used(self) -> int:
-        return self._bytes
+        return self._index.used
 
     def __len__(self) -> int:
         return len(self._index)
@@ -84,18 +83,13 @@ class DiskTier(Tier):
 
     def _forget(self, name: str) -> None:
         with self._lock:
-            size = self._index.pop(name, None)
-            if size is not None:
-                self._bytes -= size
+            self._index.pop(name)
 
-    def _evict_to(self, budget: int) -> None:
-        victims = []
+    def _evict_to(self, incoming: int) -> None:
+        """Make room for ``incoming`` more bytes within the budget (oldest files first)."""
         with self._lock:
-            while self._index and self._bytes > budget:
-                name, size = self._index.popitem(last=False)
-                self._bytes -= size
-                victims.append(name)
-                self.counters.add(evictions=1)
+            victims = [name for name, _ in self._index.evict(incoming)]
+            self.counters.add(evictions=len(victims))
         for name in victims:
             self._unlink(os.path.join(self.path, name))
 
@@ -134,18 +128,14 @@ class DiskTier(Tier):
         if size > self.max_bytes:
             return False
         name = file_name(key)
-        self._evict_to(self.max_bytes - size)
+        self._evict_to(size)
         try:
             write_atomic(os.path.join(self.path, name), [data])
         except OSError as exc:
             self._warn("Disk tier %s: write failed (%s); chunk not cached on disk", self.path, exc.strerror or exc)
             return False
         with self._lock:
-            old = self._index.pop(name, None)
-            if old is not None:
-                self._bytes -= old
-            self._index[name] = size
-            self._bytes += size
+            self._index.add(name, None, size)
             self.counters.add(puts=1, bytes_written=size)
         return True
 
@@ -154,7 +144,7 @@ class DiskTier(Tier):
         with self._lock:
             known = name in self._index
             if known:
-                self._index.move_to_end(name)
+                self._index.get(name)  # now the most recently used
         if not known:
             self.counters.add(misses=1)
             return None
@@ -196,10 +186,8 @@ class DiskTier(Tier):
     def remove(self, key: str) -> bool:
         name = file_name(key)
         with self._lock:
-            size = self._index.pop(name, None)
-            if size is not None:
-                self._bytes -= size
-        if size is None:
+            entry = self._index.pop(name)
+        if entry is None:
             return False
         self._unlink(os.path.join(self.path, name))
         return True

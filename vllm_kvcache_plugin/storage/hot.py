@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
+from ..lru import ByteLRU
 from ..memory import ChunkMeta, MemoryObj
 from ..metrics import TierCounters
 from .tier import Tier, TierName
@@ -21,13 +21,12 @@ class HotCache(Tier):
     def __init__(self, max_bytes: int, counters: TierCounters | None = None) -> None:
         self.max_bytes = max_bytes
         self.counters = counters or TierCounters("hot")
-        self._entries: OrderedDict[str, MemoryObj] = OrderedDict()
-        self._bytes = 0
+        self._entries: ByteLRU[str, MemoryObj] = ByteLRU(max_bytes)
         self._lock = threading.Lock()
 
     @property
     def bytes_used(self) -> int:
-        return self._bytes
+        return self._entries.used
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,7 +64,6 @@ class HotCache(Tier):
             if obj is None:
                 self.counters.add(misses=1)
                 return None
-            self._entries.move_to_end(key)
             self.counters.add(hits=1, bytes_read=obj.nbytes)
             return obj.ref_up()
 
@@ -75,38 +73,27 @@ class HotCache(Tier):
         A chunk larger than the whole budget is not stored (returns False)."""
         if obj.nbytes > self.max_bytes:
             return False
-        evicted: list[MemoryObj] = []
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-                evicted.append(old)
-            while self._entries and self._bytes + obj.nbytes > self.max_bytes:
-                _, victim = self._entries.popitem(last=False)
-                self._bytes -= victim.nbytes
-                evicted.append(victim)
-                self.counters.add(evictions=1)
-            self._entries[key] = obj.ref_up()
-            self._bytes += obj.nbytes
-            self.counters.add(puts=1, bytes_written=obj.nbytes)
+            old = self._entries.pop(key)
+            evicted = [victim for _, victim in self._entries.evict(obj.nbytes)]
+            self._entries.add(key, obj.ref_up(), obj.nbytes)
+            self.counters.add(puts=1, bytes_written=obj.nbytes, evictions=len(evicted))
+        if old is not None:
+            evicted.append(old[0])
         for victim in evicted:
             victim.ref_down()
         return True
 
     def remove(self, key: str) -> bool:
         with self._lock:
-            obj = self._entries.pop(key, None)
-            if obj is not None:
-                self._bytes -= obj.nbytes
-        if obj is None:
+            entry = self._entries.pop(key)
+        if entry is None:
             return False
-        obj.ref_down()
+        entry[0].ref_down()
         return True
 
     def clear(self) -> None:
         with self._lock:
-            entries = list(self._entries.values())
-            self._entries.clear()
-            self._bytes = 0
+            entries = self._entries.clear()
         for obj in entries:
             obj.ref_down()
