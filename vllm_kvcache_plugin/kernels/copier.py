@@ -7,6 +7,7 @@ bad slot or a mismatched tensor never leaves a half-written cache behind.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from abc import ABC, abstractmethod
@@ -49,6 +50,11 @@ class CopyGeometry:
     @property
     def layer_strides(self) -> tuple[int, int, int]:
         return self.layer_set.strides
+
+    def for_chunk(self, chunk: torch.Tensor) -> CopyGeometry:
+        """The same copy addressed into ``chunk`` (a staging copy may have other strides)."""
+        strides = tuple(chunk.stride()[:4])
+        return self if strides == self.chunk_strides else dataclasses.replace(self, chunk_strides=strides)
 
 
 # The worker passes the same layer list on every call: checking 30+ layers costs more than copying
@@ -152,22 +158,57 @@ def check_copy_args(layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: to
 
 
 class KVCopier(ABC):
-    """One back end's gather/scatter between paged KV layers and a canonical chunk."""
+    """One back end's gather/scatter between paged KV layers and a canonical chunk.
+
+    :meth:`gather` and :meth:`scatter` are the same four steps for every back end: check the
+    arguments (nothing moves before they pass), stage the chunk where the kernel can reach it,
+    launch the copy (:meth:`_copy`, the one thing a back end must write), and copy a staged
+    result back. A back end changes a step by overriding :meth:`_reachable` (where its kernel can
+    read and write) or setting :attr:`checks_slots` (its kernel range-checks every slot itself).
+    """
 
     name: str = "abstract"
+    #: The kernel checks every slot before writing anything, so the host-side min/max pass is skipped.
+    checks_slots: bool = False
 
-    @abstractmethod
     def gather(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
                out: torch.Tensor) -> None:
         """Copy the KV of tokens at ``slots`` (int64 [T], ``block_id * block_size + offset``) from
         every layer into ``out`` ([2, L, T, H, D] for MHA, [1, L, T, 1, C] for MLA). ``out`` may be
         on another device (e.g. CPU pinned memory)."""
+        geo = check_copy_args(layers, spec, slots, out, "out", check_slots=not self.checks_slots)
+        if geo.num_tokens == 0:
+            return
+        target = self._reachable(out, geo)
+        self._copy(geo.for_chunk(target), spec, slots, target, gather=True)
+        if target is not out:
+            out.copy_(target)
 
-    @abstractmethod
     def scatter(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
                 src: torch.Tensor) -> None:
         """Write ``src``'s tokens into the paged layers at ``slots``. Out-of-range slots raise
         ValueError before anything is written."""
+        geo = check_copy_args(layers, spec, slots, src, "src", check_slots=not self.checks_slots)
+        if geo.num_tokens == 0:
+            return
+        source = self._reachable(src, geo)
+        if source is not src:
+            source.copy_(src)
+        self._copy(geo.for_chunk(source), spec, slots, source, gather=False)
+
+    def _reachable(self, chunk: torch.Tensor, geo: CopyGeometry) -> torch.Tensor:
+        """``chunk`` itself when the kernel can address it (same device as the layers), else an
+        empty staging tensor there (filled from ``chunk`` before a scatter, copied back after a gather)."""
+        device = geo.layer_set.device
+        if chunk.device == device:
+            return chunk
+        return torch.empty(chunk.shape, dtype=chunk.dtype, device=device)
+
+    @abstractmethod
+    def _copy(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
+              gather: bool) -> None:
+        """Move the tokens at ``slots`` between the layers and ``chunk`` (already reachable):
+        layers -> chunk when ``gather``, chunk -> layers otherwise."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -17,12 +17,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .copier import CopyGeometry, KVCopier, check_copy_args, slot_error
+from .copier import CopyGeometry, KVCopier, slot_error
 from .layouts import Packing, PagedKVSpec
 
 SOURCE = Path(__file__).with_name("cpu_copy.c")
@@ -128,36 +127,21 @@ class CpuCopier(KVCopier):
     def create(cls) -> CpuCopier:
         return cls(load_library())
 
-    def gather(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-               out: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, out, "out", check_slots=False)
-        if geo.num_tokens == 0:
-            return
-        self._require_cpu(layers)
-        target = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
-        self._call(self._library.kv_gather, layers, spec, slots, target, geo, "gather")
-        if target is not out:
-            out.copy_(target)
+    checks_slots = True  # the kernel range-checks every slot before it copies anything
 
-    def scatter(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-                src: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, src, "src", check_slots=False)
-        if geo.num_tokens == 0:
-            return
-        self._require_cpu(layers)
-        if src.device.type != "cpu":
-            src = src.cpu()
-            geo = check_copy_args(layers, spec, slots, src, "src", check_slots=False)
-        self._call(self._library.kv_scatter, layers, spec, slots, src, geo, "scatter")
+    def _reachable(self, chunk: torch.Tensor, geo: CopyGeometry) -> torch.Tensor:
+        if geo.layer_set.device.type != "cpu":
+            raise ValueError(f"the cpu copier needs CPU layers, got {geo.layer_set.device}")
+        return super()._reachable(chunk, geo)
+
+    def _copy(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
+              gather: bool) -> None:
+        function = self._library.kv_gather if gather else self._library.kv_scatter
+        self._call(function, spec, slots, chunk, geo, "gather" if gather else "scatter")
 
     @staticmethod
-    def _require_cpu(layers: Sequence[torch.Tensor]) -> None:
-        if layers[0].device.type != "cpu":
-            raise ValueError(f"the cpu copier needs CPU layers, got {layers[0].device}")
-
-    @staticmethod
-    def _call(function, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-              chunk: torch.Tensor, geo: CopyGeometry, what: str) -> None:
+    def _call(function, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor, geo: CopyGeometry,
+              what: str) -> None:
         # The kernel range-checks every slot before it copies anything (no separate min/max pass).
         slots = slots.to(device="cpu", dtype=torch.int64).contiguous()
         addresses = (ctypes.c_int64 * geo.num_layers)(*geo.layer_set.addresses)

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from .copier import CopyGeometry, KVCopier, LayerSet, check_copy_args
+from .copier import CopyGeometry, KVCopier, LayerSet
 from .layouts import PagedKVSpec
 
 CSRC_ENV = "VLLM_KVCACHE_CSRC"
@@ -102,28 +102,7 @@ class CudaCopier(KVCopier):
     def create(cls) -> CudaCopier:
         return cls(load_extension())
 
-    def gather(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-               out: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, out, "out")
-        if geo.num_tokens == 0:
-            return
-        target = self._direct_target(out, geo)
-        self._launch(geo, spec, slots, target, gather=True)
-        if target is not out:
-            out.copy_(target)
-
-    def scatter(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-                src: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, src, "src")
-        if geo.num_tokens == 0:
-            return
-        source = self._direct_target(src, geo)
-        if source is not src:
-            source.copy_(src)
-        self._launch(geo, spec, slots, source, gather=False)
-
-    @staticmethod
-    def _direct_target(chunk: torch.Tensor, geo: CopyGeometry) -> torch.Tensor:
+    def _reachable(self, chunk: torch.Tensor, geo: CopyGeometry) -> torch.Tensor:
         """The chunk itself when the kernel can reach it (same GPU, or pinned host), else a staging copy."""
         device = geo.layer_set.device
         if device.type != "cuda":
@@ -146,8 +125,8 @@ class CudaCopier(KVCopier):
             self._addresses[key] = (layer_set, table, alignment)
         return table, alignment
 
-    def _launch(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
-                gather: bool) -> None:
+    def _copy(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
+              gather: bool) -> None:
         layer_set = geo.layer_set
         table, address_alignment = self._layer_table(layer_set)
         es = spec.element_size

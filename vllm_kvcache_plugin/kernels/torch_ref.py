@@ -6,11 +6,9 @@ time. Data moves as same-width integers, so NaN payloads and fp8 bytes survive b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from .copier import KVCopier, LayerSet, check_copy_args
+from .copier import CopyGeometry, KVCopier, LayerSet
 from .layouts import Packing, PagedKVSpec, token_views
 
 _BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -42,43 +40,31 @@ class TorchCopier(KVCopier):
 
     name = "torch"
 
-    def gather(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-               out: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, out, "out")
-        if geo.num_tokens == 0:
-            return
-        device = layers[0].device
-        staging = out if out.device == device else torch.empty(out.shape, dtype=out.dtype, device=device)
-        staged = as_bits(staging)
-        slots = slots.to(device=device, dtype=torch.int64)
+    def _copy(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
+              gather: bool) -> None:
+        slots = slots.to(device=geo.layer_set.device, dtype=torch.int64)
+        (self._gather if gather else self._scatter)(geo, spec, slots, as_bits(chunk))
+
+    @staticmethod
+    def _gather(geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, staged: torch.Tensor) -> None:
         every_layer = _all_layers_view(geo.layer_set)
         if every_layer is not None:
             blocks, offsets, _ = _token_index(slots, spec.block_size, 1)
             rows = every_layer[:, blocks, :, offsets]  # [T, L, H, C]: indexed dims 1 and 3 move first
             rows = rows.view(geo.num_tokens, geo.num_layers, spec.num_kv_heads, spec.num_kv, spec.head_size)
             staged.copy_(rows.permute(3, 1, 0, 2, 4))
-            if staging is not out:
-                out.copy_(staging)
             return
         shape = (geo.num_tokens, spec.num_kv_heads, spec.head_size)
         index_cache: dict[int, tuple[torch.Tensor, ...]] = {}
-        for layer_index, layer in enumerate(layers):
+        for layer_index, layer in enumerate(geo.layer_set.layers):
             for kv, view in enumerate(token_views(as_bits(layer), spec)):
                 if view.group not in index_cache:
                     index_cache[view.group] = _token_index(slots, spec.block_size, view.group)
                 blocks, outer, inner = index_cache[view.group]
                 staged[kv, layer_index] = view.tensor[blocks, :, outer, inner].reshape(shape)
-        if staging is not out:
-            out.copy_(staging)
 
-    def scatter(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-                src: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, src, "src")
-        if geo.num_tokens == 0:
-            return
-        device = layers[0].device
-        source = as_bits(src.to(device))
-        slots = slots.to(device=device, dtype=torch.int64)
+    @staticmethod
+    def _scatter(geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, source: torch.Tensor) -> None:
         every_layer = _all_layers_view(geo.layer_set)
         if every_layer is not None:
             blocks, offsets, _ = _token_index(slots, spec.block_size, 1)
@@ -86,7 +72,7 @@ class TorchCopier(KVCopier):
             every_layer[:, blocks, :, offsets] = rows
             return
         index_cache: dict[int, tuple[torch.Tensor, ...]] = {}
-        for layer_index, layer in enumerate(layers):
+        for layer_index, layer in enumerate(geo.layer_set.layers):
             for kv, view in enumerate(token_views(as_bits(layer), spec)):
                 if view.group not in index_cache:
                     index_cache[view.group] = _token_index(slots, spec.block_size, view.group)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
 
 import torch
 
-from .copier import CopyGeometry, KVCopier, LayerSet, check_copy_args
+from .copier import CopyGeometry, KVCopier, LayerSet
 from .layouts import PagedKVSpec
 from .torch_ref import as_bits
 
@@ -85,26 +84,6 @@ class TritonCopier(KVCopier):
             raise RuntimeError("triton is not installed")
         return cls()
 
-    def gather(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-               out: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, out, "out")
-        if geo.num_tokens == 0:
-            return
-        device = geo.layer_set.device
-        target = out if out.device == device else torch.empty(out.shape, dtype=out.dtype, device=device)
-        self._launch(geo, spec, slots, target, gather=True)
-        if target is not out:
-            out.copy_(target)
-
-    def scatter(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
-                src: torch.Tensor) -> None:
-        geo = check_copy_args(layers, spec, slots, src, "src")
-        if geo.num_tokens == 0:
-            return
-        device = geo.layer_set.device
-        source = src if src.device == device else src.to(device)
-        self._launch(geo, spec, slots, source, gather=False)
-
     def _layer_table(self, layer_set: LayerSet, element_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The lowest-addressed layer (as bits) and each layer's element offset from it."""
         key = id(layer_set)
@@ -125,8 +104,8 @@ class TritonCopier(KVCopier):
             self._tables[key] = (layer_set, base, offsets)
         return base, offsets
 
-    def _launch(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
-                gather: bool) -> None:
+    def _copy(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
+              gather: bool) -> None:
         layer_set = geo.layer_set
         base, offsets = self._layer_table(layer_set, spec.element_size)
         slots = slots.to(device=layer_set.device, dtype=torch.int64).contiguous()
