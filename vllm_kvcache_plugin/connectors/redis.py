@@ -24,12 +24,10 @@ failure raises :class:`ConnectorError` in one line. Socket time-outs are half of
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import redis
@@ -39,167 +37,16 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
 
 from ..config import KVCacheConfig
-from ..errors import ConnectorError, URLError
+from ..errors import ConnectorError
 from .base import Buffer, RemoteConnector
+from .redis_options import DEFAULT_PORTS, QUERY_OPTIONS, RedisOptions, mask_query_secrets
+from .redis_wire import PACKER, PackedConnection, ZeroCopyPacker, byte_view
 from .url import RemoteURL
 
 T = TypeVar("T")
 
-#: Query options each scheme accepts (anything else is an error naming these).
-_BASIC = ("db", "password", "threads")
-QUERY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "redis": _BASIC, "valkey": _BASIC, "unix": _BASIC,
-    "rediss": (*_BASIC, "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"),
-    "redis-sentinel": (*_BASIC, "service_name", "sentinel_password"),
-    "redis-cluster": ("password", "threads"),
-}
-#: What each scheme's host part must look like (checked offline, in the error message).
-_URL_SHAPES = {
-    "unix": "unix:///path/to/redis.sock[?db=N]",
-    "redis-sentinel": "redis-sentinel://h1:p1,h2:p2,h3:p3/<service>",
-    "redis-cluster": "redis-cluster://h1:p1,h2:p2,...",
-}
-DEFAULT_PORTS = {"redis-sentinel": 26379}
-DEFAULT_SENTINEL_SERVICE = "mymaster"
 _SCAN_COUNT = 1000
 _GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
-
-
-class ZeroCopyPacker:
-    """RESP packer that hands values larger than ``cutoff`` to ``sendall`` as they are (no copy)."""
-
-    cutoff = 16 * 1024
-
-    def pack(self, *args: Any) -> list[bytes | memoryview]:
-        if isinstance(args[0], str) and " " in args[0]:  # "CLUSTER SLOTS": one argument per word
-            args = (*args[0].split(), *args[1:])
-        parts: list[bytes | memoryview] = []
-        head = bytearray(b"*%d\r\n" % len(args))
-        for arg in args:
-            data = _as_bytes(arg)
-            head += b"$%d\r\n" % len(data)
-            if len(data) > self.cutoff:
-                parts.append(bytes(head))
-                parts.append(data)
-                head = bytearray(b"\r\n")
-            else:
-                head += data
-                head += b"\r\n"
-        parts.append(bytes(head))
-        return parts
-
-
-def _as_bytes(arg: Any) -> bytes | memoryview:
-    if isinstance(arg, bytes):
-        return arg
-    if isinstance(arg, str):
-        return arg.encode()
-    if isinstance(arg, bool):
-        raise redis.DataError("a bool is not a Redis argument; use bytes, str, int or float")
-    if isinstance(arg, (int, float)):
-        return repr(arg).encode()
-    return _byte_view(arg)
-
-
-def _byte_view(value: Any) -> memoryview:
-    """A flat byte view of any contiguous buffer (bytearray, memoryview, numpy/torch arrays)."""
-    view = memoryview(value)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-_PACKER = ZeroCopyPacker()
-
-
-class _PackedConnection(redis.Connection):
-    """A TCP connection using :class:`ZeroCopyPacker` (RedisCluster only passes ``connection_class``)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("command_packer", _PACKER)
-        super().__init__(**kwargs)
-
-
-@dataclass(frozen=True)
-class RedisOptions:
-    """Everything a redis-family URL says, checked offline."""
-
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    threads: int = 4
-    ssl: dict[str, Any] | None = None
-    service_name: str = DEFAULT_SENTINEL_SERVICE
-    sentinel_password: str | None = None
-
-    @classmethod
-    def from_url(cls, url: RemoteURL) -> RedisOptions:
-        scheme, query = url.scheme, url.query
-        if scheme == "unix":
-            shape_ok = not url.hosts and bool(url.path)
-        elif scheme in ("redis-sentinel", "redis-cluster"):
-            shape_ok = bool(url.hosts)
-        else:
-            shape_ok = len(url.hosts) == 1
-        if not shape_ok:
-            shape = _URL_SHAPES.get(scheme, f"{scheme}://host:port[/db] (exactly one host:port)")
-            raise URLError(f"remote URL {url.redacted()!r}: write {shape}")
-        allowed = QUERY_OPTIONS.get(scheme, QUERY_OPTIONS["redis"])
-        unknown = sorted(set(query) - set(allowed))
-        if unknown:
-            raise URLError(f"remote URL {url.redacted()!r}: unknown option(s) {', '.join(unknown)}; "
-                           f"{scheme}:// accepts {', '.join(allowed)}")
-        db_text = query.get("db")
-        path = url.path.strip("/")
-        service = query.get("service_name") or DEFAULT_SENTINEL_SERVICE
-        if scheme == "redis-sentinel" and path:
-            service = path
-        elif scheme not in ("unix", "redis-sentinel") and path:
-            if db_text is not None and db_text != path:
-                raise URLError(f"remote URL {url.redacted()!r}: database given twice ({path!r} and db={db_text})")
-            db_text = path
-        db = _parse_int(url, "database", db_text or "0", minimum=0)
-        if scheme == "redis-cluster" and db != 0:
-            raise URLError(f"remote URL {url.redacted()!r}: a Redis cluster has only database 0")
-        ssl = _ssl_options(url) if scheme == "rediss" else None
-        return cls(
-            db=db,
-            username=url.username,
-            password=query.get("password") or url.password,
-            threads=_parse_int(url, "threads", query.get("threads", "4"), minimum=1),
-            ssl=ssl,
-            service_name=service,
-            sentinel_password=query.get("sentinel_password"),
-        )
-
-
-def _parse_int(url: RemoteURL, what: str, text: str, minimum: int) -> int:
-    if not text.isdigit() or int(text) < minimum:
-        raise URLError(f"remote URL {url.redacted()!r}: {what} {text!r} is not an integer >= {minimum}")
-    return int(text)
-
-
-def _ssl_options(url: RemoteURL) -> dict[str, Any]:
-    query = url.query
-    options: dict[str, Any] = {"ssl_cert_reqs": query.get("ssl_cert_reqs", "required")}
-    if options["ssl_cert_reqs"] not in ("none", "optional", "required"):
-        raise URLError(f"remote URL {url.redacted()!r}: ssl_cert_reqs must be none, optional or required")
-    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-        if query.get(name):
-            options[name] = query[name]
-    check = query.get("ssl_check_hostname", "true" if options["ssl_cert_reqs"] != "none" else "false")
-    if check.lower() not in ("true", "false", "1", "0"):
-        raise URLError(f"remote URL {url.redacted()!r}: ssl_check_hostname must be true or false")
-    options["ssl_check_hostname"] = check.lower() in ("true", "1")
-    return options
-
-
-_SECRET_QUERY = re.compile(r"([?&](?:password|sentinel_password)=)[^&]*")
-
-
-def _mask_query_secrets(url: RemoteURL) -> RemoteURL:
-    """The URL with ``?password=`` values masked in its text (``redacted()`` only masks the
-    ``user:pass@`` form), so logs and reprs that print ``url.redacted()`` never show them."""
-    masked = _SECRET_QUERY.sub(r"\1***", url.raw)
-    return url if masked == url.raw else dataclasses.replace(url, raw=masked)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -229,7 +76,7 @@ class _RedisFamilyConnector(RemoteConnector):
     transient_errors: ClassVar[tuple[type[Exception], ...]] = ()
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
-        super().__init__(_mask_query_secrets(url), config)
+        super().__init__(mask_query_secrets(url), config)
         self.options = RedisOptions.from_url(url)
         self.blocking_threads = self.options.threads
         # Half the time-out per socket operation: one retry of a broken connection stays inside it.
@@ -378,7 +225,7 @@ def _check_value(key: str, value: Buffer) -> bytes | memoryview:
     if isinstance(value, bytes):
         return value
     try:
-        return _byte_view(value)
+        return byte_view(value)
     except (TypeError, ValueError):
         raise TypeError(f"value of {key!r:.80} must be bytes-like (contiguous), got {type(value).__name__}") from None
 
@@ -390,7 +237,7 @@ class RedisConnector(_RedisFamilyConnector):
 
     def _build_client(self) -> redis.Redis:
         kwargs = self._connection_kwargs()
-        kwargs.update(db=self.options.db, command_packer=_PACKER)
+        kwargs.update(db=self.options.db, command_packer=PACKER)
         if self.url.scheme == "unix":
             kwargs.update(connection_class=redis.UnixDomainSocketConnection, path=self.url.path)
         else:
@@ -422,7 +269,7 @@ class RedisSentinelConnector(_RedisFamilyConnector):
         }
         manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)
         kwargs = self._connection_kwargs()
-        kwargs.update(db=self.options.db, command_packer=_PACKER, max_connections=self.blocking_threads)
+        kwargs.update(db=self.options.db, command_packer=PACKER, max_connections=self.blocking_threads)
         return manager.master_for(self.options.service_name, **kwargs)
 
 
@@ -443,7 +290,7 @@ class RedisClusterConnector(_RedisFamilyConnector):
             url=f"redis://{first_host}:{first_port or 6379}",
             startup_nodes=[ClusterNode(host, port or 6379) for host, port in others],
             retry=self._retry(),
-            connection_class=_PackedConnection,
+            connection_class=PackedConnection,
             max_connections=self.blocking_threads,
             **kwargs,
         )
