@@ -409,10 +409,10 @@ def e2e(out: Path, quick: bool) -> dict:
     greedy tokens can differ even between two cache paths (ENVIRONMENT.md), so the naive hit against
     the cold run is printed as the engine's own floor, and the logprob gap too.
     tests/test_e2e_cachegen.py checks the same path on fewer prompts in `make test`."""
-    from tests import prompts
+    from testbed import prompts
+    from testbed.redis_servers import start_redis
+    from testbed.vllm_process import VLLMServer, clean_env
     from tests.e2e_scenario import HIT_RE
-    from tests.fixtures.redis_servers import start_redis
-    from tests.vllm_process import VLLMServer, clean_env
 
     texts = [prompts.text(500, offset=700 * i) for i in range(4 if quick else 20)]
     fine = f"cachegen {E2E_FINE_BINS[0]} / {E2E_FINE_BINS[1]}"

@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
-from tests import prompts  # noqa: E402
+from testbed import prompts  # noqa: E402
+from testbed.lm_server import LMServerProcess  # noqa: E402
+from testbed.processes import free_port  # noqa: E402
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 from tests.e2e_scenario import SCHEDULED_RE  # noqa: E402
-from tests.fixtures.lm_server import LMServerProcess  # noqa: E402
-from tests.servers import free_port  # noqa: E402
-from tests.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fixtures.mooncake_servers import start_mooncake_master, start_standalone_client  # noqa: E402
+from testbed.mooncake_servers import start_mooncake_master, start_standalone_client  # noqa: E402
 from vllm_kvcache_plugin.config import load_config  # noqa: E402
 from vllm_kvcache_plugin.connectors import create_connector  # noqa: E402
 

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
-from tests import prompts  # noqa: E402
-from tests.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
+from testbed import prompts  # noqa: E402
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 
 
 @dataclass
@@ -43,8 +43,8 @@ class StoreRun:
 def store_env(name: str, workdir: Path) -> Iterator[dict[str, str]]:
     """Start the store (if it is a server) and yield the connector settings for it."""
     if name == "lm":
-        from tests.fixtures.lm_server import LMServerProcess
-        from tests.servers import free_port
+        from testbed.lm_server import LMServerProcess
+        from testbed.processes import free_port
 
         server = LMServerProcess(free_port(), ("--max-size-gb", "4")).start()
         try:
@@ -52,7 +52,7 @@ def store_env(name: str, workdir: Path) -> Iterator[dict[str, str]]:
         finally:
             server.stop()
     elif name == "redis":
-        from tests.fixtures.redis_servers import start_redis
+        from testbed.redis_servers import start_redis
 
         (workdir / "redis").mkdir(exist_ok=True)
         server = start_redis("redis-bench", str(workdir / "redis"))
@@ -64,7 +64,7 @@ def store_env(name: str, workdir: Path) -> Iterator[dict[str, str]]:
         yield {"LMCACHE_LOCAL_DISK": str(workdir / "disk"), "LMCACHE_LOCAL_CPU": "False",
                "LMCACHE_MAX_LOCAL_DISK_SIZE": "10"}
     elif name == "mooncake":
-        from tests.fixtures.mooncake_servers import MooncakeDeployment
+        from testbed.mooncake_servers import MooncakeDeployment
 
         (workdir / "mooncake").mkdir(exist_ok=True)
         store = MooncakeDeployment(workdir / "mooncake", segment="2GB")  # a master + a standalone client

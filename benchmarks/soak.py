@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, markdown_table  # noqa: E402
-from tests import prompts  # noqa: E402
-from tests.fixtures.redis_servers import start_redis  # noqa: E402
-from tests.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
+from testbed import prompts  # noqa: E402
+from testbed.redis_servers import start_redis  # noqa: E402
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 
 M = "vllm:kvcache_plugin_"
 

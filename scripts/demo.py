@@ -19,10 +19,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests import prompts  # noqa: E402
-from tests.fixtures.lm_server import LMServerProcess  # noqa: E402
-from tests.servers import free_port  # noqa: E402
-from tests.vllm_process import VLLMServer, clean_env  # noqa: E402
+from testbed import prompts  # noqa: E402
+from testbed.lm_server import LMServerProcess  # noqa: E402
+from testbed.processes import free_port  # noqa: E402
+from testbed.vllm_process import VLLMServer, clean_env  # noqa: E402
 from vllm_kvcache_plugin.connectors import create_connector  # noqa: E402
 
 SEED_PROMPT = "San Francisco is a 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15"

@@ -1,8 +1,13 @@
-"""Shared pytest set-up. Server fixtures live in tests/fixtures/ (one module per kind of server)."""
+"""Shared pytest set-up. Server fixtures live in tests/fixtures/ (one module per kind of server), over
+the launchers in testbed/ (shared with the benchmarks and the demo)."""
 
 from __future__ import annotations
 
 import os
+
+import pytest
+
+from testbed import Unavailable
 
 # Keep tests deterministic and quiet about threads on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -13,3 +18,20 @@ pytest_plugins = [
     "tests.fixtures.mooncake_servers",
     "tests.fixtures.vllm_server",
 ]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """A server or tool this machine lacks (testbed.Unavailable) skips the test, saying which."""
+    try:
+        return (yield)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except Unavailable as exc:
+        pytest.skip(str(exc))

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 import xxhash
 
-from tests import prompts
-from tests.vllm_process import VLLMServer, clean_env
+from testbed import prompts
+from testbed.vllm_process import VLLMServer, clean_env
 from vllm_kvcache_plugin.serde.header import parse_header
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from tests.servers import LOOPBACK, free_port
+from testbed.processes import LOOPBACK, free_port
 
 
 class DelayProxy:

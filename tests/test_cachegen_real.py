@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import prompts
+from testbed import prompts
 from vllm_kvcache_plugin.memory import Allocator
 from vllm_kvcache_plugin.serde.cachegen import CacheGenSerde
 

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests import prompts
+from testbed import prompts
+from testbed.redis_servers import start_redis
+from testbed.vllm_process import VLLMServer, clean_env
 from tests.e2e_scenario import hits_for
-from tests.fixtures.redis_servers import start_redis
-from tests.vllm_process import VLLMServer, clean_env
 from vllm_kvcache_plugin.serde.header import parse_header
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from tests import prompts
+from testbed import prompts
+from testbed.redis_servers import start_redis
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model
 from tests.e2e_scenario import LOADED_RE, SAVED_RE
-from tests.fixtures.redis_servers import start_redis
-from tests.vllm_process import VLLMServer, clean_env, ensure_model
 
 pytestmark = [pytest.mark.vllm]
 

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests import prompts
+from testbed import prompts
+from testbed.redis_servers import start_redis
+from testbed.vllm_process import VLLMServer, clean_env
 from tests.e2e_scenario import FAMILY, MAX_TOKENS, UNSEEN, hits_for
-from tests.fixtures.redis_servers import start_redis
-from tests.vllm_process import VLLMServer, clean_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -15,11 +15,11 @@ import re
 import pytest
 import torch
 
-from tests import prompts
+from testbed import prompts
+from testbed.redis_servers import start_redis
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model
 from tests.e2e_scenario import SCHEDULED_RE
-from tests.fixtures.redis_servers import start_redis
 from tests.tiny_models import lora_adapter
-from tests.vllm_process import VLLMServer, clean_env, ensure_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

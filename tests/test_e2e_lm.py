@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from testbed.lm_server import LMServerProcess
+from testbed.processes import free_port
 from tests.e2e_scenario import *  # noqa: F403 - the shared scenario's tests run against this backend
 from tests.e2e_scenario import Backend
-from tests.fixtures.lm_server import LMServerProcess
-from tests.servers import free_port
 from vllm_kvcache_plugin.connectors import create_connector
 
 

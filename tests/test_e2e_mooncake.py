@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from testbed.mooncake_servers import MooncakeDeployment
 from tests.e2e_scenario import *  # noqa: F403 - the shared scenario's tests run against this backend
 from tests.e2e_scenario import Backend
-from tests.fixtures.mooncake_servers import MooncakeDeployment
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ import re
 
 import pytest
 
-from tests import prompts
+from testbed import prompts
+from testbed.redis_servers import start_redis
+from testbed.vllm_process import VLLMServer, clean_env
 from tests.e2e_scenario import LOADED_RE, SAVED_RE, hits_for
-from tests.fixtures.redis_servers import start_redis
 from tests.tiny_models import tiny_llama
-from tests.vllm_process import VLLMServer, clean_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from testbed.redis_servers import start_redis
 from tests.e2e_scenario import *  # noqa: F403 - the shared scenario's tests run against this backend
 from tests.e2e_scenario import Backend
-from tests.fixtures.redis_servers import start_redis
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 
+from testbed.mooncake_servers import start_etcd, start_mooncake_master
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model
 from tests.e2e_scenario import greedy_margins
-from tests.fixtures.mooncake_servers import start_etcd, start_mooncake_master
-from tests.vllm_process import VLLMServer, clean_env, ensure_model
 
 pytest.importorskip("mooncake.store", reason="mooncake-transfer-engine(-non-cuda) is not installed")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

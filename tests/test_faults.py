@@ -12,10 +12,10 @@ import uuid
 import pytest
 import torch
 
-from tests.fixtures.lm_server import LMServerProcess
-from tests.fixtures.redis_servers import start_redis
+from testbed.lm_server import LMServerProcess
+from testbed.processes import free_port, wait_for
+from testbed.redis_servers import start_redis
 from tests.proxy import DelayProxy
-from tests.servers import free_port, wait_for
 from vllm_kvcache_plugin.config import load_config
 from vllm_kvcache_plugin.memory import Allocator, ChunkMeta, KVFormat
 from vllm_kvcache_plugin.serde.naive import NaiveSerde

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.servers import wait_for
+from testbed.processes import wait_for
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.connectors.fs import (
     LOCAL_FS_TYPES,

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.servers import LOOPBACK, free_port
+from testbed.processes import LOOPBACK, free_port
 from vllm_kvcache_plugin.config import KVCacheConfig
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.connectors.lm import LMConnector

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import LOOPBACK, free_port, wait_for
+from testbed.processes import LOOPBACK, free_port, wait_for
 from vllm_kvcache_plugin.atomic_files import TEMP_PREFIX
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.errors import ConnectorError

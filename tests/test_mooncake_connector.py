@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.mooncake_servers import MooncakeCluster, start_standalone_client
-from tests.servers import free_port
+from testbed.mooncake_servers import MooncakeCluster, start_standalone_client
+from testbed.processes import free_port
 from vllm_kvcache_plugin.config import load_config
 from vllm_kvcache_plugin.connectors import create_connector, parse_remote_url
 from vllm_kvcache_plugin.connectors.mooncake import MooncakeStoreConnector

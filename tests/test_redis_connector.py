@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from tests.fixtures.redis_servers import start_redis, start_redis_cluster, start_sentinel_set
+from testbed.redis_servers import start_redis, start_redis_cluster, start_sentinel_set
 from vllm_kvcache_plugin.config import KVCacheConfig
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.connectors.redis import RedisConnector, ZeroCopyPacker

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tests.vllm_process import ensure_model
+from testbed.vllm_process import ensure_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.servers import LOOPBACK, ManagedProcess, free_port
+from testbed.processes import LOOPBACK, ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "smollm2-135m"
