@@ -410,9 +410,9 @@ def e2e(out: Path, quick: bool) -> dict:
     the cold run is printed as the engine's own floor, and the logprob gap too.
     tests/test_e2e_cachegen.py checks the same path on fewer prompts in `make test`."""
     from testbed import prompts
+    from testbed.events import all_loaded_tokens
     from testbed.redis_servers import start_redis
     from testbed.vllm_process import VLLMServer, clean_env
-    from tests.e2e_scenario import HIT_RE
 
     texts = [prompts.text(500, offset=700 * i) for i in range(4 if quick else 20)]
     fine = f"cachegen {E2E_FINE_BINS[0]} / {E2E_FINE_BINS[1]}"
@@ -435,7 +435,7 @@ def e2e(out: Path, quick: bool) -> dict:
             stored = sum(client.strlen(k) for k in client.scan_iter())
             with VLLMServer(env, name=f"warm-{tag}", log_dir=str(out)) as warm:
                 answers = [warm.complete(text, max_tokens=32, logprobs=1)["choices"][0]["logprobs"] for text in texts]
-                hit_tokens = sum(int(m.group(2)) for m in HIT_RE.finditer(warm.log()))
+                hit_tokens = sum(all_loaded_tokens(warm.log()))
             runs[name] = {"stored_bytes": stored, "answers": answers, "cold": cold_answers, "hit_tokens": hit_tokens}
         finally:
             redis.stop()

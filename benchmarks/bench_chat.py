@@ -22,10 +22,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
 from testbed import prompts  # noqa: E402
+from testbed.events import requests  # noqa: E402
 from testbed.lm_server import LMServerProcess  # noqa: E402
 from testbed.processes import free_port  # noqa: E402
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
-from tests.e2e_scenario import SCHEDULED_RE  # noqa: E402
 
 
 @dataclass
@@ -55,14 +55,14 @@ def run(server: VLLMServer, users: int, turns: int, system_words: int, answer_to
         streamed = server.ttft(history[u], max_tokens=answer_tokens)
         question = prompts.text(80, offset=60000 + 700 * u + 90 * turn)
         history[u] += f"{streamed.text}\n\nUser {u}, turn {turn + 1}: {question}"
-        lines = [m for m in SCHEDULED_RE.finditer(server.log()) if m.group(1).startswith(streamed.id)]
+        lines = requests(server.log(), streamed.id)
         with lock:
             stats[turn].ttft.append(streamed.ttft)
             stats[turn].prompt_tokens += prompt_tokens
             if lines:  # the first scheduling gives the hit rate; later ones are restarts after preemption
-                stats[turn].loaded_tokens += int(lines[0].group(2) or 0)
-                stats[turn].vllm_cached_tokens += int(lines[0].group(3))
-                stats[turn].reloads += sum(1 for m in lines[1:] if m.group(2))
+                stats[turn].loaded_tokens += lines[0]["loaded_tokens"]
+                stats[turn].vllm_cached_tokens += lines[0]["local_tokens"]
+                stats[turn].reloads += sum(1 for e in lines[1:] if e["loaded_tokens"])
 
     with ThreadPoolExecutor(users) as pool:
         for turn in range(turns):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import shutil
 import sys
 import tempfile
@@ -20,21 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from testbed import prompts  # noqa: E402
+from testbed.events import requests  # noqa: E402
 from testbed.lm_server import LMServerProcess  # noqa: E402
 from testbed.processes import free_port  # noqa: E402
 from testbed.vllm_process import VLLMServer, clean_env  # noqa: E402
 from vllm_kvcache_plugin.connectors import create_connector  # noqa: E402
 
 SEED_PROMPT = "San Francisco is a 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15"
-HIT_RE = re.compile(r"Request (\S+): cache (hit|miss)(?:, loading (\d+) of (\d+))?")
 
 
 def outcome(log: str, completion_id: str) -> str:
-    for match in HIT_RE.finditer(log):
-        if match.group(1).startswith(completion_id):
-            if match.group(2) == "hit":
-                return f"HIT  ({match.group(3)}/{match.group(4)} tokens loaded)"
-            return "MISS"
+    for event in requests(log, completion_id):
+        if event["loaded_tokens"]:
+            return f"HIT  ({event['loaded_tokens']}/{event['prompt_tokens']} tokens loaded)"
+        return "MISS"
     return "vLLM prefix cache"
 
 

@@ -38,6 +38,7 @@ def clean_env(**overrides: str) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    env["LMCACHE_LOG_EVENTS"] = "true"  # the tests and benchmarks read the connector's structured events
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env

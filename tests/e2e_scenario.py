@@ -18,6 +18,7 @@ import pytest
 import xxhash
 
 from testbed import prompts
+from testbed.events import chunk_checksums, hits_for, local_hits_for
 from testbed.vllm_process import VLLMServer, clean_env
 from vllm_kvcache_plugin.serde.header import parse_header
 
@@ -33,13 +34,6 @@ LATE = prompts.text(350, offset=15000)  # stored by the cold run, first asked fo
 ALL_PROMPTS = [LONG, SHARES_PREFIX, UNSEEN, LATE, *FAMILY]
 
 KEY_RE = r"vllm@{model}@1@0@[0-9a-f]{{64}}"
-SAVED_RE = re.compile(r"saved chunk (\S+) tokens (\d+)-(\d+) xxh3=([0-9a-f]{16})")
-LOADED_RE = re.compile(r"loaded chunk (\S+) tokens (\d+)-(\d+) xxh3=([0-9a-f]{16})")
-HIT_RE = re.compile(r"Request (\S+): cache hit, loading (\d+) of (\d+) prompt tokens \(vLLM prefix cache had (\d+)")
-# Either line the connector's scheduler logs each time vLLM schedules a request from its start:
-# (request id, tokens loaded or None on a miss, tokens vLLM's own prefix cache had).
-SCHEDULED_RE = re.compile(r"Request (\S+): cache (?:hit|miss), (?:loading (\d+) of )?\d+ prompt tokens "
-                          r"(?:to compute )?\(vLLM prefix cache had (\d+)")
 
 
 @dataclass
@@ -68,16 +62,6 @@ def greedy_margins(result: dict) -> list[float]:
         best = sorted(top.values(), reverse=True)
         margins.append(best[0] - best[1] if len(best) > 1 else float("inf"))
     return margins
-
-
-def hits_for(log: str, completion_id: str) -> list[int]:
-    """Tokens the connector loaded for a request (one entry per scheduling of it)."""
-    return [int(m.group(2)) for m in HIT_RE.finditer(log) if m.group(1).startswith(completion_id)]
-
-
-def local_hits_for(log: str, completion_id: str) -> list[int]:
-    """Tokens vLLM's own prefix cache supplied to a request that the connector also served."""
-    return [int(m.group(4)) for m in HIT_RE.finditer(log) if m.group(1).startswith(completion_id)]
 
 
 @dataclass
@@ -113,7 +97,7 @@ def test_cold_run_matches_reference(cold: ColdRun, reference):
 
 def test_cold_run_stored_chunks_under_seed_keys(cold: ColdRun, backend: Backend):
     pattern = re.compile(KEY_RE.format(model=re.escape(cold.model)))
-    saved = {m.group(1) for m in SAVED_RE.finditer(cold.log)}
+    saved = set(chunk_checksums(cold.log, "saved"))
     assert saved, "the cold run saved nothing"
     assert all(pattern.fullmatch(k) for k in saved), sorted(saved)[:3]
     for key in saved:
@@ -149,8 +133,8 @@ def test_restart_loads_prompt_and_gives_reference_output(warm: VLLMServer, refer
 
 def test_stored_kv_is_bit_exact(cold: ColdRun, warm: VLLMServer, backend: Backend):
     warm.text(LONG, 1)  # loaded by the previous test, or now
-    saved = {m.group(1): m.group(4) for m in SAVED_RE.finditer(cold.log)}
-    loaded = {m.group(1): m.group(4) for m in LOADED_RE.finditer(warm.log())}
+    saved = chunk_checksums(cold.log, "saved")
+    loaded = chunk_checksums(warm.log(), "loaded")
     assert loaded, "the warm instance loaded nothing"
     for key, checksum in loaded.items():
         assert saved[key] == checksum, f"chunk {key} changed between save and load"

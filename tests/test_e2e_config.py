@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from testbed import prompts
+from testbed.events import all_loaded_tokens, chunk_checksums
 from testbed.redis_servers import start_redis
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model
-from tests.e2e_scenario import LOADED_RE, SAVED_RE
 
 pytestmark = [pytest.mark.vllm]
 
@@ -85,10 +83,9 @@ def test_seed_settings_cold_then_restart_hit_bf16(tmp_path):
     cold, warm = results
     cold_log, warm_log = logs
     assert cold[0]["choices"][0]["text"].startswith(" 16 17 18")  # the seed's answer, counting on
-    hits = [int(n) for n in re.findall(r"cache hit, loading (\d+) of", warm_log)]
+    hits = all_loaded_tokens(warm_log)
     assert sorted(hits) == sorted(r["usage"]["prompt_tokens"] - 1 for r in warm)
-    saved = {m.group(1): m.group(4) for m in SAVED_RE.finditer(cold_log)}
-    loaded = {m.group(1): m.group(4) for m in LOADED_RE.finditer(warm_log)}
+    saved, loaded = chunk_checksums(cold_log, "saved"), chunk_checksums(warm_log, "loaded")
     assert len(loaded) == sum(-(-n // 16) for n in hits), "every chunk of both hits is loaded"
     assert all(saved[key] == checksum for key, checksum in loaded.items()), "a chunk changed in the store"
     for c, w in zip(cold, warm, strict=True):

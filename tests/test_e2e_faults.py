@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from testbed import prompts
+from testbed.events import hits_for
 from testbed.redis_servers import start_redis
 from testbed.vllm_process import VLLMServer, clean_env
-from tests.e2e_scenario import FAMILY, MAX_TOKENS, UNSEEN, hits_for
+from tests.e2e_scenario import FAMILY, MAX_TOKENS, UNSEEN
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from testbed import prompts
+from testbed.events import requests
 from testbed.redis_servers import start_redis
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model
-from tests.e2e_scenario import SCHEDULED_RE
 from tests.tiny_models import lora_adapter
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -72,10 +72,9 @@ def ask(server: VLLMServer, variant: str) -> dict:
 
 def scheduled(log: str, reply: dict) -> tuple[int, int]:
     """(tokens the connector loaded, tokens vLLM's own prefix cache had) when vLLM first scheduled it."""
-    for m in SCHEDULED_RE.finditer(log):
-        if m.group(1).startswith(reply["id"]):
-            return int(m.group(2) or 0), int(m.group(3))
-    raise AssertionError(f"no scheduling line for {reply['id']}")
+    events = requests(log, reply["id"])
+    assert events, f"no request event for {reply['id']}"
+    return events[0]["loaded_tokens"], events[0]["local_tokens"]
 
 
 @pytest.fixture(scope="module")

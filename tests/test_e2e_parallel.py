@@ -15,9 +15,9 @@ import re
 import pytest
 
 from testbed import prompts
+from testbed.events import chunk_checksums, chunk_events, hits_for
 from testbed.redis_servers import start_redis
 from testbed.vllm_process import VLLMServer, clean_env
-from tests.e2e_scenario import LOADED_RE, SAVED_RE, hits_for
 from tests.tiny_models import tiny_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -53,8 +53,8 @@ def runs(tmp_path_factory):
         client = redis.client()
         out["keys"] = sorted(k.decode() for k in client.scan_iter(match="vllm@*"))
         # Take one chunk away from rank 1 only: that prompt may then hit only the chunks before it.
-        partial = next(m.group(1) for m in SAVED_RE.finditer(out["cold_log"])
-                       if re.search(r"@2@1@", m.group(1)) and int(m.group(2)) == 256)
+        partial = next(e["key"] for e in chunk_events(out["cold_log"], "saved")
+                       if "@2@1@" in e["key"] and e["start"] == 256)
         out["removed"] = partial
         client.delete(partial)
         with tp2(env, model, "vllm-tp2-warm", tmp) as warm:
@@ -75,8 +75,7 @@ def test_every_rank_stores_its_own_chunks(runs):
 
 
 def test_restart_loads_both_ranks_bit_for_bit(runs):
-    saved = {m.group(1): m.group(4) for m in SAVED_RE.finditer(runs["cold_log"])}
-    loaded = {m.group(1): m.group(4) for m in LOADED_RE.finditer(runs["warm_log"])}
+    saved, loaded = chunk_checksums(runs["cold_log"], "saved"), chunk_checksums(runs["warm_log"], "loaded")
     assert {k.split("@")[3] for k in loaded} == {"0", "1"}, "both ranks must load"
     for key, checksum in loaded.items():
         assert saved[key] == checksum, f"chunk {key} changed between save and load"

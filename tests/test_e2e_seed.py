@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from testbed.events import hits_for, requests
 from testbed.mooncake_servers import start_etcd, start_mooncake_master
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model
 from tests.e2e_scenario import greedy_margins
@@ -61,9 +62,9 @@ def test_seed_example_mooncake_cachegen(tmp_path):
         assert min(greedy_margins(first)) > 1.0, "the seed's prompt no longer has a clear continuation"
         assert first["choices"][0]["text"] == second["choices"][0]["text"]
         assert first["choices"][0]["text"].startswith(" 16 17 18")
-        assert re.search(rf"Request {re.escape(first['id'])}\S*: cache miss", log)
-        hit = re.search(rf"Request {re.escape(second['id'])}\S*: cache hit, loading (\d+) of (\d+)", log)
-        assert hit and int(hit.group(1)) == first["usage"]["prompt_tokens"] - 1
+        miss = requests(log, first["id"])[0]
+        assert miss["loaded_tokens"] == 0
+        assert hits_for(log, second["id"]) == [first["usage"]["prompt_tokens"] - 1]
         # The seed's key format: the model's path (not its served name), world size 1, rank 0.
         assert keys and all(re.fullmatch(rf"vllm@{re.escape(model)}@1@0@[0-9a-f]{{64}}", k) for k in keys)
         assert len(keys) == -(-first["usage"]["prompt_tokens"] // 16)  # chunks of 16, the last one partial

@@ -78,6 +78,9 @@ class KVCacheConfig:
     """Model name used in keys instead of vLLM's model name/path (share a store across paths)."""
     log_level: str = "INFO"
     """Log level of this package's loggers."""
+    log_events: bool = False
+    """Also log structured events, one JSON object per line after "kvcache-event" (docs/events.md):
+    each request's lookup at INFO, each chunk saved / loaded with its checksum at DEBUG."""
     remote_options: dict[str, Any] = field(default_factory=dict)
     """Connector-specific settings (e.g. Mooncake's), passed to the remote connector."""
     cachegen_key_bins: str | None = None
@@ -138,6 +141,7 @@ FIELD_TYPES: dict[str, str] = {
     "put_queue_max_gb": "float",
     "model_name": "optional_str",
     "log_level": "str",
+    "log_events": "bool",
     "remote_options": "dict",
     "cachegen_key_bins": "optional_str",
     "cachegen_value_bins": "optional_str",

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .. import events
 from ..atomic_files import is_temp, sweep_temp_files, write_atomic
 from ..errors import CorruptValueError
 from ..lru import ByteLRU
@@ -174,6 +175,7 @@ class DiskTier(Tier):
             self._forget(name)
             self._unlink(path)
             self._warn("Disk tier %s: dropped corrupt chunk %s (%s)", self.path, name, exc)
+            events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason=str(exc))
             self.counters.add(misses=1)
             return None
         try:

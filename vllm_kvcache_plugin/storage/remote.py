@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from .. import events
 from ..config import KVCacheConfig
 from ..connectors.base import RemoteConnector
 from ..errors import CorruptValueError
@@ -248,6 +249,7 @@ class RemoteTier(Tier):
             if value is not None:  # present but unusable
                 self.counters.add(corrupt=1)
                 logger.warning("Remote chunk %s does not fit this model's chunks; recomputing", key)
+                events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason="foreign size")
             return None
         try:
             obj = (self.serde.deserialize(value, expected) if block is None
@@ -256,6 +258,7 @@ class RemoteTier(Tier):
             self.counters.add(corrupt=1, misses=1)
             self.existence.discard(key)
             logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, exc)
+            events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason=str(exc))
             return None
         self.counters.add(hits=1, bytes_read=len(value))
         return obj

@@ -15,6 +15,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from ... import events
 from ...config import KVCacheConfig
 from ...engine import KVCacheEngine, TierName, describe_remote
 from ...errors import ConfigError
@@ -45,6 +46,7 @@ def connector_config(vllm_config: VllmConfig) -> KVCacheConfig:
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
     config = load_settings(extra)
     logging.getLogger("vllm_kvcache_plugin").setLevel(config.log_level)
+    events.configure(config.log_events)
     return config
 
 
@@ -103,9 +105,11 @@ class LMCacheConnector(KVConnectorBase_V1):
             self.scheduler_side = SchedulerSide(self.config, LookupClient(addresses, self.config.blocking_timeout_secs),
                                                 self.can_load, self.can_save, self.block_size,
                                                 instance_variant(vllm_config))
+            remote = describe_remote(self.config.remote_url)
             logger.info("vllm-kvcache-plugin scheduler side ready: role %s, chunk %d tokens, remote %s, serde %s",
-                        ktc.kv_role, self.config.chunk_size, describe_remote(self.config.remote_url),
-                        self.config.remote_serde)
+                        ktc.kv_role, self.config.chunk_size, remote, self.config.remote_serde)
+            events.emit("ready", side="scheduler", role=ktc.kv_role, chunk_size=self.config.chunk_size,
+                        remote=remote, serde=self.config.remote_serde, world_size=self.world_size)
             if hint := shutdown_hint(self.can_save, getattr(vllm_config, "shutdown_timeout", None)):
                 logger.warning(hint)
         else:
@@ -116,6 +120,8 @@ class LMCacheConnector(KVConnectorBase_V1):
             self.worker_side = WorkerSide(engine, self.block_size, lookup_address(engine_id, dp_rank, rank))
             logger.info("vllm-kvcache-plugin worker %d/%d ready: tiers %s, keys %s",
                         rank, self.world_size, "+".join(engine.tiers) or "none", engine.key_pattern)
+            events.emit("ready", side="worker", rank=rank, world_size=self.world_size, tiers=engine.tiers,
+                        keys=engine.key_pattern)
 
     # ==============================  worker side  ==============================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

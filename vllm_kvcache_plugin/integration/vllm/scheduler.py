@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ... import events
 from ...config import KVCacheConfig
 from .lookup import LookupClient, LookupReply
 from .metadata import ChunkRef, LoadSpec, SaveSpec, StepMetadata
@@ -100,6 +101,9 @@ class SchedulerSide:
 
     def _log_request(self, request: Request, pending: PendingLookup, num_external: int) -> None:
         total = len(request.prompt_token_ids or [])
+        events.emit("request", request_id=request.request_id, prompt_tokens=total, loaded_tokens=num_external,
+                    local_tokens=pending.local_tokens, stored_tokens=pending.hit_tokens,
+                    chunks_by_tier=pending.reply.by_tier())
         if num_external:
             tiers = ", ".join(f"{t}={n}" for t, n in pending.reply.by_tier().items()) or "none"
             logger.info("Request %s: cache hit, loading %d of %d prompt tokens (vLLM prefix cache had %d; "

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import events
 from ...engine import ChunkShape, KVCacheEngine, TierName
 from ...kernels import AttentionKind, KVCopier, PagedKVSpec, get_copier
+from ...keys import ChunkRef
 from ...memory import KVFormat, chunk_checksum
 from .lookup import LookupReply, LookupServer
 from .metadata import LoadSpec, SaveSpec, StepMetadata
@@ -97,9 +99,7 @@ class WorkerSide:
                     break
                 loaded_to = b
                 nbytes += src.numel() * src.element_size()
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("loaded chunk %s tokens %d-%d xxh3=%016x", self.engine.key(ref), ref.start, ref.end,
-                                 chunk_checksum(obj.tensor))
+                self._chunk_event("loaded", ref, obj.tensor)
         finally:
             for obj in chunks:
                 if obj is not None:
@@ -110,7 +110,19 @@ class WorkerSide:
             self._load_errors.update(load.block_ids[first_bad:last + 1])
             logger.warning("Request %s: loaded %d of %d tokens; blocks from token %d will be recomputed",
                            load.req_id, loaded_to - load.start, load.end - load.start, loaded_to)
+            events.emit("load_failed", logging.WARNING, request_id=load.req_id, loaded_tokens=loaded_to - load.start,
+                        wanted_tokens=load.end - load.start, recompute_from=loaded_to)
         self.stats.record_load(loaded_to - load.start, nbytes, loaded_to < load.end, time.perf_counter() - started)
+
+    def _chunk_event(self, what: str, ref: ChunkRef, tensor: torch.Tensor) -> None:
+        """At DEBUG: the chunk's key, tokens and checksum (logs that prove loads are bit-exact)."""
+        log_line, event = logger.isEnabledFor(logging.DEBUG), events.enabled(logging.DEBUG)
+        if not (log_line or event):
+            return
+        key, checksum = self.engine.key(ref), f"{chunk_checksum(tensor):016x}"
+        if log_line:
+            logger.debug("%s chunk %s tokens %d-%d xxh3=%s", what, key, ref.start, ref.end, checksum)
+        events.emit(f"chunk_{what}", logging.DEBUG, key=key, start=ref.start, end=ref.end, xxh3=checksum)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -134,9 +146,7 @@ class WorkerSide:
                 cache.copier.gather(cache.layers, cache.spec,
                                     slots_for(save.block_ids, self.block_size, ref.start, ref.end), obj.tensor)
                 self.engine.store([ref], [obj])
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("saved chunk %s tokens %d-%d xxh3=%016x", self.engine.key(ref), ref.start, ref.end,
-                                 chunk_checksum(obj.tensor))
+                self._chunk_event("saved", ref, obj.tensor)
             except Exception:
                 logger.exception("Saving chunk %s of request %s failed; it stays uncached", self.engine.key(ref),
                                  save.req_id)
