@@ -15,7 +15,6 @@ provisional (other jobs load it); CPU-time throughput is printed beside wall-clo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -29,13 +28,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
+from benchmarks.cachegen_kv import (  # noqa: E402
+    cache_to_canonical,
+    canonical_to_cache,
+    load_model,
+    natural_text,
+    real_kv,
+    rel_l2,
+    roundtrip,
+)
 from vllm_kvcache_plugin.memory import Allocator  # noqa: E402
 from vllm_kvcache_plugin.serde.cachegen import codec  # noqa: E402
 from vllm_kvcache_plugin.serde.cachegen import format as wire  # noqa: E402
 from vllm_kvcache_plugin.serde.cachegen.quant import steps_from_bits  # noqa: E402
 from vllm_kvcache_plugin.serde.naive import NaiveSerde  # noqa: E402
 
-LICENCES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "LGPL-3", "MPL-2.0")
 DEFAULT = "default (64 / 24)"
 CONFIGS = {  # name -> settings (bins "K / V"; every chunk's first token exact unless "no sink")
     DEFAULT: codec.EncodeSettings(),
@@ -53,72 +60,6 @@ CONFIGS = {  # name -> settings (bins "K / V"; every chunk's first token exact u
 QUALITY_CONFIGS = (DEFAULT, "default, no sink", "lmcache bins (32:10,16 / 32:2,16)", "32 / 32",
                    "64 / 16", "96 / 24", "128 / 48", "256 / 96")
 LMCACHE = {"ratio": 3.5, "rel_k": 0.21, "rel_v": 0.15, "mb_s": 10.0}  # 0.5.6 on this machine (ENVIRONMENT.md)
-
-
-def natural_text() -> tuple[str, str]:
-    root = Path("/usr/share/common-licenses")
-    texts = [(root / n).read_text(errors="replace") for n in LICENCES if (root / n).exists()]
-    if len(texts) < 2:
-        from pydoc_data.topics import topics
-
-        texts = ["\n\n".join(topics[k] for k in sorted(topics))[i::2] for i in range(2)]
-    return "\n\n".join(texts[:-1]), texts[-1]  # (KV and prompts, held-out text for perplexity)
-
-
-def load_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return tokenizer, model
-
-
-def cache_to_canonical(cache, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """transformers cache (per layer [1, H, T, D]) -> canonical [2, L, T, H, D]."""
-    keys = torch.stack([layer.keys[0].transpose(0, 1) for layer in cache.layers])
-    values = torch.stack([layer.values[0].transpose(0, 1) for layer in cache.layers])
-    return torch.stack([keys, values]).to(dtype)
-
-
-def canonical_to_cache(kv: torch.Tensor):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for layer in range(kv.shape[1]):
-        cache.update(kv[0, layer].transpose(0, 1)[None].float(), kv[1, layer].transpose(0, 1)[None].float(), layer)
-    return cache
-
-
-def real_kv(model, tokenizer, text: str, tokens: int, out: Path) -> torch.Tensor:
-    """KV of the first ``tokens`` tokens of ``text``, cached as .npy (uint16 bits, no pickle)."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
-    tag = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
-    path = out / f"kv_{tag}.npy"
-    if path.exists():
-        return torch.from_numpy(np.load(path, allow_pickle=False)).view(torch.bfloat16)
-    start = time.perf_counter()
-    with torch.no_grad():
-        kv = cache_to_canonical(model(ids, use_cache=True).past_key_values)
-    print(f"computed KV of {ids.shape[1]} tokens in {time.perf_counter() - start:.1f} s")
-    np.save(path, kv.view(torch.uint16).numpy(), allow_pickle=False)
-    return kv
-
-
-def roundtrip(kv: torch.Tensor, settings: codec.EncodeSettings, coder, chunk: int) -> tuple[torch.Tensor, int]:
-    """Encode/decode ``kv`` chunk by chunk (a partial tail chunk too); (restored KV, bytes incl. headers)."""
-    out, total = torch.empty_like(kv), 0
-    for start in range(0, kv.shape[2], chunk):
-        part = kv[:, :, start : start + chunk].contiguous()
-        payload = codec.encode(part, settings, coder)
-        total += len(payload) + 64
-        restored = torch.empty_like(part)
-        codec.decode(payload, part.shape, restored, coder)
-        out[:, :, start : start + chunk] = restored
-    return out, total
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def half_step_excess(kv: torch.Tensor, settings, coder) -> float:
@@ -332,144 +273,6 @@ def sensitivity(model, tokenizer, held_out: str, coder) -> dict:
     return results
 
 
-def synthetic_kv(layers=30, tokens=256, heads=3, size=64, seed=0, device="cpu") -> torch.Tensor:
-    """KV-like data for the GPU run (no model there): per-channel offsets/spreads, outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    offset = torch.randn(2, layers, 1, heads, size, generator=g) * 0.5
-    spread = torch.rand(2, layers, 1, heads, size, generator=g) * 2 + 0.05
-    spread[..., :2] *= 12
-    noise = torch.randn(2, layers, tokens, heads, size, generator=g)
-    return (offset + spread * noise).to(torch.bfloat16).to(device)
-
-
-def gpu_only(quick: bool, device: str = "cuda", layers: int = 30, tokens: int = 256,
-             batches: tuple[int, ...] | None = None, reps: int | None = None) -> dict:
-    """Triton throughput on ``device`` (the CLI: CUDA; a CPU under TRITON_INTERPRET=1 smoke-tests it)."""
-    from vllm_kvcache_plugin.serde.cachegen.triton_coder import TritonCoder
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--gpu-only needs CUDA")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    coder, settings, results = TritonCoder(device), codec.EncodeSettings(), {}
-    kv = synthetic_kv(layers=layers, tokens=tokens, device=device)
-    payload = codec.encode(kv, settings, coder)
-    cpu_coder = codec.NumpyCoder()
-    try:
-        from vllm_kvcache_plugin.serde.cachegen.rans_cpp import CppCoder, load_library
-
-        cpu_coder = CppCoder(load_library(), 4) if load_library() is not None else cpu_coder
-    except Exception as exc:  # a GPU box without a compiler still benches Triton
-        print(f"C++ coder unavailable ({exc}); comparing with numpy")
-    results["identical_to_cpu"] = bytes(payload) == bytes(codec.encode(kv.cpu(), settings, cpu_coder))
-    out = torch.empty_like(kv)
-
-    def timed(fn, reps):
-        fn()
-        sync()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        return (time.perf_counter() - start) / reps
-
-    reps = reps or (5 if quick else 20)
-    mb = kv.numel() * 2 / 1e6
-    enc = timed(lambda: codec.encode(kv, settings, coder), reps)
-    dec = timed(lambda: codec.decode(payload, kv.shape, out, coder), reps)
-    reference = torch.empty_like(kv)
-    codec.decode(payload, kv.shape, reference, cpu_coder)
-    results["decode_identical_to_cpu"] = torch.equal(out.cpu(), reference.cpu())
-    plan, coded, step, exact = codec.parse_payload(payload, kv.shape, device, kv.dtype)
-    results["ratio"] = kv.numel() * 2 / (len(payload) + 64)
-    rows = [["encode (end to end, incl. host table choice)", fmt(mb / enc / 1e3, 3)],
-            ["decode (end to end, incl. upload)", fmt(mb / dec / 1e3, 3)]]
-    for batch in batches or ((1, 8, 32) if quick else (1, 8, 32, 128)):
-        batch_out = torch.empty((batch, *kv.shape), dtype=kv.dtype, device=device)
-        launch = coder.prepare_decode([coded] * batch, [plan] * batch, [step] * batch, batch_out, [exact] * batch)
-        t = timed(launch, reps)
-        assert not launch().any() and torch.equal(batch_out[-1], out)
-        rows.append([f"decode kernel, {batch} chunk(s) per launch", fmt(batch * mb / t / 1e3, 3)])
-        results[f"decode_kernel_gb_s_{batch}"] = batch * mb / t / 1e3
-    results.update({"encode_gb_s": mb / enc / 1e3, "decode_gb_s": mb / dec / 1e3})
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
-    print(f"\n## Triton on {name} (synthetic KV, {tokens}-token chunks of {mb:.1f} MB bf16, ratio "
-          f"{results['ratio']:.2f}; bytes identical to the CPU coder: {results['identical_to_cpu']}, decoded "
-          f"values identical: {results['decode_identical_to_cpu']})\n")
-    print(markdown_table(["operation", "GB/s of bf16"], rows))
-    return results
-
-
-E2E_FINE_BINS = ("256", "96")  # the finest quality row of the transformers table, for comparison
-
-
-def e2e(out: Path, quick: bool) -> dict:
-    """Restart hits through redis: for each serde a cold vLLM stores the prompts (and answers them:
-    the no-cache reference), a fresh one (its own prefix cache empty) loads them and continues
-    greedily. Both hits recompute the same tail, so cachegen vs naive differ only by the codec. bf16:
-    greedy tokens can differ even between two cache paths (ENVIRONMENT.md), so the naive hit against
-    the cold run is printed as the engine's own floor, and the logprob gap too.
-    tests/test_e2e_cachegen.py checks the same path on fewer prompts in `make test`."""
-    from testbed import prompts
-    from testbed.events import all_loaded_tokens
-    from testbed.redis_servers import start_redis
-    from testbed.vllm_process import VLLMServer, clean_env
-
-    texts = [prompts.text(500, offset=700 * i) for i in range(4 if quick else 20)]
-    fine = f"cachegen {E2E_FINE_BINS[0]} / {E2E_FINE_BINS[1]}"
-    variants = {"naive": {"LMCACHE_REMOTE_SERDE": "naive"}, "cachegen": {"LMCACHE_REMOTE_SERDE": "cachegen"},
-                fine: {"LMCACHE_REMOTE_SERDE": "cachegen", "LMCACHE_CACHEGEN_KEY_BINS": E2E_FINE_BINS[0],
-                       "LMCACHE_CACHEGEN_VALUE_BINS": E2E_FINE_BINS[1]}}
-    runs: dict[str, dict] = {}
-    for name, settings in variants.items():
-        tag = name.replace(" ", "").replace("/", "-")
-        for stale in (f"cold-{tag}", f"warm-{tag}"):  # logs append: an earlier run's hits would count
-            (out / f"{stale}.log").unlink(missing_ok=True)
-        redis = start_redis(f"bench-{tag}")
-        try:
-            env = clean_env(LMCACHE_REMOTE_URL=redis.url, LMCACHE_LOCAL_CPU="False", LMCACHE_LOG_LEVEL="DEBUG",
-                            **settings)
-            with VLLMServer(env, name=f"cold-{tag}", log_dir=str(out)) as cold:
-                cold_answers = [cold.complete(text, max_tokens=32, logprobs=1)["choices"][0]["logprobs"]
-                                for text in texts]
-            client = redis.client()
-            stored = sum(client.strlen(k) for k in client.scan_iter())
-            with VLLMServer(env, name=f"warm-{tag}", log_dir=str(out)) as warm:
-                answers = [warm.complete(text, max_tokens=32, logprobs=1)["choices"][0]["logprobs"] for text in texts]
-                hit_tokens = sum(all_loaded_tokens(warm.log()))
-            runs[name] = {"stored_bytes": stored, "answers": answers, "cold": cold_answers, "hit_tokens": hit_tokens}
-        finally:
-            redis.stop()
-
-    def compare(a_runs: list[dict], b_runs: list[dict]) -> tuple[int, float, float]:
-        same = sum(a["tokens"] == b["tokens"] for a, b in zip(a_runs, b_runs, strict=True))
-        agree = sum(sum(x == y for x, y in zip(a["tokens"], b["tokens"], strict=False)) for a, b in
-                    zip(a_runs, b_runs, strict=True)) / (32 * len(texts))
-        gap = max(abs(a["token_logprobs"][0] - b["token_logprobs"][0]) for a, b in zip(a_runs, b_runs, strict=True))
-        return same, agree, gap
-
-    naive = runs["naive"]
-    rows, result = [], {"prompts": len(texts), "variants": {}}
-    pairs = [("naive hit vs cold run (the engine's own floor)", naive["answers"], naive["cold"], naive)]
-    pairs += [(f"{name} hit vs naive hit", runs[name]["answers"], naive["answers"], runs[name])
-              for name in variants if name != "naive"]
-    for label, a_runs, b_runs, run in pairs:
-        same, agree, gap = compare(a_runs, b_runs)
-        ratio = naive["stored_bytes"] / max(run["stored_bytes"], 1)
-        result["variants"][label] = {"identical": same / len(texts), "token_agreement": agree,
-                                     "first_token_logprob_gap": gap, "stored_ratio": ratio,
-                                     "hit_tokens": run["hit_tokens"]}
-        rows.append([label, f"{same}/{len(texts)}", f"{agree * 100:.0f}%", fmt(gap, 3), fmt(ratio, 2),
-                     run["hit_tokens"]])
-    # The headline figures (cachegen at its defaults), as earlier runs reported them.
-    default = result["variants"]["cachegen hit vs naive hit"]
-    result.update(identical=default["identical"], token_agreement=default["token_agreement"],
-                  stored_ratio=default["stored_ratio"])
-    print("\n## vLLM restart hits through redis: cachegen vs naive, 32 greedy tokens\n")
-    print(markdown_table(["comparison", "identical 32-token", "token agreement", "first-token logprob gap",
-                          "bytes stored: naive / this", "tokens loaded"], rows))
-    return result
-
-
 def save_plot(results: dict, out: Path) -> None:
     """Size vs error, size vs model KL, and CPU speed, side by side."""
     import matplotlib
@@ -564,8 +367,12 @@ class _Tee:
 def _run(args: argparse.Namespace) -> int:
     print(environment_line())
     if args.gpu_only:
+        from benchmarks.bench_cachegen_gpu import gpu_only
+
         results = {"gpu": gpu_only(args.quick)}
     elif args.e2e:
+        from benchmarks.bench_cachegen_e2e import e2e
+
         results = {"e2e": e2e(args.out, args.quick)}
     else:
         if not (args.model / "config.json").exists():

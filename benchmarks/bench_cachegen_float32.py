@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
-from benchmarks.bench_cachegen import cache_to_canonical, canonical_to_cache, load_model, natural_text, roundtrip  # noqa: E402
+from benchmarks.cachegen_kv import cache_to_canonical, canonical_to_cache, load_model, natural_text, roundtrip  # noqa: E402
 from vllm_kvcache_plugin.serde.cachegen import codec  # noqa: E402
 
 HEADER_BYTES = 64
