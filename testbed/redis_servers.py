@@ -127,8 +127,23 @@ class RedisNode:
 
 
 @dataclass
-class StandaloneRedis:
+class _OneNode:
+    """A server of one redis-server process: its client, flush and stop."""
+
     node: RedisNode
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        return self.node.client(**kwargs)
+
+    def flush(self) -> None:
+        self.node.call(lambda c: c.flushall())
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+@dataclass
+class StandaloneRedis(_OneNode):
     socket_path: str
 
     @property
@@ -142,15 +157,6 @@ class StandaloneRedis:
     @property
     def valkey_url(self) -> str:
         return f"valkey://{LOOPBACK}:{self.node.port}"
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        return self.node.client(**kwargs)
-
-    def flush(self) -> None:
-        self.node.call(lambda c: c.flushall())
-
-    def stop(self) -> None:
-        self.node.stop()
 
 
 def start_redis(name: str = "redis", workdir: str | None = None) -> StandaloneRedis:
@@ -312,8 +318,7 @@ def start_redis_cluster(masters: int = 3) -> RedisClusterSet:
 
 
 @dataclass
-class TLSRedis:
-    node: RedisNode
+class TLSRedis(_OneNode):
     ca_cert: str
     client_cert: str
     client_key: str
@@ -325,15 +330,6 @@ class TLSRedis:
     @property
     def mutual_tls_url(self) -> str:
         return f"{self.url}&ssl_certfile={self.client_cert}&ssl_keyfile={self.client_key}"
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        return self.node.client(**kwargs)
-
-    def flush(self) -> None:
-        self.node.call(lambda c: c.flushall())
-
-    def stop(self) -> None:
-        self.node.stop()
 
 
 def make_test_certificates(folder: str) -> dict[str, str]:

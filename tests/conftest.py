@@ -20,18 +20,13 @@ pytest_plugins = [
 ]
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
-    """A server or tool this machine lacks (testbed.Unavailable) skips the test, saying which."""
+def _skip_when_unavailable(item):
+    """A server or tool this machine lacks (testbed.Unavailable) skips the test, saying which:
+    while fixtures start servers (setup) and while the test starts its own (call)."""
     try:
         return (yield)
     except Unavailable as exc:
         pytest.skip(str(exc))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    try:
-        return (yield)
-    except Unavailable as exc:
-        pytest.skip(str(exc))
+pytest_runtest_setup = pytest_runtest_call = pytest.hookimpl(wrapper=True)(_skip_when_unavailable)
