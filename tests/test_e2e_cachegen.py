@@ -57,8 +57,8 @@ def test_cachegen_restart_hit_size_and_logprobs(tmp_path):
     finally:
         redis.stop()
     (cold, _), (warm, warm_log) = runs
-    (ready,) = events(warm_log, "ready")[:1]
-    assert ready["side"] == "scheduler" and ready["serde"] == "cachegen"
+    (scheduler,) = [e for e in events(warm_log, "ready") if e["side"] == "scheduler"]
+    assert scheduler["serde"] == "cachegen"
     for result in warm:  # every prompt was loaded through CacheGen after the restart
         assert hits_for(warm_log, result["id"]) == [result["usage"]["prompt_tokens"] - 1]
     assert not events(warm_log, "chunk_rejected"), "no chunk may be rejected as corrupt or foreign"
