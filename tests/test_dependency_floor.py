@@ -34,7 +34,7 @@ def test_redis_connector_works_on_the_lowest_pinned_redis_py(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(REPO)])}
     probe = subprocess.run([sys.executable, "-c", "import redis; print(redis.__version__)"], env=env,
                            capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == floor
+    assert tuple(map(int, probe.stdout.strip().split("."))) == (*map(int, floor.split(".")), 0)[:3], probe.stdout
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           str(REPO / "tests" / "test_redis_connector.py")], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=900)
