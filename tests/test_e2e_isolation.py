@@ -97,10 +97,11 @@ def runs(tmp_path_factory):
             # (and in vLLM's own cache) under other keys, and must miss them.
             out["cold"] = {v: ask(cold, v) for v in ("base", "lora", "salt-a", "embeds-1")}
             out["cold_log"] = cold.log()
+        out["cold_keys"] = {k.decode() for k in redis.client().scan_iter(match="vllm@*")}
         with VLLMServer(env, dtype="float32", name="vllm-iso-warm", log_dir=str(tmp), extra_args=args) as warm:
             out["warm"] = {v: ask(warm, v) for v in ("salt-b", "base", "lora", "salt-a", "embeds-2", "embeds-1")}
             out["warm_log"] = warm.log()
-        out["keys"] = [k.decode() for k in redis.client().scan_iter(match="vllm@*")]
+        out["keys"] = {k.decode() for k in redis.client().scan_iter(match="vllm@*")}
     finally:
         redis.stop()
     return out
@@ -126,6 +127,9 @@ def test_restart_hits_each_variant_only_in_its_own_key_space(runs):
         assert reply["text"] == ref[variant], f"{variant}: wrong text after the restart"
     prompt_tokens = warm["base"]["usage"]["prompt_tokens"]
     assert scheduled(log, warm["salt-b"]) == (0, 0), "salt B may not load what salt A or no salt stored"
+    chunks = -(-prompt_tokens // CHUNK)
+    new_keys = runs["keys"] - runs["cold_keys"]
+    assert len(new_keys) >= chunks, "salt B's recomputed prompt is stored under its own keys"
     assert scheduled(log, warm["base"])[0] == prompt_tokens - 1
     assert scheduled(log, warm["lora"]) == (prompt_tokens - 1, 0), "the adapter's own chunks, not the base's"
     assert scheduled(log, warm["salt-a"]) == (prompt_tokens - 1, 0)
