@@ -11,12 +11,15 @@ import dataclasses
 import itertools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
 from .layouts import Packing, PagedKVSpec
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,28 @@ def _uniform_layer_step(layers: Sequence[torch.Tensor], addresses: tuple[int, ..
     if any(b - a != step_bytes for a, b in itertools.pairwise(addresses)):
         return None
     return step_bytes // size
+
+
+class LayerSetCache(Generic[T]):
+    """What a kernel derives once per checked layer set (device address tables), at most ``size``
+    sets, held with their set so an id cannot be reused while cached."""
+
+    def __init__(self, build: Callable[[LayerSet], T], size: int = _MAX_CACHED_SETS) -> None:
+        self._build = build
+        self._size = size
+        self._entries: dict[int, tuple[LayerSet, T]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, layer_set: LayerSet) -> T:
+        cached = self._entries.get(id(layer_set))
+        if cached is not None and cached[0] is layer_set:
+            return cached[1]
+        value = self._build(layer_set)
+        with self._lock:
+            if len(self._entries) >= self._size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[id(layer_set)] = (layer_set, value)
+        return value
 
 
 def slot_error(slot: int, layer_set: LayerSet) -> ValueError:

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from .copier import CopyGeometry, KVCopier, LayerSet
+from .copier import CopyGeometry, KVCopier, LayerSet, LayerSetCache
 from .layouts import PagedKVSpec
 
 CSRC_ENV = "VLLM_KVCACHE_CSRC"
@@ -95,8 +95,7 @@ class CudaCopier(KVCopier):
 
     def __init__(self, extension: ModuleType) -> None:
         self._ext = extension
-        self._addresses: dict[int, tuple[LayerSet, torch.Tensor, int]] = {}
-        self._addresses_lock = threading.Lock()
+        self._tables: LayerSetCache[tuple[torch.Tensor, int]] = LayerSetCache(self._layer_table)
 
     @classmethod
     def create(cls) -> CudaCopier:
@@ -111,24 +110,16 @@ class CudaCopier(KVCopier):
             return chunk
         return torch.empty(chunk.shape, dtype=chunk.dtype, device=device)
 
-    def _layer_table(self, layer_set: LayerSet) -> tuple[torch.Tensor, int]:
-        """Device array of layer addresses and their common alignment, cached per layer set."""
-        key = id(layer_set)
-        cached = self._addresses.get(key)
-        if cached is not None and cached[0] is layer_set:
-            return cached[1], cached[2]
+    @staticmethod
+    def _layer_table(layer_set: LayerSet) -> tuple[torch.Tensor, int]:
+        """Device array of layer addresses and their common alignment."""
         table = torch.tensor(layer_set.addresses, dtype=torch.int64).to(layer_set.device)
-        alignment = _vector_bytes(layer_set.addresses)
-        with self._addresses_lock:
-            if len(self._addresses) >= 16:
-                self._addresses.pop(next(iter(self._addresses)))
-            self._addresses[key] = (layer_set, table, alignment)
-        return table, alignment
+        return table, _vector_bytes(layer_set.addresses)
 
     def _copy(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
               gather: bool) -> None:
         layer_set = geo.layer_set
-        table, address_alignment = self._layer_table(layer_set)
+        table, address_alignment = self._tables.get(layer_set)
         es = spec.element_size
         row_bytes = spec.head_size * es
         layer_strides = [stride * es for stride in layer_set.strides]

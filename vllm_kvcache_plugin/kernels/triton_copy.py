@@ -9,11 +9,10 @@ tensors under ``TRITON_INTERPRET=1`` (how the tests exercise it without a GPU).
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
-from .copier import CopyGeometry, KVCopier, LayerSet
+from .copier import CopyGeometry, KVCopier, LayerSet, LayerSetCache
 from .layouts import PagedKVSpec
 from .torch_ref import as_bits
 
@@ -75,8 +74,7 @@ class TritonCopier(KVCopier):
     name = "triton"
 
     def __init__(self) -> None:
-        self._tables: dict[int, tuple[LayerSet, torch.Tensor, torch.Tensor]] = {}
-        self._lock = threading.Lock()
+        self._tables: LayerSetCache[tuple[torch.Tensor, torch.Tensor]] = LayerSetCache(self._layer_table)
 
     @classmethod
     def create(cls) -> TritonCopier:
@@ -84,12 +82,10 @@ class TritonCopier(KVCopier):
             raise RuntimeError("triton is not installed")
         return cls()
 
-    def _layer_table(self, layer_set: LayerSet, element_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _layer_table(layer_set: LayerSet) -> tuple[torch.Tensor, torch.Tensor]:
         """The lowest-addressed layer (as bits) and each layer's element offset from it."""
-        key = id(layer_set)
-        cached = self._tables.get(key)
-        if cached is not None and cached[0] is layer_set:
-            return cached[1], cached[2]
+        element_size = layer_set.spec.element_size
         base_index = min(range(len(layer_set.addresses)), key=layer_set.addresses.__getitem__)
         base_address = layer_set.addresses[base_index]
         deltas = [address - base_address for address in layer_set.addresses]
@@ -97,17 +93,12 @@ class TritonCopier(KVCopier):
             raise ValueError("KV layers are not element-aligned relative to each other")
         offsets = torch.tensor([delta // element_size for delta in deltas], dtype=torch.int64,
                                device=layer_set.device)
-        base = as_bits(layer_set.layers[base_index])
-        with self._lock:
-            if len(self._tables) >= 16:
-                self._tables.pop(next(iter(self._tables)))
-            self._tables[key] = (layer_set, base, offsets)
-        return base, offsets
+        return as_bits(layer_set.layers[base_index]), offsets
 
     def _copy(self, geo: CopyGeometry, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor,
               gather: bool) -> None:
         layer_set = geo.layer_set
-        base, offsets = self._layer_table(layer_set, spec.element_size)
+        base, offsets = self._tables.get(layer_set)
         slots = slots.to(device=layer_set.device, dtype=torch.int64).contiguous()
         rows = spec.num_kv_heads * spec.num_kv
         grid = (geo.num_tokens, geo.num_layers)
