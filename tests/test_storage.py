@@ -155,30 +155,41 @@ def test_manager_tiers_promotion_and_lookup(tmp_path):
     assert mgr.allocator.live == 0
 
 
-def test_manager_queue_drops_oldest_when_full(tmp_path):
-    cfg = load_config({"local_disk": str(tmp_path), "put_queue_size": 2, "local_cpu": False}, env={})
-    mgr = StorageManager(cfg)
+def stalled_manager(**config) -> tuple[StorageManager, threading.Event, list[str]]:
+    """A manager whose writer hangs until ``release`` is set (a fault injected on purpose), and
+    the keys it wrote, in order, once released."""
+    mgr = StorageManager(load_config({"local_cpu": False, **config}, env={}))
     release = threading.Event()
     real_write = mgr._write_batch
     written: list[str] = []
 
-    def stalled_write(batch):  # a store that hangs until released (a fault injected on purpose)
+    def stalled_write(batch):
         release.wait(10)
         written.extend(k for k, _ in batch)
         real_write(batch)
 
     mgr._write_batch = stalled_write
+    return mgr, release, written
+
+
+def put_five_behind_a_stuck_writer(mgr: StorageManager, tokens: int = 4) -> None:
+    """k0 reaches the writer and sticks there; k1..k4 wait in the queue (or are dropped)."""
+    first = _obj(mgr.allocator, tokens=tokens)
+    mgr.put("k0", first)
+    first.ref_down()
+    deadline = time.monotonic() + 5
+    while mgr._queue and time.monotonic() < deadline:  # the writer took k0 and is stuck on it
+        time.sleep(0.01)
+    for i in range(1, 5):
+        obj = _obj(mgr.allocator, tokens=tokens)
+        mgr.put(f"k{i}", obj)
+        obj.ref_down()
+
+
+def test_manager_queue_drops_oldest_when_full(tmp_path):
+    mgr, release, written = stalled_manager(local_disk=str(tmp_path), put_queue_size=2)
     try:
-        first = _obj(mgr.allocator)
-        mgr.put("k0", first)
-        first.ref_down()
-        deadline = time.monotonic() + 5
-        while mgr._queue and time.monotonic() < deadline:  # the writer took k0 and is stuck on it
-            time.sleep(0.01)
-        for i in range(1, 5):
-            obj = _obj(mgr.allocator)
-            mgr.put(f"k{i}", obj)
-            obj.ref_down()
+        put_five_behind_a_stuck_writer(mgr)
         assert mgr.counters.puts_dropped == 2  # k1 and k2, the oldest pending ones
         release.set()
         assert mgr.flush(10)
@@ -215,27 +226,9 @@ def test_close_finishes_queued_writes_and_says_so(tmp_path, caplog):
 
 def test_manager_queue_is_bounded_in_bytes_with_the_hot_cache_off(tmp_path):
     """Two 16 KB chunks fit a 40 KB queue: each one beyond pushes the oldest pending one out."""
-    cfg = load_config({"local_disk": str(tmp_path), "local_cpu": False, "put_queue_max_gb": 40e3 / 1e9}, env={})
-    mgr = StorageManager(cfg)
-    release = threading.Event()
-    real_write = mgr._write_batch
-
-    def stalled_write(batch):  # a store that hangs until released (a fault injected on purpose)
-        release.wait(10)
-        real_write(batch)
-
-    mgr._write_batch = stalled_write
+    mgr, release, _ = stalled_manager(local_disk=str(tmp_path), put_queue_max_gb=40e3 / 1e9)
     try:
-        first = _obj(mgr.allocator, tokens=128)  # 16 KB of float32
-        mgr.put("k0", first)
-        first.ref_down()
-        deadline = time.monotonic() + 5
-        while mgr._queue and time.monotonic() < deadline:  # the writer took k0 and is stuck on it
-            time.sleep(0.01)
-        for i in range(1, 5):
-            obj = _obj(mgr.allocator, tokens=128)
-            mgr.put(f"k{i}", obj)
-            obj.ref_down()
+        put_five_behind_a_stuck_writer(mgr, tokens=128)  # 16 KB of float32 each
         assert mgr.counters.puts_dropped == 2 and mgr.counters.puts_dropped_bytes == 2 * 16384
         assert mgr.counters.put_queue_bytes == 2 * 16384
         release.set()
