@@ -41,10 +41,6 @@ class ByteLRU(Generic[K, V]):
         self._entries.move_to_end(key)
         return entry[0]
 
-    def peek(self, key: K) -> V | None:
-        entry = self._entries.get(key)
-        return None if entry is None else entry[0]
-
     def add(self, key: K, value: V, cost: int) -> tuple[V, int] | None:
         """Insert as the most recently used; returns the (value, cost) it replaced, if any. Does not
         evict: call :meth:`evict` first to make room."""
