@@ -7,6 +7,8 @@ its storage, its lookup server on a unix socket, and the kernels on vLLM-shaped 
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import pytest
@@ -20,7 +22,7 @@ from vllm.v1.request import Request
 
 from vllm_kvcache_plugin.config import load_config
 from vllm_kvcache_plugin.engine import KVCacheEngine
-from vllm_kvcache_plugin.integration.vllm.lookup import LookupClient
+from vllm_kvcache_plugin.integration.vllm.lookup import AsyncLookups, LookupClient
 from vllm_kvcache_plugin.integration.vllm.scheduler import SchedulerSide
 from vllm_kvcache_plugin.integration.vllm.worker import WorkerSide, build_registered_cache, slots_for
 from vllm_kvcache_plugin.kernels import PagedKVSpec, TorchCopier, allocate_paged_layers
@@ -42,8 +44,8 @@ class Harness:
         self.layers = allocate_paged_layers(SPEC, "LBNHC", NUM_LAYERS, num_blocks=64)
         self.worker.register(build_registered_cache([f"layers.{i}.attn" for i in range(NUM_LAYERS)],
                                                     self.layers, SPEC))
-        self.sched = SchedulerSide(self.config, LookupClient([self.address], 2.0), can_load=role != "kv_producer",
-                                   can_save=role != "kv_consumer", block_size=BLOCK)
+        self.sched = SchedulerSide(self.config, AsyncLookups(LookupClient([self.address], 2.0)),
+                                   can_load=role != "kv_producer", can_save=role != "kv_consumer", block_size=BLOCK)
         self.next_block = 0
 
     def blocks(self, n: int) -> list[int]:
@@ -60,7 +62,18 @@ class Harness:
         TorchCopier().gather(self.layers, SPEC, slots_for(block_ids, BLOCK, start, end), out)
         return out
 
+    def matched(self, req: Request, local: int = 0, max_steps: int = 10_000) -> tuple[int, bool]:
+        """``get_num_new_matched_tokens`` as vLLM calls it: again each step while it answers None."""
+        for _ in range(max_steps):
+            answer = self.sched.get_num_new_matched_tokens(req, local)
+            if answer[0] is not None:
+                return answer
+            self.sched.lookups.new_step()
+            time.sleep(0.001)
+        raise AssertionError("the lookup never answered")
+
     def close(self) -> None:
+        self.sched.lookups.close()
         self.worker.close()
 
 
@@ -96,7 +109,7 @@ def harness():
 def run_chunked_prefill(h: Harness, tokens: list[int], kv: torch.Tensor, steps: list[int]) -> tuple[Request, list]:
     """Schedule ``tokens`` as vLLM's chunked prefill would, ``steps`` tokens at a time, saving each step."""
     req = make_request(tokens)
-    assert h.sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert h.matched(req, 0) == (0, False)
     blocks = h.blocks((steps[0] + BLOCK - 1) // BLOCK)
     h.sched.update_state_after_alloc(req, blocks, 0)
     saves = []
@@ -127,7 +140,7 @@ def test_chunked_prefill_saves_each_chunk_once_and_a_new_instance_loads_it(harne
 
     # Another request with the same prompt (as after a restart: nothing computed locally).
     again = make_request(tokens)
-    hit, is_async = harness.sched.get_num_new_matched_tokens(again, 0)
+    hit, is_async = harness.matched(again, 0)
     assert (hit, is_async) == (299, False)  # capped: one token is left for the forward to compute
     blocks = harness.blocks(300 // BLOCK + 1)
     harness.sched.update_state_after_alloc(again, blocks, hit)
@@ -144,7 +157,7 @@ def test_load_starts_after_vllms_own_prefix_hit(harness: Harness):
     run_chunked_prefill(harness, tokens, kv, [160])
     again = make_request(tokens)
     local = 64  # vLLM's prefix cache already holds 4 blocks
-    hit, _ = harness.sched.get_num_new_matched_tokens(again, local)
+    hit, _ = harness.matched(again, local)
     assert hit == 159 - local
     blocks = harness.blocks(10)
     harness.forward(blocks, 0, local, kv)  # those blocks already hold the local hit
@@ -161,7 +174,7 @@ def test_preempted_request_resumes_with_new_blocks(harness: Harness):
     tokens = list(range(7000, 7128))
     kv = torch.randn(2, NUM_LAYERS, 128, 2, 32).to(torch.bfloat16)
     req = make_request(tokens)
-    harness.sched.get_num_new_matched_tokens(req, 0)
+    harness.matched(req, 0)
     blocks = harness.blocks(4)
     harness.sched.update_state_after_alloc(req, blocks, 0)
     meta = harness.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: 64}))
@@ -169,7 +182,7 @@ def test_preempted_request_resumes_with_new_blocks(harness: Harness):
     harness.worker.save(meta)
     # Preempted: its blocks are freed. On resumption the scheduler looks it up again and gives it new
     # blocks, which replace the old ones (resumed_req_ids).
-    hit, _ = harness.sched.get_num_new_matched_tokens(req, 0)
+    hit, _ = harness.matched(req, 0)
     assert hit == 64
     new_blocks = harness.blocks(8)
     harness.sched.update_state_after_alloc(req, new_blocks, hit)
@@ -188,7 +201,7 @@ def test_a_chunk_gone_between_lookup_and_load_is_a_load_error(harness: Harness):
     kv = torch.randn(2, NUM_LAYERS, 100, 2, 32).to(torch.bfloat16)
     _, saves = run_chunked_prefill(harness, tokens, kv, [100])
     again = make_request(tokens)
-    hit, _ = harness.sched.get_num_new_matched_tokens(again, 0)
+    hit, _ = harness.matched(again, 0)
     harness.engine.storage.hot.remove(harness.engine.key(saves[2]))  # evicted before the load
     blocks = harness.blocks(7)
     harness.sched.update_state_after_alloc(again, blocks, hit)
@@ -206,7 +219,7 @@ def test_roles_consumer_never_saves_producer_never_loads():
         tokens = list(range(300, 364))
         kv = torch.randn(2, NUM_LAYERS, 64, 2, 32).to(torch.bfloat16)
         req = make_request(tokens)
-        consumer.sched.get_num_new_matched_tokens(req, 0)
+        consumer.matched(req, 0)
         blocks = consumer.blocks(4)
         consumer.sched.update_state_after_alloc(req, blocks, 0)
         meta = consumer.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: 64}))
@@ -214,7 +227,7 @@ def test_roles_consumer_never_saves_producer_never_loads():
 
         _, saves = run_chunked_prefill(producer, tokens, kv, [64])
         assert len(saves) == 2
-        assert producer.sched.get_num_new_matched_tokens(make_request(tokens), 0) == (0, False)
+        assert producer.matched(make_request(tokens), 0) == (0, False)
     finally:
         consumer.close()
         producer.close()
@@ -222,8 +235,15 @@ def test_roles_consumer_never_saves_producer_never_loads():
 
 def test_unreachable_worker_is_a_miss():
     config = load_config({"chunk_size": CHUNK}, env={})
-    sched = SchedulerSide(config, LookupClient([f"\0kvtest-nobody-{uuid.uuid4().hex}"], 0.5), True, True, BLOCK)
-    assert sched.get_num_new_matched_tokens(make_request(list(range(100))), 0) == (0, False)
+    lookups = AsyncLookups(LookupClient([f"\0kvtest-nobody-{uuid.uuid4().hex}"], 0.5))
+    sched = SchedulerSide(config, lookups, True, True, BLOCK)
+    req = make_request(list(range(100)))
+    deadline = time.monotonic() + 30
+    while (answer := sched.get_num_new_matched_tokens(req, 0))[0] is None and time.monotonic() < deadline:
+        lookups.new_step()
+        time.sleep(0.01)
+    lookups.close()
+    assert answer == (0, False)
 
 
 def test_shutdown_hint_only_when_vllm_would_kill_pending_saves():
@@ -233,3 +253,171 @@ def test_shutdown_hint_only_when_vllm_would_kill_pending_saves():
     assert hint is not None and "--shutdown-timeout 10" in hint
     assert shutdown_hint(True, 10) is None  # a grace period: the worker's shutdown flushes
     assert shutdown_hint(False, 0) is None  # kv_consumer: nothing is ever queued
+
+
+# -- asynchronous lookups and loads --------------------------------------------------------------
+@pytest.fixture
+def disk_harness(tmp_path):
+    """Hot cache off, a disk tier: every hit needs I/O, so it loads asynchronously."""
+    h = Harness(local_cpu=False, local_disk=str(tmp_path / "kv"))
+    yield h
+    h.close()
+
+
+def saved_prompt(h: Harness, tokens: list[int]) -> tuple[torch.Tensor, list]:
+    kv = torch.randn(2, NUM_LAYERS, len(tokens), 2, 32).to(torch.bfloat16)
+    _, saves = run_chunked_prefill(h, tokens, kv, [len(tokens)])
+    assert h.engine.storage.flush(30)
+    return kv, saves
+
+
+def start_async_load(h: Harness, tokens: list[int]) -> tuple[Request, list[int], int, object]:
+    """Lookup, allocation and the step that starts the load (the request is not scheduled in it)."""
+    req = make_request(tokens)
+    hit, is_async = h.matched(req, 0)
+    assert hit == len(tokens) - 1 and is_async
+    blocks = h.blocks(len(tokens) // BLOCK + 1)
+    h.sched.update_state_after_alloc(req, blocks, hit)
+    meta = h.sched.build_meta(step())  # nothing scheduled: vLLM parks the request
+    assert meta.idle and [(ld.req_id, ld.asynchronous) for ld in meta.loads] == [(req.request_id, True)]
+    return req, blocks, hit, meta
+
+
+def wait_finished(h: Harness, req_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while req_id not in h.worker.take_finished_loads(wait=True):
+        assert time.monotonic() < deadline, "the load never finished"
+
+
+def test_a_hit_that_needs_io_loads_in_the_background_and_is_reported_finished(disk_harness: Harness):
+    h = disk_harness
+    tokens = list(range(2000, 2200))
+    kv, _ = saved_prompt(h, tokens)
+    req, blocks, hit, meta = start_async_load(h, tokens)
+    h.worker.load(meta)  # returns at once: the load runs on the loader thread
+    wait_finished(h, req.request_id)
+    assert h.worker.take_load_errors() == set()
+    assert torch.equal(h.read(blocks, 0, hit), kv[:, :, :hit])
+    # vLLM then schedules it with the loaded tokens computed: no second load, only the saves left.
+    meta = h.sched.build_meta(step(new=[(req, blocks, hit)], scheduled={req.request_id: 1}))
+    assert not meta.loads and not meta.saves and not meta.idle
+
+
+def test_a_hot_cache_hit_loads_before_the_forward(harness: Harness):
+    tokens = list(range(2400, 2500))
+    kv, _ = saved_prompt(harness, tokens)
+    assert harness.matched(make_request(tokens), 0) == (99, False)  # a memory copy: synchronous
+    # With async_loading off a disk hit is synchronous too.
+    h = Harness(local_cpu=False, local_disk=harness.config.local_disk, async_loading=False)
+    try:
+        assert h.matched(make_request(tokens), 0) == (0, False)  # (this instance's disk is empty)
+    finally:
+        h.close()
+
+
+def test_async_loading_off_loads_a_disk_hit_synchronously(tmp_path):
+    h = Harness(local_cpu=False, local_disk=str(tmp_path / "kv"), async_loading=False)
+    try:
+        tokens = list(range(2600, 2700))
+        saved_prompt(h, tokens)
+        assert h.matched(make_request(tokens), 0) == (99, False)
+    finally:
+        h.close()
+
+
+def test_a_frozen_lookup_never_holds_a_step(harness: Harness):
+    release = threading.Event()
+    real_lookup = harness.worker.engine.lookup
+
+    def frozen(hashes):  # a store that accepts the question and answers nothing, for a while
+        release.wait(30)
+        return real_lookup(hashes)
+
+    harness.worker.engine.lookup = frozen
+    req = make_request(list(range(3000, 3100)))
+    started = time.monotonic()
+    answers = []
+    for _ in range(20):
+        answers.append(harness.sched.get_num_new_matched_tokens(req, 0))
+        harness.sched.build_meta(step())  # the next step
+    assert answers == [(None, False)] * 20  # "ask again": vLLM skips the request, runs the others
+    # 20 steps went by while the store stayed frozen (a lookup waited on would take 2 s: the
+    # channel's time-out); each step waits at most its 1 ms budget for answers.
+    assert time.monotonic() - started < 2.0
+    assert len(harness.sched.lookups.waited_seconds) == 20
+    release.set()
+    assert harness.matched(req, 0) == (0, False)
+
+
+def test_cancelling_a_load_mid_way_stops_writing_and_releases_everything(disk_harness: Harness):
+    h = disk_harness
+    tokens = list(range(4000, 4000 + 10 * CHUNK))  # 10 chunks: three fetch groups of up to 4
+    saved_prompt(h, tokens)
+    live_before = h.engine.allocator.live
+    gate, second_fetch = threading.Event(), threading.Event()
+    real_retrieve = h.worker.engine.retrieve
+    calls = []
+
+    def slow_retrieve(refs, shape):
+        calls.append(refs[0].start)
+        if len(calls) == 2:
+            second_fetch.set()
+            gate.wait(30)  # the second group is still "arriving" when the request is aborted
+        return real_retrieve(refs, shape)
+
+    h.worker.engine.retrieve = slow_retrieve
+    req, blocks, hit, meta = start_async_load(h, tokens)
+    h.layers[0].zero_()
+    h.worker.load(meta)
+    assert second_fetch.wait(30)
+    # The client went away: vLLM finishes the request and waits for the worker to let go of it.
+    h.sched.request_finished(req)
+    meta = h.sched.build_meta(step(finished={req.request_id}))
+    assert meta.cancelled == {req.request_id}
+    h.worker.load(meta)
+    gate.set()
+    wait_finished(h, req.request_id)
+    assert h.worker.take_load_errors() == set()  # cancelled, not failed: nothing to recompute
+    assert calls == [0, 4 * CHUNK]  # the third group was never fetched
+    # The first group (4 chunks) was scattered before the abort; nothing after it was written.
+    loaded = h.read(blocks, 0, hit)[:, 0]
+    assert loaded[:, :4 * CHUNK].abs().sum() > 0
+    assert loaded[:, 4 * CHUNK:].abs().sum() == 0
+    assert h.engine.allocator.live == live_before  # every fetched chunk's buffer went back
+    # A cancelled request's later steps plan nothing for it.
+    assert h.sched.build_meta(step()).loads == []
+
+
+def test_a_request_aborted_before_its_load_began_ends_at_once(disk_harness: Harness):
+    h = disk_harness
+    tokens = list(range(4500, 4600))
+    saved_prompt(h, tokens)
+    req = make_request(tokens)
+    hit, is_async = h.matched(req, 0)
+    blocks = h.blocks(7)
+    h.sched.update_state_after_alloc(req, blocks, hit)
+    h.sched.request_finished(req)  # aborted in the same step
+    meta = h.sched.build_meta(step(finished={req.request_id}))
+    assert meta.cancelled == {req.request_id} and [ld.req_id for ld in meta.loads] == [req.request_id]
+    h.worker.load(meta)
+    assert h.worker.take_finished_loads() == {req.request_id}
+
+
+def test_a_failed_background_load_reports_its_blocks_and_is_not_retried(disk_harness: Harness):
+    h = disk_harness
+    tokens = list(range(5000, 5000 + 4 * CHUNK))
+    kv, saves = saved_prompt(h, tokens)
+    req, blocks, hit, meta = start_async_load(h, tokens)
+    h.engine.storage.disk.remove(h.engine.key(saves[1]))  # gone between lookup and load
+    h.worker.load(meta)
+    deadline = time.monotonic() + 30
+    finished: set[str] = set()
+    while req.request_id not in finished:
+        finished |= h.worker.take_finished_loads(wait=True)
+        assert time.monotonic() < deadline
+    # Reported in the same step as the completion: vLLM recomputes from token 32 (block 2) on.
+    assert h.worker.take_load_errors() == set(blocks[CHUNK // BLOCK:(hit - 1) // BLOCK + 1])
+    assert torch.equal(h.read(blocks, 0, CHUNK), kv[:, :, :CHUNK])
+    # Had vLLM freed every block (nothing valid) and asked again, the answer is a miss, not a
+    # second load that would fail the same way.
+    assert h.sched.get_num_new_matched_tokens(req, 0) == (0, False)

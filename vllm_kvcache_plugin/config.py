@@ -66,6 +66,10 @@ class KVCacheConfig:
     """Slowest remote transfer rate (GB/s) a load is given time for: a load of B bytes may take
     blocking_timeout_secs + B / this before it is a miss, so a long prompt or a big model's chunks
     do not time out on a store that is slow but alive."""
+    async_loading: bool = True
+    """Load hits that need I/O (disk, remote) in the background while vLLM keeps running other
+    requests (vLLM's asynchronous KV loads); a hit held entirely in the hot cache loads before the
+    step's forward, which is faster than a step. false: every load stops the step until it is done."""
     existence_cache_ttl_secs: float = 10.0
     """How long a positive existence answer from the remote is trusted without asking again
     (0 disables the existence cache)."""
@@ -136,6 +140,7 @@ FIELD_TYPES: dict[str, str] = {
     "save_unfull_chunk": "bool",
     "blocking_timeout_secs": "float",
     "min_load_gb_per_sec": "float",
+    "async_loading": "bool",
     "existence_cache_ttl_secs": "float",
     "put_queue_size": "int",
     "put_queue_max_gb": "float",

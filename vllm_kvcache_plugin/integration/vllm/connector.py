@@ -21,7 +21,7 @@ from ...engine import KVCacheEngine, TierName, describe_remote
 from ...errors import ConfigError
 from ...kernels import AttentionKind, Packing, PagedKVSpec
 from ...settings import load_settings
-from .lookup import LookupClient, lookup_address
+from .lookup import AsyncLookups, LookupClient, lookup_address
 from .metadata import StepMetadata
 from .request_keys import instance_variant
 from .scheduler import SchedulerSide
@@ -102,7 +102,8 @@ class LMCacheConnector(KVConnectorBase_V1):
                 logger.info("vllm-kvcache-plugin: kv_load_failure_policy set to 'recompute' "
                             "(a chunk that cannot be loaded is recomputed, not an error)")
             addresses = [lookup_address(engine_id, dp_rank, r) for r in range(self.world_size)]
-            self.scheduler_side = SchedulerSide(self.config, LookupClient(addresses, self.config.blocking_timeout_secs),
+            lookups = AsyncLookups(LookupClient(addresses, self.config.blocking_timeout_secs))
+            self.scheduler_side = SchedulerSide(self.config, lookups,
                                                 self.can_load, self.can_save, self.block_size,
                                                 instance_variant(vllm_config))
             remote = describe_remote(self.config.remote_url)
@@ -154,7 +155,15 @@ class LMCacheConnector(KVConnectorBase_V1):
             self.worker_side.load(self._step_meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads are complete when start_load_kv returns
+        return None  # a synchronous load is complete when start_load_kv returns
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose asynchronous load ended (loaded, failed into load errors, or cancelled)."""
+        if self.worker_side is None:
+            return None, None
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        idle = isinstance(meta, StepMetadata) and meta.idle
+        return None, self.worker_side.take_finished_loads(wait=idle) or None
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return None  # all layers are gathered at once in wait_for_save
@@ -191,7 +200,7 @@ class LMCacheConnector(KVConnectorBase_V1):
             self.worker_side.close()
             self.worker_side = None
         if self.scheduler_side is not None:
-            self.scheduler_side.lookup_client.close()
+            self.scheduler_side.lookups.close()
 
     # ==============================  scheduler side  ==============================
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

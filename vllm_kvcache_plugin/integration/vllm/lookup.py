@@ -4,7 +4,8 @@ vLLM runs the scheduler (engine core) and each worker in different processes, bu
 and the disk index live in the worker. So each worker serves lookups on a Linux abstract unix
 socket (no file to clean up, not reachable from the network), and the scheduler asks every
 worker (each tensor- and pipeline-parallel rank) at once and takes the smallest answer. A worker
-that does not answer within the time-out counts as a miss.
+that does not answer within the time-out counts as a miss. :class:`AsyncLookups` asks from a
+background thread, so the scheduler's step never waits on a store for more than a millisecond.
 
 Frame (little-endian): request ``u32 magic, u32 n, n * 32 bytes`` (raw SHA-256 chunk hashes);
 reply ``u32 hit_chunks, u32 hot, u32 disk, u32 remote``. Nothing is unpickled.
@@ -12,10 +13,12 @@ reply ``u32 hit_chunks, u32 hot, u32 disk, u32 remote``. Nothing is unpickled.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -171,3 +174,78 @@ class LookupClient:
             for sock in self._socks.values():
                 sock.close()
             self._socks.clear()
+
+
+class AsyncLookups:
+    """Lookups off the scheduler's thread.
+
+    ``reply(req_id, hashes)`` hands a request's hashes to one background thread the first time and
+    returns the answer once it has come, else None ("ask again next step", which vLLM does). It waits
+    for answers at most ``step_budget`` seconds per scheduler step in all (``new_step`` resets it):
+    a quick store answers within the same step, while a slow or frozen one (a worker waiting on a
+    store that accepts connections and answers nothing) holds no step, so running requests keep
+    their pace while the new ones wait or time out into misses.
+    """
+
+    def __init__(self, client: LookupClient, step_budget: float = 0.001) -> None:
+        self.client = client
+        self.step_budget = step_budget
+        self._budget_left = step_budget
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[str, object, list[str]]] = collections.deque()
+        self._asked: dict[str, object] = {}  # req_id -> token of its newest job
+        self._replies: dict[str, LookupReply] = {}
+        self._closed = False
+        self.waited_seconds: list[float] = []  # per step, for the interference benchmark's p99
+        self._thread = threading.Thread(target=self._run, name="kvcache-lookup-client", daemon=True)
+        self._thread.start()
+
+    def new_step(self) -> None:
+        spent = self.step_budget - self._budget_left
+        if spent > 0:
+            self.waited_seconds.append(spent)
+            del self.waited_seconds[:-4096]
+        self._budget_left = self.step_budget
+
+    def reply(self, req_id: str, hashes: Sequence[str]) -> LookupReply | None:
+        with self._cond:
+            if req_id not in self._asked:
+                token = object()
+                self._asked[req_id] = token
+                self._queue.append((req_id, token, list(hashes)))
+                self._cond.notify_all()
+            if req_id not in self._replies and self._budget_left > 0:
+                start = time.perf_counter()
+                self._cond.wait_for(lambda: req_id in self._replies, self._budget_left)
+                self._budget_left -= time.perf_counter() - start
+            reply = self._replies.pop(req_id, None)
+            if reply is not None:
+                del self._asked[req_id]
+            return reply
+
+    def discard(self, req_id: str) -> None:
+        """Forget a request's lookup (finished or aborted while it was pending)."""
+        with self._cond:
+            self._asked.pop(req_id, None)
+            self._replies.pop(req_id, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if self._closed:
+                    return
+                req_id, token, hashes = self._queue.popleft()
+                if self._asked.get(req_id) is not token:
+                    continue  # discarded meanwhile
+            reply = self.client.lookup(hashes)
+            with self._cond:
+                if self._asked.get(req_id) is token:
+                    self._replies[req_id] = reply
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.client.close()

@@ -17,13 +17,15 @@ __all__ = ["ChunkRef", "LoadSpec", "SaveSpec", "StepMetadata"]
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """Load tokens ``[start, end)`` of a request into its blocks, before this step's forward."""
+    """Load tokens ``[start, end)`` of a request into its blocks: before this step's forward, or in
+    the background (``asynchronous``: vLLM holds the request until the worker reports it finished)."""
 
     req_id: str
     start: int
     end: int
     chunks: tuple[ChunkRef, ...]  # the stored chunks overlapping [start, end), in order
     block_ids: tuple[int, ...]  # the request's blocks, covering at least [0, end)
+    asynchronous: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class SaveSpec:
 class StepMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    #: Requests whose asynchronous load is to stop (aborted while loading): the worker drops what
+    #: is left of it and reports it finished, so vLLM frees its blocks.
+    cancelled: set[str] = field(default_factory=set)
+    #: No request computes in this step: waiting here for a background load costs no one.
+    idle: bool = False
 
     def is_empty(self) -> bool:
-        return not self.loads and not self.saves
+        return not self.loads and not self.saves and not self.cancelled

@@ -5,6 +5,12 @@ A request's prompt is cut into chunks once (chained hashes that carry every inpu
 request_keys.py). ``stored`` counts the
 leading chunks known to be in the store (found by the lookup, or saved by us); every step saves
 the chunks that the step completes beyond it, so no chunk of a request is saved twice.
+
+Nothing here waits on a store: lookups run on a background thread (``AsyncLookups``; a pending one
+answers vLLM "not yet", ``None``), and a hit that needs I/O is loaded asynchronously: vLLM parks the
+request (WAITING_FOR_REMOTE_KVS) until the workers report its load finished, while every other
+request keeps running. A hit held entirely in the workers' hot cache loads before the step's
+forward instead (a memory copy, faster than the extra step an asynchronous load costs).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ... import events
 from ...config import KVCacheConfig
-from .lookup import LookupClient, LookupReply
+from .lookup import AsyncLookups, LookupReply
 from .metadata import ChunkRef, LoadSpec, SaveSpec, StepMetadata
 from .request_keys import RequestKeys
 
@@ -34,6 +40,7 @@ class RequestTracker:
     block_ids: list[int] = field(default_factory=list)
     stored: int = 0  # leading chunks known to be stored
     load: tuple[int, int] | None = None  # tokens to load before the next forward
+    loading: bool = False  # an asynchronous load is in flight
     tiers: dict[str, int] = field(default_factory=dict)  # where the lookup found the stored chunks
 
     @property
@@ -49,40 +56,60 @@ class PendingLookup:
     reply: LookupReply
     hit_tokens: int  # stored tokens, capped so that at least one token is computed
     local_tokens: int = 0
+    asynchronous: bool = False  # how a load of this hit runs (see the module docstring)
 
 
 class SchedulerSide:
-    def __init__(self, config: KVCacheConfig, lookup: LookupClient, can_load: bool, can_save: bool,
+    def __init__(self, config: KVCacheConfig, lookups: AsyncLookups, can_load: bool, can_save: bool,
                  block_size: int, variant: tuple[tuple[str, str], ...] = ()) -> None:
         self.config = config
         self.request_keys = RequestKeys(config.chunk_size, config.save_unfull_chunk, variant)
-        self.lookup_client = lookup
+        self.lookups = lookups
         self.can_load = can_load
         self.can_save = can_save
         self.block_size = block_size
         self.trackers: dict[str, RequestTracker] = {}
         self.pending: dict[str, PendingLookup] = {}
+        self._asking: dict[str, list[ChunkRef]] = {}  # requests whose lookup is in flight
+        self._loads_to_start: list[LoadSpec] = []  # asynchronous loads planned since the last step
+        self._cancelled: set[str] = set()
 
     def _chunks(self, request: Request) -> list[ChunkRef]:
         return self.request_keys.chunks(request)
 
     # -- lookup ------------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self.can_load and not self.can_save:
             return 0, False
-        pending = self.pending.get(request.request_id)
+        req_id = request.request_id
+        pending = self.pending.get(req_id)
+        tracker = self.trackers.get(req_id)
+        if pending is None and tracker is not None and tracker.loading:
+            # Asked again while its asynchronous load was in flight: the load failed from its first
+            # block on (vLLM freed the blocks). Compute it; a second load would fail the same way.
+            logger.info("Request %s: its KV load failed; recomputing the prompt", req_id)
+            pending = PendingLookup(tracker.chunks, LookupReply(0), 0)
+            self.pending[req_id] = pending
         if pending is None:
-            chunks = self._chunks(request)
-            reply = self.lookup_client.lookup([c.chunk_hash for c in chunks]) if chunks else LookupReply(0)
+            chunks = self._asking.get(req_id)
+            if chunks is None:
+                chunks = self._chunks(request)
+            reply = self.lookups.reply(req_id, [c.chunk_hash for c in chunks]) if chunks else LookupReply(0)
+            if reply is None:
+                self._asking[req_id] = chunks
+                return None, False  # vLLM asks again next step
+            self._asking.pop(req_id, None)
             stored_tokens = chunks[reply.hit_chunks - 1].end if reply.hit_chunks else 0
-            # A synchronous load must leave at least one token for the forward to compute.
+            # Leave at least one token for the forward to compute (vLLM samples from it).
             hit = min(stored_tokens, request.num_tokens - 1)
-            pending = PendingLookup(chunks, reply, hit)
-            self.pending[request.request_id] = pending
+            all_hot = reply.hot >= reply.hit_chunks
+            pending = PendingLookup(chunks, reply, hit, asynchronous=self.config.async_loading and not all_hot)
+            self.pending[req_id] = pending
         pending.local_tokens = num_computed_tokens
         if not self.can_load:
             return 0, False
-        return max(0, pending.hit_tokens - num_computed_tokens), False
+        tokens = max(0, pending.hit_tokens - num_computed_tokens)
+        return tokens, pending.asynchronous and tokens > 0
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         pending = self.pending.pop(request.request_id, None)
@@ -95,7 +122,13 @@ class SchedulerSide:
             tracker.stored = len(tracker.chunks)
         if num_external_tokens > 0:
             end = pending.hit_tokens
-            tracker.load = (end - num_external_tokens, end)
+            start = end - num_external_tokens
+            if pending.asynchronous:
+                # Starts with this step (the request is not scheduled until the workers finish it).
+                tracker.loading = True
+                self._loads_to_start.append(self._load_spec(tracker, start, end, asynchronous=True))
+            else:
+                tracker.load = (start, end)
         self.trackers[request.request_id] = tracker
         self._log_request(request, pending, num_external_tokens)
 
@@ -116,11 +149,15 @@ class SchedulerSide:
 
     # -- per-step plan -------------------------------------------------------------------------
     def build_meta(self, output: SchedulerOutput) -> StepMetadata:
-        meta = StepMetadata()
+        self.lookups.new_step()
+        meta = StepMetadata(loads=self._loads_to_start, cancelled=self._cancelled,
+                            idle=output.total_num_scheduled_tokens == 0)
+        self._loads_to_start, self._cancelled = [], set()
         for new in output.scheduled_new_reqs:
             tracker = self.trackers.get(new.req_id)
             if tracker is None:
                 continue
+            tracker.loading = False  # scheduled: an asynchronous load of it has finished
             tracker.block_ids = list(new.block_ids[0])
             self._plan(meta, tracker, new.num_computed_tokens + output.num_scheduled_tokens.get(new.req_id, 0))
         cached = output.scheduled_cached_reqs
@@ -135,15 +172,17 @@ class SchedulerSide:
                 tracker.block_ids.extend(new_blocks[0])
             self._plan(meta, tracker, cached.num_computed_tokens[i] + output.num_scheduled_tokens.get(req_id, 0))
         for req_id in output.finished_req_ids:
-            self.trackers.pop(req_id, None)
-            self.pending.pop(req_id, None)
+            self._forget(req_id)
         return meta
+
+    @staticmethod
+    def _load_spec(tracker: RequestTracker, start: int, end: int, asynchronous: bool = False) -> LoadSpec:
+        chunks = tuple(c for c in tracker.chunks if c.overlaps(start, end))
+        return LoadSpec(tracker.req_id, start, end, chunks, tuple(tracker.block_ids), asynchronous)
 
     def _plan(self, meta: StepMetadata, tracker: RequestTracker, computed_after: int) -> None:
         if tracker.load is not None:
-            start, end = tracker.load
-            chunks = tuple(c for c in tracker.chunks if c.overlaps(start, end))
-            meta.loads.append(LoadSpec(tracker.req_id, start, end, chunks, tuple(tracker.block_ids)))
+            meta.loads.append(self._load_spec(tracker, *tracker.load))
             tracker.load = None
         if tracker.done_saving:
             return
@@ -156,5 +195,15 @@ class SchedulerSide:
             meta.saves.append(SaveSpec(tracker.req_id, tuple(todo), tuple(tracker.block_ids)))
 
     def request_finished(self, request: Request) -> None:
-        self.trackers.pop(request.request_id, None)
-        self.pending.pop(request.request_id, None)
+        tracker = self.trackers.get(request.request_id)
+        if tracker is not None and tracker.loading:
+            # Aborted while its KV arrives: vLLM frees its blocks once the workers report the load
+            # finished, which they do as soon as they have stopped writing into them.
+            self._cancelled.add(request.request_id)
+        self._forget(request.request_id)
+
+    def _forget(self, req_id: str) -> None:
+        self.trackers.pop(req_id, None)
+        self.pending.pop(req_id, None)
+        if self._asking.pop(req_id, None) is not None:
+            self.lookups.discard(req_id)

@@ -1,0 +1,212 @@
+"""Loads: fetch stored chunks and scatter them into vLLM's paged cache, inline or in the background.
+
+:class:`LoadPipeline` runs the loads of one step as one stream: their chunks are fetched in groups
+of ``GROUP_CHUNKS`` on a fetch thread, group k+1 arriving (network, decode, checksum) while group k
+is scattered, so the scatter hides behind the I/O instead of following it.
+
+:class:`BackgroundLoads` runs a step's asynchronous loads on a loader thread while vLLM keeps
+computing other requests. A request's load ends exactly once (loaded, failed, or cancelled), and
+only after its last write into vLLM's blocks: then it is reported to vLLM (``take_finished``), with
+the blocks that could not be loaded, and vLLM may schedule the request or free its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ...engine import KVCacheEngine
+from ...memory import MemoryObj
+from .metadata import ChunkRef, LoadSpec
+
+logger = logging.getLogger(__name__)
+
+GROUP_CHUNKS = 4  # chunks per fetch: small enough to overlap with scatter, big enough to batch
+IDLE_WAIT_SECS = 0.01  # longest wait for a background load in a step that computes nothing
+
+
+@dataclass
+class LoadOutcome:
+    """What one request's load delivered."""
+
+    spec: LoadSpec
+    loaded_to: int  # tokens [spec.start, loaded_to) are in vLLM's cache
+    nbytes: int = 0
+    cancelled: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.loaded_to >= self.spec.end
+
+
+@dataclass
+class StageTimes:
+    """Where a batch of loads spent its time (seconds), for logs, events and the TTFT benchmark."""
+
+    queued: float = 0.0  # planned until the loader started it
+    fetch_wait: float = 0.0  # waiting for chunks the scatter was ready for (I/O not hidden)
+    scatter: float = 0.0  # copying chunks into vLLM's blocks
+    total: float = 0.0
+
+    def as_ms(self) -> dict[str, float]:
+        return {f"{name}_ms": round(1e3 * getattr(self, name), 3) for name in ("queued", "fetch_wait", "scatter",
+                                                                               "total")}
+
+
+ScatterFn = Callable[[LoadSpec, ChunkRef, MemoryObj, int, int], int]  # -> bytes copied
+
+
+class LoadPipeline:
+    """Fetch in groups on a fetch thread; scatter each group while the next one arrives."""
+
+    def __init__(self, engine: KVCacheEngine, retrieve: Callable[[Sequence[ChunkRef]], list[MemoryObj | None]],
+                 scatter: ScatterFn) -> None:
+        self.engine = engine
+        self._retrieve = retrieve
+        self._scatter = scatter
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-fetch")
+
+    def run(self, specs: Sequence[LoadSpec], cancelled: Callable[[str], bool] = lambda _: False,
+            times: StageTimes | None = None) -> list[LoadOutcome]:
+        started = time.perf_counter()
+        times = times if times is not None else StageTimes()
+        outcomes = {spec.req_id: LoadOutcome(spec, spec.start) for spec in specs}
+        items = [(spec, ref) for spec in specs for ref in spec.chunks]
+        groups = [items[i:i + GROUP_CHUNKS] for i in range(0, len(items), GROUP_CHUNKS)]
+        broken: set[str] = set()  # requests whose chain of loaded chunks has ended
+
+        def live(group: list[tuple[LoadSpec, ChunkRef]]) -> list[tuple[LoadSpec, ChunkRef]]:
+            for spec, _ in group:
+                if spec.req_id not in broken and cancelled(spec.req_id):
+                    outcomes[spec.req_id].cancelled = True
+                    broken.add(spec.req_id)
+            return [(spec, ref) for spec, ref in group if spec.req_id not in broken]
+
+        pending = self._fetch(live(groups[0])) if groups else None
+        for k in range(len(groups)):
+            assert pending is not None
+            group, future = pending
+            wait_start = time.perf_counter()
+            objs = future.result()
+            times.fetch_wait += time.perf_counter() - wait_start
+            # The next group is fetched while this one is scattered (none for requests already over).
+            pending = self._fetch(live(groups[k + 1])) if k + 1 < len(groups) else None
+            scatter_start = time.perf_counter()
+            try:
+                for (spec, ref), obj in zip(group, objs, strict=True):
+                    if spec.req_id in broken or obj is None or not self._scatter_one(spec, ref, obj, outcomes):
+                        broken.add(spec.req_id)
+            finally:
+                for obj in objs:
+                    if obj is not None:
+                        obj.ref_down()
+                times.scatter += time.perf_counter() - scatter_start
+        times.total += time.perf_counter() - started
+        return list(outcomes.values())
+
+    def _scatter_one(self, spec: LoadSpec, ref: ChunkRef, obj: MemoryObj, outcomes: dict[str, LoadOutcome]) -> bool:
+        a, b = max(ref.start, spec.start), min(ref.end, spec.end)
+        try:
+            outcomes[spec.req_id].nbytes += self._scatter(spec, ref, obj, a, b)
+        except Exception:
+            logger.exception("Scatter of chunk %s failed; recomputing", self.engine.key(ref))
+            return False
+        outcomes[spec.req_id].loaded_to = b
+        return True
+
+    def _fetch(self, group: list[tuple[LoadSpec, ChunkRef]]) -> tuple[list[tuple[LoadSpec, ChunkRef]], Future]:
+        if not group:
+            done: Future = Future()
+            done.set_result([])
+            return group, done
+        return group, self._fetcher.submit(self._retrieve, [ref for _, ref in group])
+
+    def close(self) -> None:
+        self._fetcher.shutdown(wait=True)
+
+
+@dataclass
+class _Batch:
+    specs: list[LoadSpec]
+    planned: float = field(default_factory=time.perf_counter)
+
+
+class BackgroundLoads:
+    """Asynchronous loads on one loader thread; ``done(outcomes, times)`` runs there per batch."""
+
+    def __init__(self, pipeline: LoadPipeline, done: Callable[[list[LoadOutcome], StageTimes], None]) -> None:
+        self.pipeline = pipeline
+        self._done = done
+        self._cond = threading.Condition()
+        self._batches: list[_Batch] = []
+        self._in_flight: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._finished: list[LoadOutcome] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kvcache-loader", daemon=True)
+        self._thread.start()
+
+    def submit(self, specs: Sequence[LoadSpec]) -> None:
+        if not specs:
+            return
+        with self._cond:
+            self._batches.append(_Batch(list(specs)))
+            self._in_flight.update(spec.req_id for spec in specs)
+            self._cond.notify_all()
+
+    def cancel(self, req_ids: set[str]) -> None:
+        """Stop these requests' loads before their next chunk (they still end, as cancelled)."""
+        with self._cond:
+            self._cancelled.update(req_ids & self._in_flight)
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._in_flight)
+
+    def take_finished(self, wait: float = 0.0) -> list[LoadOutcome]:
+        """Loads that ended since the last call; with ``wait``, first wait up to that long for one
+        while any is in flight."""
+        with self._cond:
+            if wait > 0 and not self._finished and self._in_flight:
+                self._cond.wait_for(lambda: self._finished or not self._in_flight, wait)
+            finished, self._finished = self._finished, []
+            return finished
+
+    def _is_cancelled(self, req_id: str) -> bool:
+        with self._cond:
+            return req_id in self._cancelled or self._closed
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._batches or self._closed)
+                if not self._batches:
+                    return
+                batch = self._batches.pop(0)
+            times = StageTimes(queued=time.perf_counter() - batch.planned)
+            try:
+                outcomes = self.pipeline.run(batch.specs, self._is_cancelled, times)
+            except Exception:  # never lose a load: vLLM would hold its blocks forever
+                logger.exception("Background load of %d requests failed; recomputing them", len(batch.specs))
+                outcomes = [LoadOutcome(spec, spec.start) for spec in batch.specs]
+            try:
+                self._done(outcomes, times)
+            except Exception:
+                logger.exception("Recording finished loads failed")
+            with self._cond:
+                for outcome in outcomes:
+                    self._in_flight.discard(outcome.spec.req_id)
+                    self._cancelled.discard(outcome.spec.req_id)
+                self._finished.extend(outcomes)
+                self._cond.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True  # loads in flight stop before their next chunk
+            self._cond.notify_all()
+        self._thread.join(timeout)
