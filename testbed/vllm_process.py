@@ -37,6 +37,9 @@ def clean_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCACHE_", "MOONCAKE_"))}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # vLLM's CPU build sets its torch threads differently with and without a connector unless this
+    # is set (../shared/ENVIRONMENT.md): the same for every engine, so comparisons measure the cache.
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     env["LMCACHE_LOG_EVENTS"] = "true"  # the tests and benchmarks read the connector's structured events
     env["PYTHONUNBUFFERED"] = "1"

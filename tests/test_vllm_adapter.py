@@ -298,9 +298,14 @@ def test_a_hit_that_needs_io_loads_in_the_background_and_is_reported_finished(di
     wait_finished(h, req.request_id)
     assert h.worker.take_load_errors() == set()
     assert torch.equal(h.read(blocks, 0, hit), kv[:, :, :hit])
-    # vLLM then schedules it with the loaded tokens computed: no second load, only the saves left.
+    # vLLM then schedules it with the loaded tokens computed (telling the connector of the blocks
+    # again, with no external tokens): no second load, and no loaded chunk saved again.
+    h.sched.update_state_after_alloc(req, blocks, 0)
     meta = h.sched.build_meta(step(new=[(req, blocks, hit)], scheduled={req.request_id: 1}))
-    assert not meta.loads and not meta.saves and not meta.idle
+    assert not meta.loads and not meta.idle
+    h.forward(blocks, hit, len(tokens), kv)
+    h.worker.save(meta)
+    assert not meta.saves
 
 
 def test_a_hot_cache_hit_loads_before_the_forward(harness: Harness):

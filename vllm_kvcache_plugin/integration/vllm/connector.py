@@ -200,7 +200,13 @@ class LMCacheConnector(KVConnectorBase_V1):
             self.worker_side.close()
             self.worker_side = None
         if self.scheduler_side is not None:
-            self.scheduler_side.lookups.close()
+            lookups = self.scheduler_side.lookups
+            waits = lookups.wait_summary()
+            logger.info("vllm-kvcache-plugin: %d scheduler steps waited for lookup answers (p50 %.3f ms, p99 %.3f ms, "
+                        "max %.3f ms; budget %.1f ms a step)", waits["steps"], waits["p50_ms"], waits["p99_ms"],
+                        waits["max_ms"], 1e3 * lookups.step_budget)
+            events.emit("lookup_waits", **waits)
+            lookups.close()
 
     # ==============================  scheduler side  ==============================
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -223,6 +223,17 @@ class AsyncLookups:
                 del self._asked[req_id]
             return reply
 
+    def wait_summary(self) -> dict[str, float]:
+        """How long steps waited for lookup answers (steps that waited at all; the last 4096)."""
+        waits = sorted(self.waited_seconds)
+        if not waits:
+            return {"steps": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+
+        def ms(q: float) -> float:
+            return round(1e3 * waits[min(len(waits) - 1, int(q * len(waits)))], 3)
+
+        return {"steps": len(waits), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": round(1e3 * waits[-1], 3)}
+
     def discard(self, req_id: str) -> None:
         """Forget a request's lookup (finished or aborted while it was pending)."""
         with self._cond:

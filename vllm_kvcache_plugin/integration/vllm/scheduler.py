@@ -16,6 +16,7 @@ forward instead (a memory copy, faster than the extra step an asynchronous load 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,7 @@ class PendingLookup:
     hit_tokens: int  # stored tokens, capped so that at least one token is computed
     local_tokens: int = 0
     asynchronous: bool = False  # how a load of this hit runs (see the module docstring)
+    lookup_seconds: float = 0.0  # from the first question to the answer (steps included)
 
 
 class SchedulerSide:
@@ -70,7 +72,7 @@ class SchedulerSide:
         self.block_size = block_size
         self.trackers: dict[str, RequestTracker] = {}
         self.pending: dict[str, PendingLookup] = {}
-        self._asking: dict[str, list[ChunkRef]] = {}  # requests whose lookup is in flight
+        self._asking: dict[str, tuple[list[ChunkRef], float]] = {}  # lookups in flight, since when
         self._loads_to_start: list[LoadSpec] = []  # asynchronous loads planned since the last step
         self._cancelled: set[str] = set()
 
@@ -91,19 +93,18 @@ class SchedulerSide:
             pending = PendingLookup(tracker.chunks, LookupReply(0), 0)
             self.pending[req_id] = pending
         if pending is None:
-            chunks = self._asking.get(req_id)
-            if chunks is None:
-                chunks = self._chunks(request)
+            chunks, asked_at = self._asking.get(req_id) or (self._chunks(request), time.perf_counter())
             reply = self.lookups.reply(req_id, [c.chunk_hash for c in chunks]) if chunks else LookupReply(0)
             if reply is None:
-                self._asking[req_id] = chunks
+                self._asking[req_id] = (chunks, asked_at)
                 return None, False  # vLLM asks again next step
             self._asking.pop(req_id, None)
             stored_tokens = chunks[reply.hit_chunks - 1].end if reply.hit_chunks else 0
             # Leave at least one token for the forward to compute (vLLM samples from it).
             hit = min(stored_tokens, request.num_tokens - 1)
             all_hot = reply.hot >= reply.hit_chunks
-            pending = PendingLookup(chunks, reply, hit, asynchronous=self.config.async_loading and not all_hot)
+            pending = PendingLookup(chunks, reply, hit, asynchronous=self.config.async_loading and not all_hot,
+                                    lookup_seconds=time.perf_counter() - asked_at)
             self.pending[req_id] = pending
         pending.local_tokens = num_computed_tokens
         if not self.can_load:
@@ -113,6 +114,12 @@ class SchedulerSide:
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         pending = self.pending.pop(request.request_id, None)
+        tracker = self.trackers.get(request.request_id)
+        if pending is None and tracker is not None and tracker.loading:
+            # Scheduled after its asynchronous load: the request is the one already tracked.
+            tracker.loading = False
+            tracker.block_ids = list(block_ids)
+            return
         if pending is None:  # scheduled without a lookup (e.g. a role that does neither)
             pending = PendingLookup(self._chunks(request), LookupReply(0), 0)
         tracker = RequestTracker(request.request_id, len(request.prompt_token_ids or []), pending.chunks,
@@ -136,7 +143,8 @@ class SchedulerSide:
         total = len(request.prompt_token_ids or [])
         events.emit("request", request_id=request.request_id, prompt_tokens=total, loaded_tokens=num_external,
                     local_tokens=pending.local_tokens, stored_tokens=pending.hit_tokens,
-                    chunks_by_tier=pending.reply.by_tier())
+                    chunks_by_tier=pending.reply.by_tier(), asynchronous=bool(num_external) and pending.asynchronous,
+                    lookup_ms=round(1e3 * pending.lookup_seconds, 3))
         if num_external:
             tiers = ", ".join(f"{t}={n}" for t, n in pending.reply.by_tier().items()) or "none"
             logger.info("Request %s: cache hit, loading %d of %d prompt tokens (vLLM prefix cache had %d; "
