@@ -125,7 +125,14 @@ class CudaCopier(KVCopier):
         layer_strides = [stride * es for stride in layer_set.strides]
         chunk_strides = [stride * es for stride in geo.chunk_strides]
         vec = _vector_bytes([address_alignment, row_bytes, chunk.data_ptr(), *layer_strides, *chunk_strides])
-        # CPU slots (pinned, ideally) cost no device sync: the range check ran on the host.
-        slots = slots.to(device=layer_set.device, dtype=torch.int64, non_blocking=True).contiguous()
-        self._ext.kv_copy(table, slots, chunk, spec.num_kv_heads, spec.num_kv, row_bytes, spec.block_size,
-                          layer_set.num_blocks * spec.block_size, layer_strides, chunk_strides, vec, gather)
+        # The layers' device, not the thread's current one: loads run on a loader thread, which
+        # starts on device 0 whatever this worker's rank.
+        with torch.cuda.device(layer_set.device):
+            # CPU slots (pinned, ideally) cost no device sync: the range check ran on the host.
+            slots = slots.to(device=layer_set.device, dtype=torch.int64, non_blocking=True).contiguous()
+            self._ext.kv_copy(table, slots, chunk, spec.num_kv_heads, spec.num_kv, row_bytes, spec.block_size,
+                              layer_set.num_blocks * spec.block_size, layer_strides, chunk_strides, vec, gather)
+            if chunk.device.type == "cpu":
+                # The kernel reads / writes the pinned host chunk asynchronously: wait, so the caller
+                # may read it (gather) or hand its buffer to the next chunk (scatter) at once.
+                torch.cuda.current_stream(layer_set.device).synchronize()

@@ -65,6 +65,8 @@ class WorkerSide:
     # -- set-up ----------------------------------------------------------------------------
     def register(self, cache: RegisteredCache) -> None:
         self.cache = cache
+        if cache.layers[0].device.type == "cuda":
+            self.engine.allocator.pin_memory = True  # chunk buffers the GPU copies reach directly
         prepared = self.engine.prewarm(cache.shape)
         logger.info("KV cache registered: %d layers, %s, block size %d, %d kv heads x %d, %s, packing %s, copier %s; "
                     "%.0f MB of chunk buffers prepared", len(cache.layers), cache.spec.kind, cache.spec.block_size,
@@ -106,8 +108,9 @@ class WorkerSide:
         cache = self.cache
         assert cache is not None
         src = obj.tensor[:, :, a - ref.start:b - ref.start]
-        cache.copier.scatter(cache.layers, cache.spec, slots_for(spec.block_ids, self.block_size, a, b),
-                             src.to(cache.layers[0].device))
+        # Host chunks go to the copier as they are: the CUDA copier reads pinned ones directly, the
+        # others stage them (KVCopier._reachable).
+        cache.copier.scatter(cache.layers, cache.spec, slots_for(spec.block_ids, self.block_size, a, b), src)
         self._chunk_event("loaded", ref, obj.tensor)
         return src.numel() * src.element_size()
 
