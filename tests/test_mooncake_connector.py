@@ -375,3 +375,112 @@ def test_values_outlive_the_connector_with_a_standalone_client(mooncake_p2p):
         run(scenario())
     finally:
         owner.stop()
+
+
+# -- gets straight into caller buffers (the storage layer's pooled receive buffers) -----------------
+def test_get_into_pooled_buffers_is_byte_exact_and_registers_each_buffer_once(conn):
+    async def scenario():
+        allocator = Allocator()
+        sizes = [1, 4095, 4096, 100_003, CHUNK_BYTES]
+        keys = [unique("into") for _ in sizes]
+        values = [os.urandom(n) for n in sizes]
+        await conn.batched_put(list(zip(keys, values, strict=True)))
+        big_key, missing = unique("big"), unique("none")
+        await conn.put(big_key, os.urandom(50_000))
+        capacity = CHUNK_BYTES + 64
+        blocks = [allocator.buffer(capacity) for _ in range(len(keys) + 1)]
+        small = allocator.buffer(10_000)
+        for block in (*blocks, small):
+            block.fill_(0xAB)
+        registry = conn.client.registry
+        before = registry.registrations
+        for _ in range(2):  # the second round reuses the registrations
+            got = await conn.batched_get_into([*keys, missing, big_key],
+                                              [b.numpy() for b in blocks] + [small.numpy()])
+            assert got[:len(keys)] == sizes and got[len(keys)] is None
+            assert got[-1] == 50_000, "a value larger than its buffer reports its length"
+            for block, value in zip(blocks[:len(keys)], values, strict=True):
+                assert bytes(block.numpy()[:len(value)]) == value
+            assert bytes(small.numpy()) == b"\xab" * 10_000, "nothing written into a buffer it did not fit"
+        assert registry.registrations - before == len(blocks) + 1
+    run(scenario())
+
+
+def test_get_into_forgets_buffers_the_allocator_drops(conn):
+    async def scenario():
+        key, value = unique("drop"), os.urandom(200_000)
+        await conn.put(key, value)
+        allocator = Allocator(max_pool_bytes=0)  # every recycled buffer is dropped (and freed)
+        registry, dropped = conn.client.registry, []
+        for _ in range(5):
+            block = allocator.buffer(300_000)
+            assert await conn.batched_get_into([key], [block.numpy()]) == [len(value)]
+            assert bytes(block.numpy()[:len(value)]) == value
+            ptr = block.data_ptr()
+            allocator.recycle(block)
+            del block
+            assert (ptr, 300_000) in registry._dropped
+            dropped.append(ptr)
+        # the next call unregisters the dropped ones before it registers its own buffer
+        block = allocator.buffer(300_000)
+        assert await conn.batched_get_into([key], [block.numpy()]) == [len(value)]
+        assert registry._dropped == [] and registry._sizes.get(block.data_ptr()) == 300_000
+        assert all(p == block.data_ptr() or p not in registry._sizes for p in dropped)
+    run(scenario())
+
+
+def test_get_into_returns_only_after_the_native_call_ends(conn, monkeypatch):
+    """A cancelled get (the storage layer's deadline) keeps the buffers until Mooncake's call is
+    over, then re-raises: nothing may write into buffers the caller has reused."""
+    async def scenario():
+        key, value = unique("slow"), os.urandom(100_000)
+        await conn.put(key, value)
+        real, ended = conn._get_many_into, []
+
+        def slow(store, keys, views):
+            time.sleep(1.0)
+            try:
+                return real(store, keys, views)
+            finally:
+                ended.append(time.monotonic())
+
+        monkeypatch.setattr(conn, "_get_many_into", slow)
+        block = Allocator().buffer(200_000)
+        task = asyncio.ensure_future(conn.batched_get_into([key], [block.numpy()]))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.sleep(0.3)
+        assert not task.done(), "returned while Mooncake could still write into the buffer"
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ended and time.monotonic() >= ended[0]
+        assert bytes(block.numpy()[:len(value)]) == value  # the call did finish writing
+    run(scenario())
+
+
+def test_storage_layer_loads_mooncake_values_into_pooled_buffers(mooncake_p2p):
+    from vllm_kvcache_plugin.memory import ChunkMeta, KVFormat
+    from vllm_kvcache_plugin.storage.loop import EventLoopThread
+    from vllm_kvcache_plugin.storage.remote import RemoteTier
+
+    conn = connector(mooncake_p2p)
+    loop = EventLoopThread()
+    allocator = Allocator()
+    serde = NaiveSerde(allocator)
+    tier = RemoteTier(conn, serde, conn.config, loop)
+    tier.start()
+    try:
+        full = ChunkMeta(KVFormat.KV, torch.bfloat16, (2, 4, 16, 3, 64))
+        chunks = [allocator.wrap(torch.randn(2, 4, t, 3, 64).to(torch.bfloat16)) for t in (16, 5)]
+        keys = [unique("tier") for _ in chunks]
+        assert tier.put_many(list(zip(keys, chunks, strict=True)))
+        got = tier.get_many([*keys, unique("absent")], full)
+        assert got[-1] is None
+        for chunk, back in zip(chunks, got[:-1], strict=True):
+            assert back is not None and torch.equal(back.tensor, chunk.tensor)
+            assert back._block.numel() == serde.max_value_size(full)  # received in place
+            back.ref_down()
+        assert conn.client.registry._sizes, "the pooled buffers were registered"
+    finally:
+        tier.close()
+        loop.stop()

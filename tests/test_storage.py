@@ -13,7 +13,7 @@ import time
 import torch
 
 from vllm_kvcache_plugin.config import load_config
-from vllm_kvcache_plugin.memory import Allocator
+from vllm_kvcache_plugin.memory import Allocator, ChunkMeta, KVFormat, tensor_bytes
 from vllm_kvcache_plugin.serde.naive import NaiveSerde
 from vllm_kvcache_plugin.storage import StorageManager
 from vllm_kvcache_plugin.storage.disk import DiskTier, file_name
@@ -89,6 +89,74 @@ def test_disk_corrupt_and_vanished_files_are_misses(tmp_path):
     assert disk.get("b") is None and not disk.contains("b")
 
 
+FULL = ChunkMeta(KVFormat.KV, torch.float32, (2, 2, 16, 1, 8))  # what _obj(alloc, 16) makes
+
+
+def test_disk_reads_each_chunk_into_one_pooled_receive_buffer(tmp_path):
+    """Full and partial chunks are read straight into the pool's receive-size buffer (one copy,
+    one pool bucket), byte-exact, and the buffer goes back to the pool when the chunk is freed."""
+    alloc = Allocator()
+    serde = NaiveSerde(alloc)
+    capacity = serde.max_value_size(FULL)
+    disk = DiskTier(str(tmp_path), 10**8, serde)
+    for _ in range(2):
+        for tokens in (1, 5, 15, 16):
+            src = _obj(alloc, tokens)
+            disk.put(f"t{tokens}", src)
+            back = disk.get(f"t{tokens}", FULL)
+            assert back is not None and back.meta == src.meta
+            assert bytes(tensor_bytes(back.tensor)) == bytes(tensor_bytes(src.tensor))
+            assert back._block.numel() == capacity
+            back.ref_down()
+            src.ref_down()
+    assert list(alloc._pool) == [capacity] and alloc.pool_hits >= 7  # one buffer, reused
+    assert alloc.live == 0
+    legacy = disk.get("t5")  # no geometry given: a buffer of the file's size
+    assert legacy is not None and legacy.meta.shape[2] == 5
+    legacy.ref_down()
+
+
+def _serialized(alloc, shape):
+    return bytes(NaiveSerde(alloc).serialize(alloc.wrap(torch.randn(shape))))
+
+
+def test_disk_corrupt_truncated_and_foreign_files_are_misses(tmp_path, monkeypatch):
+    alloc = Allocator()
+    serde = NaiveSerde(alloc)
+    capacity = serde.max_value_size(FULL)
+    alloc.prewarm([capacity], per_size=1)
+    disk = DiskTier(str(tmp_path), 10**8, serde)
+    good = _serialized(alloc, FULL.shape)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x10
+    cases = {
+        "flipped payload": bytes(flipped),
+        "truncated": good[:-100],
+        "header only": good[:64],
+        "empty": b"",
+        "foreign bytes": os.urandom(len(good)),
+        "larger than any chunk of this geometry": good + b"x" * 4096,
+        "another geometry": _serialized(alloc, (2, 2, 16, 1, 4)),
+        "another dtype": bytes(serde.serialize(alloc.wrap(torch.randn(FULL.shape).to(torch.bfloat16)))),
+    }
+    for name, content in cases.items():
+        disk.put(name, _obj(alloc, 16))
+        path = tmp_path / file_name(name)
+        path.write_bytes(content)
+        assert disk.get(name, FULL) is None, name
+        assert not path.exists() and not disk.contains(name), name
+        assert alloc.pool_bytes == capacity, f"{name}: the receive buffer was not recycled"
+    assert disk.counters.corrupt == len(cases) and disk.counters.hits == 0
+    disk.put("eio", _obj(alloc, 16))  # a read error mid-file: a miss, the buffer back in the pool
+
+    def failing_readv(fd, buffers):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "readv", failing_readv)
+    assert disk.get("eio", FULL) is None and alloc.pool_bytes == capacity
+    assert disk.counters.errors >= 1
+
+
 def test_disk_read_only_folder_is_a_warning_not_a_crash(tmp_path):
     if os.geteuid() == 0:
         # root ignores permission bits; a full disk is simulated by a budget instead
@@ -106,7 +174,7 @@ def test_disk_read_only_folder_is_a_warning_not_a_crash(tmp_path):
 
 KILLED_WRITER = r"""
 import os, sys, torch
-from vllm_kvcache_plugin.memory import Allocator
+from vllm_kvcache_plugin.memory import Allocator, ChunkMeta, KVFormat, tensor_bytes
 from vllm_kvcache_plugin.serde.naive import NaiveSerde
 from vllm_kvcache_plugin.storage.disk import DiskTier
 disk = DiskTier(sys.argv[1], 10**10, NaiveSerde())

@@ -2,9 +2,11 @@
 behind one master (host:port). Other settings come from the JSON file named by
 ``MOONCAKE_CONFIG_PATH`` and from ``remote_options`` (which wins); the URL wins over both.
 
-Values move through two registered staging areas (one for puts, one for gets) with
-``batch_put_from`` / ``batch_get_into``, so a batch is one call and no per-call registration;
-values larger than a staging area use plain ``put`` / ``get``. Mooncake's data calls may run
+Puts move through a registered staging area with ``batch_put_from``. Gets land straight in the
+caller's buffers (``batched_get_into``: the storage layer's pooled receive buffers, each
+registered once and unregistered when the allocator lets it go) with one ``batch_get_into``;
+``batched_get`` (serdes without a receive size) goes through a second staging area and copies out.
+Values larger than a staging area use plain ``put`` / ``get``. Mooncake's data calls may run
 concurrently from several threads (its own ``mooncake.async_store`` does that); each staging area
 has a lock because it is our memory. ``setup`` runs in a background thread, retried with back-off,
 so an unreachable master never blocks start-up for Mooncake's minute of retries.
@@ -13,6 +15,7 @@ so an unreachable master never blocks start-up for Mooncake's minute of retries.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import time
@@ -47,6 +50,7 @@ __all__ = ["MooncakeStoreConnector", "code_name"]
 class MooncakeStoreConnector(RemoteConnector):
     schemes = ("mooncakestore",)
     blocking_threads = 4
+    supports_get_into = True
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None,
                  env: Mapping[str, str] | None = None) -> None:
@@ -97,6 +101,37 @@ class MooncakeStoreConnector(RemoteConnector):
             raise
         except Exception as exc:  # pybind11 turns C++ exceptions into RuntimeError and friends
             raise ConnectorError(f"{self.url.redacted()}: {type(exc).__name__}: {exc}") from None
+
+    async def _call_to_the_end(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the pool, returning or raising only once it has ended: a Mooncake call
+        cannot be stopped, and one that writes into caller buffers must be over before the caller
+        reuses them. A cancellation (the storage layer's deadline) is re-raised after the call
+        ends; until then the caller's wait is bounded by that layer, not by this coroutine."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.blocking_threads, thread_name_prefix="kv-mooncake")
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError:  # the pool is shut down: close() ran
+            raise ConnectorError(f"{self.url.redacted()}: connector is closed") from None
+        interrupted = False
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                if not future.cancelled():
+                    interrupted = True  # ours: keep waiting for the native call
+            except Exception:  # the call's own failure: read below
+                pass
+        if interrupted:
+            raise asyncio.CancelledError
+        if future.cancelled():  # never started: close() cancelled the queued call
+            raise ConnectorError(f"{self.url.redacted()}: connector closed during the call")
+        exc = future.exception()
+        if isinstance(exc, ConnectorError):
+            raise exc
+        if exc is not None:
+            raise ConnectorError(f"{self.url.redacted()}: {type(exc).__name__}: {exc}") from None
+        return future.result()
 
     def _fail(self, what: str, key: str, code: int) -> ConnectorError:
         return ConnectorError(f"{self.url.redacted()}: {what} {key!r} failed: {code_name(code)}")
@@ -149,6 +184,61 @@ class MooncakeStoreConnector(RemoteConnector):
         for i in unstaged:
             out[i] = self._plain_get(store, keys[i])
         return out
+
+    async def batched_get_into(self, keys: Sequence[str], outs: Sequence[Buffer]) -> list[int | None]:
+        """One ``batch_get_into`` straight into ``outs`` (registered once each, see BufferRegistry):
+        each value's length, None for a miss, or its length (> the buffer) when it did not fit.
+
+        Returns or raises only after Mooncake's call has ended (a cancellation too), so nothing
+        writes into ``outs`` afterwards; there is no transfer_timeout here: the storage layer's
+        load deadline bounds the caller's wait, and a late call hands the buffers back when it ends."""
+        if len(keys) != len(outs):
+            raise ValueError(f"batched_get_into: {len(keys)} keys but {len(outs)} buffers")
+        if not keys:
+            return []
+        views = [memoryview(out).cast("B") for out in outs]
+        for view in views:
+            if view.readonly:
+                raise ValueError("batched_get_into needs writable buffers")
+        store = self._client()
+        return await self._call_to_the_end(self._get_many_into, store, list(keys), views)
+
+    def _get_many_into(self, store: Any, keys: list[str], views: list[memoryview]) -> list[int | None]:
+        registry = self.client.registry
+        out: list[int | None] = [None] * len(keys)
+        direct, copied = [], []
+        for i, view in enumerate(views):
+            ptr = _address(view)
+            if registry is not None and ptr and registry.ensure(ptr, view.nbytes):
+                direct.append((i, ptr))
+            else:  # empty, or registration refused: through the staging area, and copied
+                copied.append(i)
+        if direct:
+            codes = store.batch_get_into([keys[i] for i, _ in direct], [ptr for _, ptr in direct],
+                                         [views[i].nbytes for i, _ in direct])
+            for (i, _), code in zip(direct, codes, strict=True):
+                if code >= 0:
+                    out[i] = code
+                elif code == INVALID_PARAMS:  # larger than the buffer (nothing was written)
+                    out[i] = self._oversize(store, keys[i], views[i].nbytes, code)
+                elif code not in MISSING_CODES:
+                    raise self._fail("get", keys[i], code)
+        if copied:
+            for i, value in zip(copied, self._get_many(store, [keys[i] for i in copied]), strict=True):
+                if value is not None:
+                    n = memoryview(value).nbytes
+                    if n <= views[i].nbytes:
+                        views[i][:n] = value
+                    out[i] = n
+        return out
+
+    def _oversize(self, store: Any, key: str, capacity: int, code: int) -> int | None:
+        size = store.get_size(key)
+        if size in MISSING_CODES:
+            return None  # removed in between
+        if size <= capacity:
+            raise self._fail("get", key, code)
+        return size
 
     def _slot_size(self, store: Any, first_key: str, stage: StagingArea | None) -> int:
         if self._slot_hint or stage is None:
@@ -251,6 +341,13 @@ class MooncakeStoreConnector(RemoteConnector):
         timeout = self.config.blocking_timeout_secs
         text = await self._call(timeout, _http_get, f"http://{address}/get_all_keys", timeout)
         return [key for key in text.splitlines() if key and key.startswith(prefix)]
+
+
+def _address(view: memoryview) -> int:
+    """The address of a writable, non-empty buffer (0 for an empty one)."""
+    if view.nbytes == 0:
+        return 0
+    return ctypes.addressof((ctypes.c_ubyte * view.nbytes).from_buffer(view))
 
 
 def _http_get(url: str, timeout: float) -> str:

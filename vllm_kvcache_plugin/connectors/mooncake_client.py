@@ -1,9 +1,11 @@
 """The Mooncake client's lifecycle: ``setup`` on a background thread, retried with back-off (an
 unreachable master never blocks start-up for Mooncake's minute of retries), the two registered
-staging areas values move through, and the ready-or-fail-at-once check every call starts with."""
+staging areas values move through, the registry of caller buffers gets land in directly, and the
+ready-or-fail-at-once check every call starts with."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import socket
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import memory
 from ..errors import ConnectorError, MissingDependencyError
 from .mooncake_settings import MooncakeSettings
 
@@ -71,6 +74,73 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+class BufferRegistry:
+    """Caller buffers (the allocator's pooled receive buffers) registered with Mooncake once each,
+    by address and size, so ``batch_get_into`` writes values straight into them.
+
+    A registration must end before its memory is freed and reused (with RDMA it pins the pages it
+    was made for). The allocator says when it lets a buffer go (``memory.add_drop_listener``):
+    :meth:`dropped` only notes it (it runs on whatever thread freed a chunk, so it makes no
+    Mooncake call), and the next :meth:`ensure` (on a data thread, under this lock) unregisters
+    it before any buffer is registered or trusted. Two live buffers never overlap, so a
+    registration that overlaps a live buffer handed to :meth:`ensure` is stale (its memory was
+    freed without a word) and is unregistered too. Thread-safe."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._sizes: dict[int, int] = {}  # address -> size, non-overlapping
+        self._starts: list[int] = []  # the same addresses, sorted
+        self._dropped: list[tuple[int, int]] = []
+        self.registrations = 0
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def dropped(self, ptr: int, size: int) -> None:
+        """memory's drop listener: ``ptr`` is about to be freed (never blocks, never raises)."""
+        with self._lock:
+            if self._sizes.get(ptr) == size:
+                self._dropped.append((ptr, size))
+
+    def ensure(self, ptr: int, size: int) -> bool:
+        """Register ``[ptr, ptr + size)`` unless it already is; False if Mooncake refused."""
+        with self._lock:
+            self._flush_dropped()
+            if self._sizes.get(ptr) == size:
+                return True
+            i = bisect.bisect_left(self._starts, ptr + size)
+            while i > 0 and self._starts[i - 1] + self._sizes[self._starts[i - 1]] > ptr:
+                self._unregister(self._starts[i - 1])  # stale: that memory is this live buffer now
+                i -= 1
+            if size <= 0 or self.store.register_buffer(ptr, size) != 0:
+                return False
+            self._sizes[ptr] = size
+            bisect.insort(self._starts, ptr)
+            self.registrations += 1
+            return True
+
+    def clear(self) -> None:
+        """Unregister everything (before the store closes; no data call may be running)."""
+        with self._lock:
+            self._dropped.clear()
+            for ptr in list(self._starts):
+                self._unregister(ptr)
+
+    def _flush_dropped(self) -> None:
+        dropped, self._dropped = self._dropped, []
+        for ptr, size in dropped:
+            if self._sizes.get(ptr) == size:
+                self._unregister(ptr)
+
+    def _unregister(self, ptr: int) -> None:
+        del self._sizes[ptr]
+        self._starts.pop(bisect.bisect_left(self._starts, ptr))
+        code = self.store.unregister_buffer(ptr)
+        if code != 0:
+            logger.debug("Mooncake unregister_buffer(%#x) returned %s", ptr, code)
+
+
 
 class MooncakeClient:
     """Owns one ``MooncakeDistributedStore``: sets it up in the background, hands it out when ready."""
@@ -83,6 +153,7 @@ class MooncakeClient:
         self.replicate: Any = None
         self.put_stage: StagingArea | None = None
         self.get_stage: StagingArea | None = None
+        self.registry: BufferRegistry | None = None  # set with the store
         self.ready = threading.Event()
         self.closed = threading.Event()
         self._setup_thread: threading.Thread | None = None
@@ -110,6 +181,8 @@ class MooncakeClient:
             if self.closed.is_set():
                 self.release(store)
                 return
+            self.registry = BufferRegistry(store)
+            memory.add_drop_listener(self.registry.dropped)
             self.store = store
             self.last_error = ""
             self.ready.set()
@@ -149,6 +222,10 @@ class MooncakeClient:
         return store
 
     def release(self, store: Any) -> None:
+        registry, self.registry = self.registry, None
+        if registry is not None:
+            memory.remove_drop_listener(registry.dropped)
+            registry.clear()
         for stage in (self.put_stage, self.get_stage):
             if stage is not None:
                 store.unregister_buffer(stage.ptr)

@@ -141,6 +141,12 @@ class DiskTier(Tier):
         return True
 
     def get(self, key: str, expected: ChunkMeta | None = None) -> MemoryObj | None:
+        """The chunk stored under ``key``, or None (absent, vanished, unreadable, corrupt, foreign).
+
+        One copy: the file is read straight into a pooled buffer (the serde's receive size for
+        ``expected``, the one the pool is pre-warmed with, so partial chunks fault in no fresh
+        pages either), and the naive serde's chunk is a view of it. A file larger than that size
+        cannot hold a chunk of this geometry: it is dropped as foreign without being read."""
         name = file_name(key)
         with self._lock:
             known = name in self._index
@@ -151,12 +157,20 @@ class DiskTier(Tier):
             return None
         path = os.path.join(self.path, name)
         allocator = self.serde.allocator
+        max_size = getattr(self.serde, "max_value_size", None)
+        capacity = max_size(expected) if expected is not None and max_size is not None else None
         block = None
         try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                block = allocator.buffer(size)  # pooled: no fresh pages on the load path
-                data = memoryview(block.numpy())[: fh.readinto(block.numpy())]
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                size = os.fstat(fd).st_size
+                if capacity is not None and size > capacity:
+                    return self._reject(key, name, path, f"file of {size} bytes is larger than a "
+                                        f"{capacity}-byte value of this geometry (foreign?)")
+                block = allocator.buffer(size if capacity is None else capacity)  # pooled: no fresh pages
+                data = memoryview(block.numpy())[: _read_into(fd, memoryview(block.numpy())[:size])]
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             self._forget(name)
             self._warn("Disk tier %s: %s vanished underneath; treating as a miss", self.path, name)
@@ -169,21 +183,25 @@ class DiskTier(Tier):
             self.counters.add(misses=1)
             return None
         try:
-            obj = self.serde.deserialize_block(data, block, expected)
+            obj = self.serde.deserialize_block(data, block, expected)  # recycles the block if it raises
         except CorruptValueError as exc:
-            self.counters.add(corrupt=1)
-            self._forget(name)
-            self._unlink(path)
-            self._warn("Disk tier %s: dropped corrupt chunk %s (%s)", self.path, name, exc)
-            events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason=str(exc))
-            self.counters.add(misses=1)
-            return None
+            return self._reject(key, name, path, str(exc))
         try:
             os.utime(path)  # persist recency for the index rebuilt at the next start
         except OSError:
             pass
         self.counters.add(hits=1, bytes_read=len(data))
         return obj
+
+    def _reject(self, key: str, name: str, path: str, reason: str) -> None:
+        """A corrupt or foreign file: dropped, counted, and a miss."""
+        self.counters.add(corrupt=1)
+        self._forget(name)
+        self._unlink(path)
+        self._warn("Disk tier %s: dropped corrupt chunk %s (%s)", self.path, name, reason)
+        events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason=reason)
+        self.counters.add(misses=1)
+        return None
 
     def remove(self, key: str) -> bool:
         name = file_name(key)
@@ -193,3 +211,14 @@ class DiskTier(Tier):
             return False
         self._unlink(os.path.join(self.path, name))
         return True
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    """Read from ``fd`` into ``view`` until it is full or the file ends; the bytes read."""
+    total = 0
+    while total < view.nbytes:
+        n = os.readv(fd, [view[total:]])
+        if n == 0:  # the file is shorter than it was at fstat: the header check rejects it
+            break
+        total += n
+    return total
