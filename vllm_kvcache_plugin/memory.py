@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,20 @@ class ChunkMeta:
 
 DEFAULT_POOL_BYTES = 512 << 20
 
+#: Called with (address, size) of each buffer an Allocator lets go of (the pool is full), before
+#: its memory can be freed and reused: a connector that registered pooled buffers with a transport
+#: (Mooncake) forgets that registration. Listeners must be cheap and must not raise.
+_drop_listeners: list[Callable[[int, int], None]] = []
+
+
+def add_drop_listener(listener: Callable[[int, int], None]) -> None:
+    _drop_listeners.append(listener)
+
+
+def remove_drop_listener(listener: Callable[[int, int], None]) -> None:
+    if listener in _drop_listeners:
+        _drop_listeners.remove(listener)
+
 
 class Allocator:
     """Chunk memory with a free list, and the allocation / free counters (the seed's allocator metrics).
@@ -78,9 +93,12 @@ class Allocator:
     ``max_pool_bytes``, and handed out again. Thread-safe.
     """
 
-    def __init__(self, max_pool_bytes: int = DEFAULT_POOL_BYTES) -> None:
+    def __init__(self, max_pool_bytes: int = DEFAULT_POOL_BYTES, pin_memory: bool = False) -> None:
         self._lock = threading.Lock()
         self.max_pool_bytes = max_pool_bytes
+        #: Page-locked buffers (set by the worker when vLLM's cache is on a GPU): the CUDA copier then
+        #: moves chunks between them and the device directly, with no pageable staging copy.
+        self.pin_memory = pin_memory
         self._pool: dict[int, list[torch.Tensor]] = {}
         self.pool_bytes = 0
         self.pool_hits = 0
@@ -98,7 +116,7 @@ class Allocator:
                 self.pool_bytes -= nbytes
                 self.pool_hits += 1
                 return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
 
     def recycle(self, block: torch.Tensor) -> None:
         """Keep ``block`` for reuse (dropped when the pool is full)."""
@@ -107,6 +125,9 @@ class Allocator:
             if self.pool_bytes + nbytes <= self.max_pool_bytes:
                 self._pool.setdefault(nbytes, []).append(block)
                 self.pool_bytes += nbytes
+                return
+        for listener in tuple(_drop_listeners):
+            listener(block.data_ptr(), nbytes)
 
     def prewarm(self, sizes: list[int], per_size: int = 16) -> int:
         """Put ``per_size`` touched buffers of each size in the pool (within its cap), so the first
@@ -116,7 +137,7 @@ class Allocator:
             for n in dict.fromkeys(sizes):
                 if n <= 0 or self.pool_bytes + n > self.max_pool_bytes:
                     continue
-                block = torch.empty(n, dtype=torch.uint8)
+                block = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin_memory)
                 block.fill_(0)  # touch every page now, not on the request path
                 self.recycle(block)
                 added += n
