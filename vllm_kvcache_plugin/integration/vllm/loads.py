@@ -98,6 +98,9 @@ class LoadPipeline:
             scatter_start = time.perf_counter()
             try:
                 for (spec, ref), obj in zip(group, objs, strict=True):
+                    if spec.req_id not in broken and cancelled(spec.req_id):  # aborted while it arrived
+                        outcomes[spec.req_id].cancelled = True
+                        broken.add(spec.req_id)
                     if spec.req_id in broken or obj is None or not self._scatter_one(spec, ref, obj, outcomes):
                         broken.add(spec.req_id)
             finally:

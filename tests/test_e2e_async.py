@@ -1,0 +1,123 @@
+"""Asynchronous loads and lookups in the real engine (float32, real redis behind a loopback proxy).
+
+vLLM's own prefix caching is off, so a repeated prompt can only be a hit from the store, which is
+then loaded asynchronously (the hot cache is off: every hit needs I/O).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import pytest
+
+from testbed import prompts
+from testbed.events import events, hits_for, requests
+from testbed.redis_servers import start_redis
+from testbed.vllm_process import VLLMServer, clean_env
+from tests.proxy import DelayProxy
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("async-redis")
+    redis = start_redis("redis-async", str(workdir))
+    proxy = DelayProxy(redis.node.port).start()
+    yield redis, proxy
+    proxy.release()
+    proxy.stop()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    _, proxy = store
+    env = clean_env(LMCACHE_REMOTE_URL=f"redis://127.0.0.1:{proxy.port}", LMCACHE_LOCAL_CPU="False",
+                    LMCACHE_BLOCKING_TIMEOUT_SECS="10")
+    vllm = VLLMServer(env, dtype="float32", name="vllm-async", log_dir=str(tmp_path_factory.mktemp("async-vllm")),
+                      extra_args=("--no-enable-prefix-caching",))
+    with vllm:
+        yield vllm
+
+
+def wait_stored(redis, keys_at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while redis.node.call(lambda c: c.dbsize()) < keys_at_least:
+        assert time.monotonic() < deadline, "the saves did not reach redis"
+        time.sleep(0.2)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def hit_eventually(server: VLLMServer, prompt: str, timeout: float = 120) -> dict:
+    """The prompt sent until the connector loads it (once the store is back, and it was saved)."""
+    def hit_once():
+        result = server.complete(prompt, 8)
+        return result if hits_for(server.log(), result["id"]) else None
+
+    return wait_for(hit_once, timeout, "hits to resume")
+
+
+def test_a_hit_loads_asynchronously_and_gives_the_same_text(server: VLLMServer, store):
+    redis, _ = store
+    prompt = prompts.text(700, offset=31_000)
+    cold = server.complete(prompt, 8)
+    wait_stored(redis, cold["usage"]["prompt_tokens"] // CHUNK)
+    hit = server.complete(prompt, 8)
+    assert hit["choices"][0]["text"] == cold["choices"][0]["text"]
+    (event,) = [e for e in requests(server.log(), hit["id"]) if e["loaded_tokens"]]
+    assert event["asynchronous"] and event["loaded_tokens"] == hit["usage"]["prompt_tokens"] - 1
+    done = [e for e in events(server.log(), "loads_done") if event["request_id"] in e["requests"]]
+    assert len(done) == 1 and done[0]["asynchronous"] and done[0]["tokens"] == event["loaded_tokens"]
+
+
+def test_a_client_that_leaves_mid_load_releases_its_blocks(server: VLLMServer, store):
+    redis, proxy = store
+    prompt = prompts.text(900, offset=36_000)
+    before = redis.node.call(lambda c: c.dbsize())
+    cold = server.complete(prompt, 8)
+    wait_stored(redis, before + cold["usage"]["prompt_tokens"] // CHUNK)
+    # The store freezes in the middle of the first value, so the load is in flight when the client
+    # goes away (vLLM aborts the request).
+    proxy.stall_replies_after(64 * 1024)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    body = {"model": server.model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    assert proxy.stalled.wait(60), "the load never reached the store"
+    conn.close()
+    cancelled = wait_for(lambda: [e for e in events(server.log(), "loads_done") if e["cancelled"]], 90,
+                         "the aborted request's load to end")
+    proxy.release()
+    assert len(cancelled) == 1 and cancelled[0]["asynchronous"]
+    # vLLM freed the request's blocks (it holds them until the worker reports the load over), and
+    # the engine serves the same prompt again with the cold run's text: at once (a miss while the
+    # connector still counts the frozen store as down), then as a hit.
+    wait_for(lambda: server.metric_value("vllm:kv_cache_usage_perc") == 0, 30, "the blocks to be freed")
+    assert server.complete(prompt, 8, timeout=60)["choices"][0]["text"] == cold["choices"][0]["text"]
+    assert hit_eventually(server, prompt)["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
+def test_a_frozen_store_makes_a_new_prompt_a_miss_not_a_hang(server: VLLMServer, store):
+    redis, _ = store
+    prompt = prompts.text(500, offset=41_000)
+    redis.node.pause()  # accepts connections, answers nothing
+    try:
+        started = time.monotonic()
+        frozen = server.complete(prompt, 8, timeout=120)
+        assert time.monotonic() - started < 90
+    finally:
+        redis.node.resume()
+    assert not hits_for(server.log(), frozen["id"])
+    # Once the store answers again, the prompt is saved and then hits, with the same text.
+    assert hit_eventually(server, prompt)["choices"][0]["text"] == frozen["choices"][0]["text"]
