@@ -137,7 +137,7 @@ def test_scheduler_asks_every_worker_of_a_pipeline_parallel_instance(model_dir):
                         kv_transfer_config=KVTransferConfig(kv_connector="LMCacheConnector", kv_role="kv_both"))
     connector = LMCacheConnector(config, KVConnectorRole.SCHEDULER, None)
     try:
-        addresses = connector.scheduler_side.lookup_client.addresses
+        addresses = connector.scheduler_side.lookups.client.addresses
         assert connector.world_size == 6 and len(set(addresses)) == 6
         assert addresses == [lookup_address(config.kv_transfer_config.engine_id, 0, r) for r in range(6)]
     finally:
@@ -146,7 +146,7 @@ def test_scheduler_asks_every_worker_of_a_pipeline_parallel_instance(model_dir):
 
 # -- through the scheduler and worker sides: stored under one scope, loaded only by it ----------
 def store_prompt(h: Harness, req: Request, kv: torch.Tensor) -> None:
-    assert h.sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert h.matched(req, 0) == (0, False)
     blocks = h.blocks(-(-len(TOKENS) // BLOCK))
     h.sched.update_state_after_alloc(req, blocks, 0)
     meta = h.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: len(TOKENS)}))
@@ -156,7 +156,7 @@ def store_prompt(h: Harness, req: Request, kv: torch.Tensor) -> None:
 
 
 def hit(h: Harness, req: Request) -> int:
-    return h.sched.get_num_new_matched_tokens(req, 0)[0]
+    return h.matched(req, 0)[0]
 
 
 def test_scheduler_hits_only_the_scope_a_prompt_was_stored_under():
