@@ -39,7 +39,7 @@ from testbed.redis_servers import start_redis  # noqa: E402
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 
 STREAMS = 2
-STREAM_TOKENS = 100_000  # the streams are stopped by closing them, not by max_tokens
+LAST_IDS: list[str] = []  # completion ids of the newcomers, for their events
 
 
 @dataclass
@@ -93,7 +93,9 @@ def newcomers(server: VLLMServer, token_prompts: list[list[int]], during: float 
     ttfts: list[float] = [0.0] * len(token_prompts)
 
     def one(i: int) -> None:
-        ttfts[i] = server.ttft(token_prompts[i], max_tokens=1).ttft
+        result = server.ttft(token_prompts[i], max_tokens=1)
+        ttfts[i] = result.ttft
+        LAST_IDS.append(result.id)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(token_prompts))]
     start = time.perf_counter()
@@ -135,6 +137,21 @@ def token_prompts(server: VLLMServer, count: int, tokens: int, offset: int) -> l
     return out
 
 
+def load_stages(log: str, completion_ids: list[str]) -> str:
+    """The newcomers' lookups and loads, from the connector's events: where (b)'s TTFT went."""
+    lines = []
+    for e in events(log, "request"):
+        if any(e["request_id"].startswith(c) for c in completion_ids) and e["loaded_tokens"]:
+            lines.append(f"  request {e['request_id'][:18]}: lookup {e['lookup_ms']:.1f} ms, "
+                         f"{e['loaded_tokens']} tokens, {'async' if e['asynchronous'] else 'sync'}")
+    for e in events(log, "loads_done"):
+        if any(r.startswith(c) for r in e["requests"] for c in completion_ids):
+            lines.append(f"  load of {len(e['requests'])} request(s), {e['bytes'] / 1e6:.0f} MB: queued "
+                         f"{e['queued_ms']:.0f} ms, fetch wait {e['fetch_wait_ms']:.0f} ms, scatter "
+                         f"{e['scatter_ms']:.0f} ms, total {e['total_ms']:.0f} ms")
+    return "\n".join(lines)
+
+
 def lookup_waits(server: VLLMServer) -> dict:
     found = events(server.log(), "lookup_waits")
     return found[-1] if found else {}
@@ -168,8 +185,11 @@ def main() -> int:
             waits.append(("first instance", lookup_waits(server)))
             server = VLLMServer(env, name="vllm-interference-2", log_dir=tmp).start()
             try:
+                LAST_IDS.clear()
                 gap_b, ttft_b, steady_b = with_streams(server, lambda: newcomers(server, four))
                 print(f"(b) loads from redis: largest gap {gap_b * 1e3:.0f} ms, TTFTs {fmt_list(ttft_b)}", flush=True)
+                stages_b = load_stages(server.log(), list(LAST_IDS))
+                print(stages_b, flush=True)
                 fresh = token_prompts(server, 4, args.prompt_tokens // 2, offset=20_000)
                 gap_h, ttft_h, steady_h = with_streams(server, lambda: newcomers(server, fresh[:2]))
                 print(f"healthy store, 2 new prompts: largest gap {gap_h * 1e3:.0f} ms", flush=True)
@@ -207,7 +227,8 @@ def main() -> int:
     wait_table = markdown_table(["engine", "steps that waited", "p50 ms", "p99 ms", "max ms"], wait_rows)
     text = (f"{environment_line()}\n\nDecode interference ({STREAMS} greedy streams, SmolLM2-135M bf16, "
             f"{args.prompt_tokens}-token newcomers, redis, hot cache off)\n\n{table}\n\n"
-            f"Scheduler wait for lookup answers, per step (connector's lookup_waits event)\n\n{wait_table}\n")
+            f"Scheduler wait for lookup answers, per step (connector's lookup_waits event)\n\n{wait_table}\n\n"
+            f"(b)'s lookups and loads (connector events)\n\n```\n{stages_b}\n```\n")
     print("\n" + text)
     (out_dir / "interference.md").write_text(text)
     plot([r[0] for r in rows], [gap_a, gap_b, gap_h, gap_f], out_dir / "interference.png")

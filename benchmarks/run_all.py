@@ -45,6 +45,8 @@ BENCHES = (
           ("benchmarks/bench_cachegen.py", "--e2e")),
     Bench("ttft", "Time to first token on vLLM's CPU build",
           ("benchmarks/bench_ttft.py", "--stores", "lm,redis,disk,mooncake")),
+    Bench("interference", "Decode interference: running streams while hits load, and a frozen store",
+          ("benchmarks/bench_interference.py",), ()),
     Bench("chat", "Multi-turn chat workload", ("benchmarks/bench_chat.py",)),
     Bench("soak", "Soak: 30 minutes at concurrency 16", ("benchmarks/soak.py",), ("--minutes", "3")),
 )
