@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class Allocator:
 class MemoryObj:
     """A chunk: tensor + metadata + reference count. Create through :class:`Allocator`."""
 
-    __slots__ = ("_block", "_lock", "_refs", "allocator", "meta", "nbytes", "tensor")
+    __slots__ = ("_block", "_lock", "_on_free", "_refs", "_valid_until", "allocator", "meta", "nbytes", "tensor")
 
     def __init__(self, meta: ChunkMeta, tensor: torch.Tensor, allocator: Allocator,
                  block: torch.Tensor | None = None) -> None:
@@ -188,12 +189,40 @@ class MemoryObj:
         self.nbytes = tensor.numel() * tensor.element_size()
         self._refs = 1
         self._lock = threading.Lock()
+        self._on_free: Callable[[], None] | None = None
+        self._valid_until: float | None = None
 
     @property
     def refs(self) -> int:
         return self._refs
 
+    def lend(self, on_free: Callable[[], None], valid_until: float | None = None) -> MemoryObj:
+        """Mark the tensor as lent memory (a view of a shared mapping under a read lease):
+        ``on_free`` runs once, when the last reference goes (it gives the lease back), and
+        :meth:`ref_up` hands any further holder (the hot cache, a write queue) a copy of its own,
+        so nothing keeps the lent memory beyond its one borrower. ``valid_until`` (monotonic
+        seconds) is when the lease ends: bytes read after it may be another value's."""
+        self._on_free = on_free
+        self._valid_until = valid_until
+        return self
+
+    def lease_held(self) -> bool:
+        """Whether the memory is still this chunk's: always, unless it is lent under a lease that
+        has run out. A reader checks it AFTER reading: True then means nothing changed underneath."""
+        return self._valid_until is None or time.monotonic() < self._valid_until
+
+    @property
+    def lent(self) -> bool:
+        return self._on_free is not None
+
     def ref_up(self) -> MemoryObj:
+        if self._on_free is not None:
+            if self._refs <= 0 or self.tensor is None:
+                raise RuntimeError("ref_up on a freed chunk")
+            copy = self.allocator.allocate(self.meta)
+            assert copy.tensor is not None
+            copy.tensor.copy_(self.tensor)
+            return copy
         with self._lock:
             if self._refs <= 0:
                 raise RuntimeError("ref_up on a freed chunk")
@@ -211,6 +240,9 @@ class MemoryObj:
                 block, self._block = self._block, None
         if freed:
             self.allocator._release(self, block)
+            on_free, self._on_free = self._on_free, None
+            if on_free is not None:
+                on_free()
 
     def __repr__(self) -> str:
         return f"MemoryObj({self.meta.fmt.name}, {self.meta.dtype}, {self.meta.shape}, refs={self._refs})"

@@ -10,7 +10,8 @@ loop in a background thread); calling it from another running loop raises :class
 Any transport or protocol failure, or a time-out, raises :class:`ConnectorError` and drops the
 connection; the next call connects again. Settings (``remote_options``): ``request_timeout_secs``
 (default 30, per request) and ``token`` (if not in the URL); connecting (TCP + HELLO) is bounded by
-``blocking_timeout_secs``.
+``blocking_timeout_secs``. ``?shm=auto|on|off`` (default auto): read values through the server's
+shared memory when it runs on this host (lm_shm.py), else over TCP.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ..lm_protocol import (
 )
 from .base import Buffer, RemoteConnector
 from .lm_client import ClientConnection, Reply
+from .lm_shm import MODES, Leased, ShmClient
 from .url import RemoteURL
 
 
@@ -51,10 +53,13 @@ class LMConnector(RemoteConnector):
             raise URLError(f"remote URL {shown!r}: lm:// needs one host:port, e.g. lm://127.0.0.1:65432")
         if url.path not in ("", "/"):
             raise URLError(f"remote URL {shown!r}: lm:// takes no path")
-        unknown = sorted(set(url.query) - {"token"})
+        unknown = sorted(set(url.query) - {"token", "shm"})
         if unknown:
-            raise URLError(f"remote URL {shown!r}: unknown option(s) {', '.join(unknown)}; allowed: token")
+            raise URLError(f"remote URL {shown!r}: unknown option(s) {', '.join(unknown)}; allowed: token, shm")
         options = self.config.remote_options
+        shm_mode = str(url.query.get("shm") or options.get("shm") or "auto").lower()
+        if shm_mode not in MODES:
+            raise URLError(f"remote URL {shown!r}: shm={shm_mode!r}; allowed: {', '.join(MODES)}")
         self.host, self.port = url.host, url.port
         self.where = f"lm://{self.host}:{self.port}"  # never includes the token
         self._token = str(url.query.get("token") or options.get("token") or "").encode()
@@ -66,6 +71,7 @@ class LMConnector(RemoteConnector):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._last_failure: tuple[float, ConnectorError] | None = None
+        self._shm = ShmClient(self.where, shm_mode)
 
     def __repr__(self) -> str:
         return f"LMConnector({self.where!r})"
@@ -91,6 +97,22 @@ class LMConnector(RemoteConnector):
         """The server's STATS (keys, bytes, budget, hits, misses, evictions, connections, requests)."""
         reply = await self._call(Op.STATS)
         return json.loads(_joined(reply.body))
+
+    # -- shared memory (lm_shm.py) -------------------------------------------------------------
+    @property
+    def shm_active(self) -> bool:
+        """True while the connection reads values through the server's shared memory."""
+        proto = self._proto
+        return proto is not None and proto.usable and proto.shm is not None
+
+    @property
+    def shm_stats(self) -> dict:
+        return dict(self._shm.stats)
+
+    async def batched_get_leased(self, keys: Sequence[str]) -> list[Leased | None]:
+        """Each value as a read-only view of the shared mapping under a lease (None: a miss). The
+        caller must check ``deadline`` after reading and call ``release`` when done (batched)."""
+        return await self._shm.get_leased(self, keys)
 
     # -- single keys -------------------------------------------------------------------------
     async def exists(self, key: str) -> bool:
@@ -179,11 +201,12 @@ class LMConnector(RemoteConnector):
             raise
         return self._checked(op, reply)
 
-    async def _call_many(self, op: Op, frames: Sequence, into: Sequence | None = None) -> list[Reply]:
+    async def _call_many(self, op: Op, frames: Sequence, into: Sequence | None = None,
+                         proto: ClientConnection | None = None) -> list[Reply]:
         """Send every frame, then collect the replies: one round trip however many frames."""
         if not frames:
             return []
-        proto = await self._connection()
+        proto = proto or await self._connection()
         futures = []
         try:
             for i, frame in enumerate(frames):
@@ -260,6 +283,11 @@ class LMConnector(RemoteConnector):
         else:
             self.limits = proto.limits = limits
             self.server_info = info
+            try:
+                await self._shm.negotiate(self, proto, info, timeout)
+            except BaseException:  # cancelled
+                proto.abort(ConnectorError(f"{self.where}: connect cancelled"))
+                raise
             return proto
         proto.abort(error)
         raise error

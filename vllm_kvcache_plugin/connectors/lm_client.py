@@ -62,6 +62,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._next_id = 0
         self._drain_waiters: list[asyncio.Future] = []
         self._watchdog: asyncio.TimerHandle | None = None
+        self.shm = None  # lm_shm.ShmMapping once this connection is attached to the server's arena
 
     @property
     def usable(self) -> bool:

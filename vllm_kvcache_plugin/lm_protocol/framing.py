@@ -64,6 +64,12 @@ class FrameWriter:
         self._queue.clear()
         self.queued = 0
 
+    @property
+    def idle(self) -> bool:
+        """Everything queued was handed to the transport and the transport holds none of it (it
+        pauses us whenever it buffers anything): the parts' memory may be reused."""
+        return not self._queue and not self._paused
+
     def _pump(self) -> None:
         queue = self._queue
         while queue and not self._paused:

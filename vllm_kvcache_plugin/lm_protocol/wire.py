@@ -31,6 +31,7 @@ HEADER = struct.Struct("<2sBBIIQ")
 HEADER_SIZE = HEADER.size  # 20
 MISSING = -1  # a batched GET's length for a key that is not stored
 MAX_ERROR_MESSAGE = 4096
+SHM_MAGIC = b"LMKVSHM1"  # offset 0 of the shared-memory arena, followed by its 16-byte id
 
 
 class Op(enum.IntEnum):
@@ -46,6 +47,10 @@ class Op(enum.IntEnum):
     BATCH_GET = 10
     BATCH_PUT = 11
     BATCH_DELETE = 12
+    # Shared memory (same host; the HELLO reply says ``"shm": true`` where the server offers it).
+    SHM_ATTACH = 13  # -> JSON: the unix socket to fetch the arena's fd from, a one-time nonce, ...
+    BATCH_GET_LEASE = 14  # key list -> lease table: where each value lies in the arena, under a lease
+    LEASE_RELEASE = 15  # lease id list -> one byte per lease: 1 still valid, 0 expired or unknown
 
 
 class Status(enum.IntEnum):
@@ -150,6 +155,8 @@ def as_byte_view(value: object) -> memoryview:
 # A batched PUT's meta:  u32 count, count x u32 key lengths, count x u64 value lengths, the keys.
 # A batched GET reply:   u32 count, count x i64 value lengths (MISSING = -1); the body holds the
 #                        found values back to back.
+# A lease table:         u32 count, count x (i64 length (MISSING = -1), i64 offset, i64 lease id).
+# A lease id list:       u32 count, count x i64 lease ids.
 
 
 def encode_keys(keys: Sequence[bytes]) -> bytes:
@@ -210,3 +217,35 @@ def _split_keys(meta: bytes | memoryview, offset: int, lengths: Sequence[int]) -
         keys.append(bytes(meta[offset : offset + n]))
         offset += n
     return keys
+
+
+def encode_leases(entries: Sequence[tuple[int, int, int]]) -> bytes:
+    n = len(entries)
+    return struct.pack(f"<I{3 * n}q", n, *(x for entry in entries for x in entry))
+
+
+def decode_leases(meta: bytes | memoryview, max_count: int) -> list[tuple[int, int, int]]:
+    """(length, offset, lease id) per key; MISSING length for a key not stored."""
+    if len(meta) < 4:
+        raise ProtocolError("meta is too short for its count")
+    (count,) = struct.unpack_from("<I", meta, 0)
+    if count > max_count:
+        raise ProtocolError(f"batch of {count} items is over the limit of {max_count}")
+    if len(meta) != 4 + 24 * count:
+        raise ProtocolError("lease table length does not match its count")
+    flat = struct.unpack_from(f"<{3 * count}q", meta, 4)
+    entries = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, 3 * count, 3)]
+    if any(n < MISSING or off < 0 for n, off, _ in entries):
+        raise ProtocolError("lease table holds a negative length or offset")
+    return entries
+
+
+def encode_ids(ids: Sequence[int]) -> bytes:
+    return encode_lengths(ids)
+
+
+def decode_ids(meta: bytes | memoryview, max_count: int) -> list[int]:
+    _count, ids, offset = _read_count_and(meta, "q", max_count)
+    if offset != len(meta):
+        raise ProtocolError("id list has trailing bytes")
+    return ids

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frame-timeout", type=_positive(float, "seconds"), default=60.0,
                         help="close connections that stop sending in the middle of a frame for this many "
                         "seconds (default 60)")
+    parser.add_argument("--no-shm", action="store_true",
+                        help="keep values in ordinary memory and serve every client over TCP (default: values "
+                        "live in a shared-memory arena that clients on the same host and uid read directly)")
+    parser.add_argument("--lease-secs", type=_positive(float, "seconds"), default=10.0,
+                        help="how long a shared-memory read lease keeps a value's memory from being reused "
+                        "(default 10)")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
                         help="event loop: uvloop is faster per request (auto: uvloop when installed)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -85,6 +91,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         limits=Limits(max_value_size=int(args.max_value_mb * 10**6)),
         handshake_timeout_secs=args.handshake_timeout,
         frame_timeout_secs=args.frame_timeout,
+        shm=not args.no_shm,
+        lease_secs=args.lease_secs,
     )
 
 
@@ -103,8 +111,9 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     disk = f", disk {config.disk_path} ({config.max_disk_bytes / GB:g} GB)" if config.disk_path else ""
     metrics = f", metrics http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else ""
-    logger.info("lm server listening on %s:%d, memory budget %g GB%s, token %s%s", config.host, server.port,
-                config.max_bytes / GB, disk, "required" if config.token else "off", metrics)
+    shm = f"on (leases {config.lease_secs:g} s)" if server.arena is not None else "off"
+    logger.info("lm server listening on %s:%d, memory budget %g GB%s, token %s%s, shared memory %s", config.host,
+                server.port, config.max_bytes / GB, disk, "required" if config.token else "off", metrics, shm)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,6 +1,7 @@
 """The lm:// server: an asyncio listener, one :class:`ServerConnection` per client over one shared
 :class:`ServerState` (the store, the counters), a sweeper that closes connections stuck before
-HELLO or mid-frame, and the optional Prometheus endpoint."""
+HELLO or mid-frame and expires read leases, the optional Prometheus endpoint, and (shared memory
+on) the arena with the thread that hands its fd to clients on the same host."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import asyncio
 import logging
 import time
 
+from .arena import Arena
 from .connection import CLOSE_GRACE_SECS, ServerConnection
 from .disk import DiskSpill
+from .shm import FdServer
 from .state import ServerConfig, ServerState
 from .store import MemoryStore
 
@@ -22,7 +25,18 @@ class LMServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         disk = DiskSpill(config.disk_path, config.max_disk_bytes) if config.disk_path else None
-        self.state = ServerState(config, MemoryStore(config.max_bytes, disk))
+        arena = fd_server = None
+        if config.shm:
+            try:
+                arena = Arena(config.max_bytes, config.lease_secs)
+                fd_server = FdServer(arena.fd)
+            except (OSError, AttributeError) as exc:  # no memfd / abstract sockets (not Linux)
+                logger.warning("shared memory unavailable (%s): serving over TCP only", exc)
+                if arena is not None:
+                    arena.close()
+                arena = None
+        self.arena = arena
+        self.state = ServerState(config, MemoryStore(config.max_bytes, disk, arena), fd_server)
         self.store, self.stats, self.connections = self.state.store, self.state.stats, self.state.connections
         self.snapshot = self.state.snapshot
         self._server: asyncio.AbstractServer | None = None
@@ -66,11 +80,16 @@ class LMServer:
         for server in (self._server, self._metrics_server):
             if server is not None:
                 await server.wait_closed()
+        if self.state.fd_server is not None:
+            self.state.fd_server.close()
 
     async def _sweep_stuck_connections(self) -> None:
-        period = max(0.05, min(self.config.handshake_timeout_secs, self.config.frame_timeout_secs) / 4)
+        period = max(0.05, min(self.config.handshake_timeout_secs, self.config.frame_timeout_secs,
+                               self.config.lease_secs) / 4)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for conn in list(self.connections):
                 conn.close_if_stuck(now)
+            if self.arena is not None:
+                self.arena.leases.sweep(now)

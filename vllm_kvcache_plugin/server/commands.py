@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Callable
 
 from .. import __version__
 from ..errors import ProtocolError
-from ..lm_protocol import PROTOCOL_VERSION, Op, Status, decode_keys, decode_put_meta, encode_keys, encode_lengths
+from ..lm_protocol import (
+    MISSING,
+    PROTOCOL_VERSION,
+    Op,
+    Status,
+    decode_ids,
+    decode_keys,
+    decode_put_meta,
+    encode_keys,
+    encode_leases,
+    encode_lengths,
+)
+from .arena import Region
 from .state import ServerState
 from .store import entry_cost
 
@@ -47,6 +61,7 @@ class Commands:
         self.peer = peer  # the client's address, for the log
         self.authenticated = False
         self.incoming: list[tuple[bytes, bytearray]] = []  # values of the request being received
+        self.sending: list[Region] = []  # arena regions that replies still being sent read from
 
     def run(self, op: int, meta: bytes) -> Answer:
         return self._HANDLERS[op](self, meta)
@@ -84,6 +99,23 @@ class Commands:
         for key, buffer in incoming:
             self.state.store.release(len(key), buffer)
 
+    def _sent(self, values: list) -> list:
+        """Pin the arena regions of values a reply sends (their memory must not be reused until
+        the reply has left: :meth:`unpin`, called once the connection's writer is idle)."""
+        store = self.state.store
+        if store.arena is not None:
+            for value in values:
+                region = store.region_of(value)
+                if region is not None:
+                    store.arena.ref(region)
+                    self.sending.append(region)
+        return values
+
+    def unpin(self) -> None:
+        sending, self.sending = self.sending, []
+        for region in sending:
+            self.state.store.arena.unref(region)
+
     # -- commands ------------------------------------------------------------------------------
     def _hello(self, meta: bytes) -> Answer:
         if not self.state.token_ok(meta):
@@ -91,7 +123,7 @@ class Commands:
             raise Disconnect(Status.UNAUTHORIZED, "bad token")
         self.authenticated = True
         info = {"server": f"vllm-kvcache-plugin {__version__}", "protocol_version": PROTOCOL_VERSION,
-                **vars(self.limits)}
+                **vars(self.limits), "shm": self.state.fd_server is not None}
         return Status.OK, b"", [json.dumps(info).encode()]
 
     def _put(self, meta: bytes) -> Answer:
@@ -103,7 +135,7 @@ class Commands:
 
     def _get(self, meta: bytes) -> Answer:
         value = self.state.store.get(self.check_key(meta))
-        return (Status.NOT_FOUND, b"", []) if value is None else (Status.OK, b"", [value])
+        return (Status.NOT_FOUND, b"", []) if value is None else (Status.OK, b"", self._sent([value]))
 
     def _exists(self, meta: bytes) -> Answer:
         found = self.state.store.contains(self.check_key(meta))
@@ -131,16 +163,53 @@ class Commands:
     def _batch_get(self, meta: bytes) -> Answer:
         values = [self.state.store.get(k) for k in self._decode_keys(meta)]
         lengths = [-1 if v is None else len(v) for v in values]
-        return Status.OK, encode_lengths(lengths), [v for v in values if v]
+        return Status.OK, encode_lengths(lengths), self._sent([v for v in values if v])
 
     def _batch_delete(self, meta: bytes) -> Answer:
         store = self.state.store
         return Status.OK, b"", [bytes(store.delete(k) for k in self._decode_keys(meta))]
 
+    # -- shared memory (docs/lm-protocol.md#shared-memory) -----------------------------------------
+    def _shm_store(self):
+        if self.state.fd_server is None or self.state.store.arena is None:
+            raise RequestError(Status.BAD_REQUEST, "shared memory is off on this server")
+        return self.state.store
+
+    def _shm_attach(self, meta: bytes) -> Answer:
+        store = self._shm_store()
+        arena, fd_server = store.arena, self.state.fd_server
+        peer = self.peer()
+        info = {"socket": fd_server.name, "nonce": fd_server.issue_nonce().hex(), "arena_id": arena.id.hex(),
+                "size": arena.size, "lease_secs": arena.leases.ttl, "uid": os.getuid(),
+                "peer": list(peer[:2]) if isinstance(peer, tuple) else None}  # a proxy between us shows here
+        return Status.OK, b"", [json.dumps(info).encode()]
+
+    def _batch_get_lease(self, meta: bytes) -> Answer:
+        store = self._shm_store()
+        leases, now = store.arena.leases, time.monotonic()
+        entries = []
+        for key in self._decode_keys(meta):
+            value = store.get(key)
+            region = None if value is None else store.region_of(value)
+            if region is None:  # not stored, or a spilled value memory had no room for: a miss here
+                entries.append((MISSING, 0, 0))
+            else:
+                entries.append((region.length, region.offset, leases.grant(region, now)))
+        return Status.OK, encode_leases(entries), []
+
+    def _lease_release(self, meta: bytes) -> Answer:
+        store = self._shm_store()
+        try:
+            ids = decode_ids(meta, self.limits.max_batch)
+        except ProtocolError as exc:
+            raise RequestError(Status.BAD_REQUEST, str(exc)) from None
+        return Status.OK, b"", [bytes(store.arena.leases.release(ids))]
+
     _HANDLERS = {
         Op.HELLO: _hello, Op.PUT: _put, Op.BATCH_PUT: _put, Op.GET: _get, Op.EXISTS: _exists,
         Op.DELETE: _delete, Op.LIST: _list, Op.HEALTH: _health, Op.STATS: _stats,
         Op.BATCH_EXISTS: _batch_exists, Op.BATCH_GET: _batch_get, Op.BATCH_DELETE: _batch_delete,
+        Op.SHM_ATTACH: _shm_attach, Op.BATCH_GET_LEASE: _batch_get_lease, Op.LEASE_RELEASE: _lease_release,
     }
 
     # -- checks --------------------------------------------------------------------------------

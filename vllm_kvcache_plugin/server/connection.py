@@ -78,6 +78,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.reader.release()
         if self.writer is not None:
             self.writer.clear()
+        self.commands.unpin()  # the transport is gone: nothing reads the replies' memory any more
         self.transport = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -106,6 +107,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         if self.writer is None:
             return
         self.writer.resume()
+        if self.commands.sending and self.writer.idle:
+            self.commands.unpin()
         if self._reading_paused and self.writer.queued <= MAX_QUEUED_REPLY_BYTES:
             self._reading_paused = False
             self.last_data_at = time.monotonic()
@@ -182,6 +185,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         if status >= Status.BAD_REQUEST:
             self.server.stats.errors[status.name] += 1
         writer.write_frame(head, parts)
+        if self.commands.sending and writer.idle:
+            self.commands.unpin()
         if writer.queued > MAX_QUEUED_REPLY_BYTES and not self._reading_paused:
             self._reading_paused = True  # a client that does not read its replies sends no more requests
             transport.pause_reading()

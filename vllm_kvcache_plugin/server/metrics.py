@@ -39,6 +39,15 @@ _DISK = [
     ("budget", "disk_budget_bytes", "gauge", "Disk spill budget in bytes."),
     ("write_failures", "disk_write_failures_total", "counter", "Spill writes that failed."),
 ]
+_SHM = [
+    ("arena_bytes", "shm_arena_bytes", "gauge", "Size of the shared-memory arena."),
+    ("free_bytes", "shm_free_bytes", "gauge", "Arena bytes in free regions."),
+    ("held_bytes", "shm_held_bytes", "gauge", "Arena bytes of values gone from the store that leases still hold."),
+    ("leases_active", "shm_leases_active", "gauge", "Read leases not yet released or expired."),
+    ("leases_granted", "shm_leases_granted_total", "counter", "Read leases granted."),
+    ("leases_expired", "shm_leases_expired_total", "counter", "Read leases that expired before release."),
+    ("attaches", "shm_attaches_total", "counter", "Clients given the arena's fd."),
+]
 
 
 def render_prometheus(snapshot: dict) -> str:
@@ -54,6 +63,9 @@ def render_prometheus(snapshot: dict) -> str:
     if snapshot.get("disk"):
         for key, name, kind, help_text in _DISK:
             metric(name, kind, help_text, [("", snapshot["disk"][key])])
+    if snapshot.get("shm"):
+        for key, name, kind, help_text in _SHM:
+            metric(name, kind, help_text, [("", snapshot["shm"][key])])
     metric("requests_total", "counter", "Requests by command.",
            [(f'{{command="{cmd}"}}', n) for cmd, n in sorted(snapshot["requests"].items())])
     metric("errors_total", "counter", "Error replies by status.",

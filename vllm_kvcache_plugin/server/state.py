@@ -30,6 +30,10 @@ class ServerConfig:
     frame_timeout_secs: float = 60.0
     """A connection that stops sending in the middle of a frame for this long is closed."""
     max_connections: int = 10_000
+    shm: bool = True
+    """Keep values in a shared-memory arena and offer it to clients on the same host."""
+    lease_secs: float = 10.0
+    """How long a shared-memory read lease keeps a value's region from being reused."""
 
 
 @dataclass
@@ -46,9 +50,10 @@ class ServerStats:
 class ServerState:
     """Single-threaded: the server's event loop is the only user."""
 
-    def __init__(self, config: ServerConfig, store: MemoryStore) -> None:
+    def __init__(self, config: ServerConfig, store: MemoryStore, fd_server: Any = None) -> None:
         self.config = config
         self.store = store
+        self.fd_server = fd_server  # shm.FdServer when shared memory is on
         self.stats = ServerStats()
         self.pool = ScratchPool()
         self.connections: set[Any] = set()  # the open ServerConnections
@@ -75,6 +80,10 @@ class ServerState:
             "disk": None if disk is None else {
                 "keys": len(disk), "bytes_used": disk.used, "budget": disk.budget,
                 "write_failures": disk.write_failures,
+            },
+            "shm": None if store.arena is None else {
+                **store.arena.stats(), "attaches": getattr(self.fd_server, "attaches", 0),
+                "attaches_refused": getattr(self.fd_server, "refused", 0),
             },
             "connections": stats.connections,
             "connections_total": stats.connections_total,

@@ -10,14 +10,21 @@ value of the same size: KV chunks mostly share one size, and fresh memory costs 
 on this kind of VM are slower than the network copy itself. With a :class:`DiskSpill`, evicted
 values move to disk; a value read back is promoted to memory and keeps its disk copy (evicting it
 again costs no write until it changes).
+
+With an :class:`~.arena.Arena` (shared memory on), values live in regions of the arena instead of
+bytearrays (the arena's free list replaces the pool of free buffers), so a client on the same host
+can read them through its mapping under a lease; a region that leases or replies being sent still
+hold outlives its entry (see arena.py), inside the arena, so memory never exceeds the budget.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ..lm_protocol import new_buffer
 from ..lru import ByteLRU
+from .arena import Arena, Region
 from .disk import DiskSpill
 
 ENTRY_OVERHEAD = 64  # bytes charged per entry for the dict slot, the key object and the value object
@@ -42,7 +49,7 @@ class StoreCounters:
 class MemoryStore:
     """Single-threaded (the server's event loop); every method is synchronous."""
 
-    def __init__(self, budget: int, disk: DiskSpill | None = None) -> None:
+    def __init__(self, budget: int, disk: DiskSpill | None = None, arena: Arena | None = None) -> None:
         if budget <= 0:
             raise ValueError(f"memory budget must be positive, got {budget}")
         self.budget = budget
@@ -53,6 +60,8 @@ class MemoryStore:
         self._entries: ByteLRU[bytes, bytearray] = ByteLRU(budget)  # key -> (value, entry cost)
         self._clean: set[bytes] = set()  # keys whose disk copy equals the memory value
         self._free: dict[int, list[bytearray]] = {}  # size -> free buffers
+        self.arena = arena
+        self._regions: dict[int, Region] = {}  # id(view) -> its arena region (arena mode)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -74,6 +83,8 @@ class MemoryStore:
         cost = entry_cost(key_len, value_len)
         if cost > self.budget:
             return None
+        if self.arena is not None:
+            return self._allocate_region(value_len, cost)
         buffer = self._take_free(value_len)
         while self.total + cost > self.budget:
             if self.pooled:
@@ -89,6 +100,30 @@ class MemoryStore:
             return None
         self.reserved += cost
         return buffer if buffer is not None else new_buffer(value_len)
+
+    def _allocate_region(self, value_len: int, cost: int) -> memoryview | None:
+        """Evict until the entry fits both the budget and a hole of the arena (expired leases are
+        swept first: they only hold regions of values already gone)."""
+        arena = self.arena
+        assert arena is not None
+        while True:
+            if self.total + cost <= self.budget:
+                region = arena.alloc(value_len)
+                if region is not None:
+                    break
+                if arena.leases.sweep(time.monotonic()):
+                    continue
+            if not self._entries:
+                self.counters.rejected_no_space += 1
+                return None
+            self._evict_oldest()
+        self.reserved += cost
+        self._regions[id(region.view)] = region
+        return region.view
+
+    def region_of(self, value: object) -> Region | None:
+        """The arena region a stored value lives in (None: not in the arena)."""
+        return self._regions.get(id(value))
 
     def reserve(self, nbytes: int) -> bool:
         """Charge ``nbytes`` of transient buffers (a large frame's meta) to the budget, evicting
@@ -134,8 +169,7 @@ class MemoryStore:
             if value is not None:
                 self.counters.hits += 1
                 self.counters.disk_hits += 1
-                self._promote(key, value)
-                return value
+                return self._promote(key, value)
         self.counters.misses += 1
         return None
 
@@ -154,13 +188,21 @@ class MemoryStore:
         return len(self._entries) + sum(1 for k in self.disk if k not in self._entries)
 
     # -- internals ---------------------------------------------------------------------------
-    def _promote(self, key: bytes, value: bytearray) -> None:
+    def _promote(self, key: bytes, value: bytearray) -> bytearray | memoryview:
+        """Bring a value read from disk back into memory; returns what to serve."""
         cost = entry_cost(len(key), len(value))
-        if not self.reserve(cost):
-            return  # values still arriving hold the memory: serve from disk only
+        if self.arena is not None:
+            view = self.allocate(len(key), len(value))
+            if view is None:
+                return value  # values still arriving hold the memory: serve from disk only
+            view[:] = value
+            value = view  # type: ignore[assignment]
+        elif not self.reserve(cost):
+            return value
         self.reserved -= cost
         self._entries.add(key, value, cost)
         self._clean.add(key)
+        return value
 
     def _drop_memory(self, key: bytes) -> bool:
         entry = self._entries.pop(key)
@@ -180,9 +222,15 @@ class MemoryStore:
         self._recycle(value)
 
     def _recycle(self, buffer: bytearray) -> None:
-        """Keep ``buffer`` for reuse if it is large, fits the budget and nobody holds a view of it
+        """Arena mode: retire the buffer's region (arena.py frees it once nothing reads it). Else
+        keep ``buffer`` for reuse if it is large, fits the budget and nobody holds a view of it
         (a reply still being sent does): shrinking a bytearray fails while views exist, and
         shrinking by one byte and appending it back never reallocates."""
+        if self.arena is not None:
+            region = self._regions.pop(id(buffer), None)
+            if region is not None:
+                self.arena.retire(region)
+            return
         size = len(buffer)
         if size < RECYCLE_MIN or self.total + size > self.budget:
             return

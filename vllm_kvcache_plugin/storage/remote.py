@@ -5,6 +5,9 @@ a failure the tier is marked unhealthy: lookups and loads miss at once and write
 while a background task pings the store with exponential back-off and restores the tier when it
 answers. Positive existence answers (and our own successful writes) are remembered for
 ``existence_cache_ttl_secs``, so a repeated lookup costs no round trip at all.
+
+A connector with shared memory (lm:// on the same host: ``shm_active``) hands values over as views
+of the server's memory under read leases instead of bytes received into pooled buffers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_START_SECS = 0.5
 BACKOFF_MAX_SECS = 30.0
+HANDOFF_LEASE_FRACTION = 0.5  # a leased chunk goes to the caller only with this much of its lease left
 
 
 class ExistenceCache:
@@ -192,6 +196,8 @@ class RemoteTier(Tier):
         if not keys or not self.healthy:
             self.counters.add(misses=len(keys))
             return [None] * len(keys)
+        if getattr(self.connector, "shm_active", False):
+            return self._get_leased(keys, expected)
         size = self.receive_size(expected) if expected is not None else None
         if size is not None:
             return self._get_into_pooled(keys, expected, size)
@@ -202,6 +208,39 @@ class RemoteTier(Tier):
             self.counters.add(misses=len(keys))
             return [None] * len(keys)
         return [self._decode(key, value, None, expected) for key, value in zip(keys, values, strict=True)]
+
+    def _get_leased(self, keys: Sequence[str], expected: ChunkMeta | None) -> list[MemoryObj | None]:
+        """Values as read-only views of the server's shared memory, each under a read lease.
+
+        The serde checks the header and the payload checksum over the mapping itself; only then is
+        the lease's deadline checked, so a chunk whose lease ran out during the read (its region
+        may hold another value by now) is a miss, never wrong data. A chunk that is a view of the
+        mapping (naive) is lent to the caller with at least HANDOFF_LEASE_FRACTION of its lease left
+        for the scatter, and its lease goes back when the caller's reference goes; any other holder
+        (the hot cache's promotion) gets a copy (``MemoryObj.lend``). A chunk decoded into memory of
+        its own (cachegen) gives its lease back at once."""
+        max_size = getattr(self.serde, "max_value_size", None)
+        nbytes = len(keys) * max_size(expected) if expected is not None and max_size is not None else 0
+        ok, leased = self._call(self.connector.batched_get_leased(list(keys)), "get", self.load_deadline(nbytes),
+                                nbytes)
+        if not ok:
+            self.counters.add(misses=len(keys))
+            return [None] * len(keys)
+        out: list[MemoryObj | None] = []
+        for key, lease in zip(keys, leased, strict=True):
+            if lease is None:
+                out.append(self._decode(key, None, None, expected))
+                continue
+            usable_until = lease.deadline - HANDOFF_LEASE_FRACTION * lease.lease_secs
+            obj = self._decode(key, lease.view, None, expected, usable_until)
+            tensor = None if obj is None else obj.tensor
+            if obj is not None and tensor is not None and (
+                    lease.address <= tensor.data_ptr() < lease.address + len(lease.view)):
+                obj.lend(lease.release, lease.deadline)
+            else:
+                lease.release()
+            out.append(obj)
+        return out
 
     def receive_size(self, expected: ChunkMeta) -> int | None:
         """The pooled buffer a stored value of this geometry is received into, or None when this
@@ -242,7 +281,8 @@ class RemoteTier(Tier):
             out.append(self._decode(key, memoryview(block.numpy())[:n], block, expected))
         return out
 
-    def _decode(self, key: str, value, block, expected: ChunkMeta | None) -> MemoryObj | None:
+    def _decode(self, key: str, value, block, expected: ChunkMeta | None,
+                usable_until: float | None = None) -> MemoryObj | None:
         if value is None or len(value) == 0:
             self.counters.add(misses=1)
             self.existence.discard(key)
@@ -259,6 +299,12 @@ class RemoteTier(Tier):
             self.existence.discard(key)
             logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, exc)
             events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason=str(exc))
+            return None
+        if usable_until is not None and time.monotonic() > usable_until:
+            obj.ref_down()  # read from shared memory whose lease ran out: the bytes may be another value's
+            self.counters.add(misses=1, timeouts=1)
+            logger.warning("Remote chunk %s: its shared-memory lease ran out during the read; recomputing", key)
+            events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason="lease expired")
             return None
         self.counters.add(hits=1, bytes_read=len(value))
         return obj

@@ -114,10 +114,17 @@ class LoadPipeline:
     def _scatter_one(self, spec: LoadSpec, ref: ChunkRef, obj: MemoryObj, outcomes: dict[str, LoadOutcome]) -> bool:
         a, b = max(ref.start, spec.start), min(ref.end, spec.end)
         try:
-            outcomes[spec.req_id].nbytes += self._scatter(spec, ref, obj, a, b)
+            nbytes = self._scatter(spec, ref, obj, a, b)
         except Exception:
             logger.exception("Scatter of chunk %s failed; recomputing", self.engine.key(ref))
             return False
+        if not obj.lease_held():
+            # Read from shared memory whose lease ran out during the scatter: its region may have
+            # held another value by then, so these blocks are recomputed.
+            logger.warning("Chunk %s: its shared-memory lease ran out during the scatter; recomputing",
+                           self.engine.key(ref))
+            return False
+        outcomes[spec.req_id].nbytes += nbytes
         outcomes[spec.req_id].loaded_to = b
         return True
 
