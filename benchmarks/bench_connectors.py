@@ -130,12 +130,13 @@ async def measure_size(name: str, target: Target, conn: Any, tokens: int, count:
     batches = [pairs[i : i + BATCH] for i in range(0, count, BATCH)]
     rows: list[Row] = []
 
-    def row(op: str, res: dict, unit: str, scale: float = 1.0, round_trips: int | None = None) -> None:
+    def row(op: str, res: dict, unit: str, scale: float = 1.0, round_trips: int | None = None,
+            raw_label: str | None = None) -> None:
         c_rate, c_s = res["conn"]
         r_rate, r_s = res.get("raw", (None, None))
         rows.append(Row(name, tokens, op, unit, c_rate * scale, c_s.p50_ms, c_s.p99_ms,
                         None if r_rate is None else r_rate * scale, None if r_s is None else r_s.p50_ms,
-                        None if r_s is None else r_s.p99_ms, raw.label if raw else "", round_trips))
+                        None if r_s is None else r_s.p99_ms, raw_label or (raw.label if raw else ""), round_trips))
         log(f"  {name:14s} {tokens:3d} tok {op:12s} {fmt(rows[-1].conn_rate)} {unit}"
             f" (raw {fmt(rows[-1].raw_rate)}, ratio {fmt(rows[-1].ratio)})")
 
@@ -157,6 +158,23 @@ async def measure_size(name: str, target: Target, conn: Any, tokens: int, count:
                           raw and (lambda b: [raw.get(c) for c, _ in b]), batches, plan.reps, lambda b: size * len(b))
         row("batched_get_into", res, "GB/s", 1 / GB)
         await _verify_into(conn, pairs, value, name)
+    if getattr(conn, "shm_active", False):  # lm:// on this host: views of the server's memory
+        pooled = [bytearray(value) for _ in range(BATCH)]
+        local = [bytearray(value) for _ in range(BATCH)]
+
+        async def leased(b):
+            # The consumer's one copy (what the worker's scatter does), then the leases go back.
+            got = await conn.batched_get_leased([c for c, _ in b])
+            for out, lease in zip(pooled, got, strict=False):
+                out[:] = lease.view
+                lease.release()
+
+        def memcpy(b):
+            for out, src in zip(pooled, local[: len(b)], strict=False):
+                out[:] = src
+
+        res = await _pass(leased, memcpy, batches, plan.reps, lambda b: size * len(b))
+        row("shm_get+copy", res, "GB/s", 1 / GB, raw_label="memcpy of the same bytes")
     await _verify(conn, raw, pairs, value, name)
 
     # Half of the probed keys are stored, half absent.
@@ -215,6 +233,9 @@ def report(rows: list[Row], skipped: dict[str, str]) -> tuple[str, list[str]]:
             verdict = "PASS" if r.ratio >= INTO_BAR else "FAIL"
             checks.append(f"{verdict} {r.case} {r.tokens} tok batched_get_into: {r.ratio:.2f}x raw GETs of the "
                           f"same keys (bar {INTO_BAR}x)")
+        elif r.ratio is not None and r.op == "shm_get+copy":
+            checks.append(f"INFO {r.case} {r.tokens} tok shm_get+copy: {r.ratio:.2f}x memcpy of the same bytes "
+                          "(the lease round trip + one copy, against the copy alone)")
         elif r.ratio is not None:
             verdict = "PASS" if r.ratio >= RATIO_BAR else ("FAIL" if r.op in BAR_OPS else "INFO")
             checks.append(f"{verdict} {r.case} {r.tokens} tok {r.op}: {r.ratio:.2f}x raw (bar {RATIO_BAR}x"
