@@ -1,15 +1,18 @@
 """Time to first token on the real vLLM CPU engine: cold, vLLM's own prefix-cache hit, our restart hit.
 
-For each store (lm://, redis://, local disk, optionally mooncakestore://) and prompt length (~1k, 2k,
-4k tokens by default, distinct texts): start vLLM with the connector on an empty store, send each prompt
+For each store (lm://, redis://, local disk, optionally mooncakestore://; and ``peer``, vLLM's own
+in-tree MooncakeStoreConnector on the same Mooncake layout instead of our connector) and prompt length
+(~1k, 2k, 4k tokens by default, distinct texts): start vLLM with the connector on an empty store, send each prompt
 twice (cold, then vLLM's own prefix-cache hit), restart vLLM (its prefix cache is gone) and send
 each prompt again (our hit, loaded from the store). A vLLM without the connector gives the cold
 baseline for the miss overhead. TTFT is streamed: the time to the first token event.
 
-    python benchmarks/bench_ttft.py [--lengths 1000,2000,4000] [--stores lm,redis,disk] [--out DIR]
+    python benchmarks/bench_ttft.py [--lengths 1000,2000,4000] [--stores lm,redis,disk,mooncake,peer] [--out DIR]
 
-Bars (2-core machine): restart hit <= 1.2x vLLM's own prefix-cache hit at ~4k tokens, >= 15x faster
-than cold, miss overhead <= 5%.
+Bars (2-core machine, ~4k tokens): restart hit <= 1.3x vLLM's own prefix-cache hit for lm:// and disk,
+<= 1.6x for redis and Mooncake, fewer seconds than the peer's restart hit, >= 15x faster than cold;
+miss overhead <= 5%. Each of our stores is also restarted with ``async_loading: false`` (the
+"sync load" column), and the connector's events give each hit's split: lookup, fetch wait, scatter.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
+from benchmarks.ttft_stages import HEADERS as STAGE_HEADERS  # noqa: E402
+from benchmarks.ttft_stages import StageSplit, stage_split  # noqa: E402
 from testbed import prompts  # noqa: E402
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 
@@ -37,6 +42,9 @@ class StoreRun:
     cold: dict[int, float] = field(default_factory=dict)
     prefix_hit: dict[int, float] = field(default_factory=dict)
     restart_hit: dict[int, float] = field(default_factory=dict)
+    sync_hit: dict[int, float] = field(default_factory=dict)  # with async_loading off
+    stages: dict[int, StageSplit] = field(default_factory=dict)
+    sync_stages: dict[int, StageSplit] = field(default_factory=dict)
 
 
 @contextmanager
@@ -72,8 +80,34 @@ def store_env(name: str, workdir: Path) -> Iterator[dict[str, str]]:
             yield {**store.env, "LMCACHE_LOCAL_CPU": "False"}
         finally:
             store.stop()
+    elif name == "peer":
+        from testbed.mooncake_servers import MooncakeDeployment
+        from testbed.peer import peer_env
+
+        # The same master + standalone client as "mooncake", read and written by vLLM's own connector.
+        (workdir / "peer").mkdir(exist_ok=True)
+        store = MooncakeDeployment(workdir / "peer", segment="2GB")
+        try:
+            yield peer_env(store, workdir / "peer")
+        finally:
+            store.stop()
     else:
-        raise SystemExit(f"unknown store {name!r}; known: lm, redis, disk, mooncake")
+        raise SystemExit(f"unknown store {name!r}; known: {', '.join(STORES)}")
+
+
+STORES = ("lm", "redis", "disk", "mooncake", "peer")
+# Issue 14's bars at ~4k tokens: restart hit / vLLM's own prefix-cache hit.
+HIT_BARS = {"lm": 1.3, "disk": 1.3, "redis": 1.6, "mooncake": 1.6}
+
+
+def store_connector(name: str) -> dict | None:
+    """The kv-transfer config: vLLM's in-tree MooncakeStoreConnector for the peer, ours (VLLMServer's
+    default) for every other store, so the peer runs through the same harness and prompts."""
+    if name == "peer":
+        from testbed.peer import PEER_CONNECTOR
+
+        return PEER_CONNECTOR
+    return None
 
 
 def make_prompts(server: VLLMServer, lengths: list[int]) -> dict[int, list[int]]:
@@ -91,10 +125,19 @@ def measure(server: VLLMServer, prompt: list[int]) -> float:
     return server.ttft(prompt, max_tokens=1).ttft
 
 
-def run_store(name: str, lengths: list[int], workdir: Path, log: Callable[[str], None]) -> StoreRun:
+def best_hit(server: VLLMServer, prompt: list[int], reps: int = 3) -> tuple[float, str]:
+    """The fewest seconds of ``reps`` restart hits, and that request's completion id (its events)."""
+    results = [server.ttft(prompt, max_tokens=1) for _ in range(reps)]
+    best = min(results, key=lambda r: r.ttft)
+    return best.ttft, best.id
+
+
+def run_store(name: str, lengths: list[int], workdir: Path, log: Callable[[str], None],
+              sync_too: bool = True) -> StoreRun:
     run = StoreRun(name)
     with store_env(name, workdir) as env:
-        server = VLLMServer(clean_env(**env), name=f"vllm-{name}-cold", log_dir=str(workdir)).start()
+        server = VLLMServer(clean_env(**env), kv_transfer=store_connector(name), name=f"vllm-{name}-cold",
+                            log_dir=str(workdir)).start()
         try:
             warm_up(server)
             prompt_ids = make_prompts(server, lengths)
@@ -106,15 +149,24 @@ def run_store(name: str, lengths: list[int], workdir: Path, log: Callable[[str],
             server.stop()
         # The restarted engine runs with its own prefix cache off, so every repetition of a prompt
         # is loaded from the store again: the hit is the fewest of 3, as vLLM's own hit above.
-        server = VLLMServer(clean_env(**env), name=f"vllm-{name}-warm", log_dir=str(workdir),
-                            extra_args=("--no-enable-prefix-caching",)).start()
-        try:
-            warm_up(server)
-            for n, ids in prompt_ids.items():
-                run.restart_hit[n] = min(measure(server, ids) for _ in range(3))
-                log(f"  {name:8s} {n:5d} tokens: restart hit {run.restart_hit[n]:.3f}s")
-        finally:
-            server.stop()
+        variants = [("async", {})]
+        if sync_too and name != "peer":  # the same hits with every load before the step's forward
+            variants.append(("sync", {"LMCACHE_ASYNC_LOADING": "false"}))
+        for variant, extra in variants:
+            server = VLLMServer(clean_env(**env, **extra), kv_transfer=store_connector(name),
+                                name=f"vllm-{name}-warm-{variant}", log_dir=str(workdir),
+                                extra_args=("--no-enable-prefix-caching",)).start()
+            try:
+                warm_up(server)
+                for n, ids in prompt_ids.items():
+                    seconds, completion_id = best_hit(server, ids)
+                    (run.restart_hit if variant == "async" else run.sync_hit)[n] = seconds
+                    split = stage_split(server.log(), completion_id, seconds, run.prefix_hit[n])
+                    if split is not None:
+                        (run.stages if variant == "async" else run.sync_stages)[n] = split
+                    log(f"  {name:8s} {n:5d} tokens: restart hit ({variant} load) {seconds:.3f}s")
+            finally:
+                server.stop()
     return run
 
 
@@ -158,7 +210,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1000,2000,4000",
                         help="prompt lengths in tokens (7000 costs ~2.5 min per cold bf16 prefill here)")
-    parser.add_argument("--stores", default="lm,redis,disk", help="stores to measure (lm, redis, disk, mooncake)")
+    parser.add_argument("--stores", default="lm,redis,disk,peer",
+                        help=f"stores to measure ({', '.join(STORES)}; peer: vLLM's own MooncakeStoreConnector)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions for the miss-overhead columns")
     parser.add_argument("--quick", action="store_true", help="one 1k and one 4k prompt, lm only")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="folder for the table and PNG")
@@ -178,13 +231,23 @@ def main() -> int:
         baseline, miss = run_miss_overhead(lengths, args.reps, workdir, log)
         runs = [run_store(name, lengths, workdir, log) for name in stores]
 
+    peer = next((r for r in runs if r.name == "peer"), None)
     rows = []
     for run in runs:
         for n in lengths:
+            bar = HIT_BARS.get(run.name)
+            ratio = run.restart_hit[n] / run.prefix_hit[n]
+            vs_peer = "-" if peer is None or run is peer else fmt(run.restart_hit[n] / peer.restart_hit[n])
             rows.append([run.name, n, fmt(run.cold[n], 3), fmt(run.prefix_hit[n], 3), fmt(run.restart_hit[n], 3),
-                         fmt(run.restart_hit[n] / run.prefix_hit[n]), fmt(run.cold[n] / run.restart_hit[n], 1)])
+                         fmt(run.sync_hit[n], 3) if n in run.sync_hit else "-",
+                         f"{fmt(ratio)}{'' if bar is None else f' (<= {bar})'}", vs_peer,
+                         fmt(run.cold[n] / run.restart_hit[n], 1)])
     table = markdown_table(["store", "tokens", "cold s", "vLLM prefix hit s", "restart hit s",
-                            "hit / vLLM hit (<=1.2)", "cold / hit (>=15)"], rows)
+                            "restart hit, sync load s", "hit / vLLM hit", "hit / peer's hit (< 1)",
+                            "cold / hit (>= 15)"], rows)
+    stage_rows = [split.row(run.name, n) for run in runs for n in lengths
+                  for split in (run.stages.get(n), run.sync_stages.get(n)) if split is not None]
+    stage_table = markdown_table(STAGE_HEADERS, stage_rows)
     miss_rows = []
     for n in lengths:
         base, conn = statistics.median(baseline[n]), statistics.median(miss[n])
@@ -192,7 +255,11 @@ def main() -> int:
     miss_table = markdown_table(["tokens", "no connector s", "connector, empty store s", "miss overhead (<=5%)"],
                                 miss_rows)
     text = (f"{environment_line()}\n\nTTFT (streamed, max_tokens=1, bf16, --enforce-eager; "
-            f"both hit columns the fewest of 3)\n\n{table}\n\n"
+            f"both hit columns the fewest of 3; peer: vLLM's own MooncakeStoreConnector, standalone store)"
+            f"\n\n{table}\n\n"
+            f"Where each restart hit's time goes (connector events of the fastest repetition; other = "
+            f"restart hit - vLLM hit - lookup - load: the step an asynchronous load adds, scheduling, HTTP)"
+            f"\n\n{stage_table}\n\n"
             f"Miss overhead (median of {args.reps}, the two engines taking turns, prefix caching off)\n\n"
             f"{miss_table}\n")
     print("\n" + text)

@@ -1,14 +1,18 @@
 """Asynchronous loads and lookups in the real engine (float32, real redis behind a loopback proxy).
 
-vLLM's own prefix caching is off, so a repeated prompt can only be a hit from the store, which is
-then loaded asynchronously (the hot cache is off: every hit needs I/O).
+vLLM's own prefix caching is off, so a repeated prompt can only be a hit from the store. The hot
+cache is off (every hit needs I/O), and a long generation decodes beside the hits: that is when a
+load runs in the background (with nothing else running it runs before the step's forward).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -60,6 +64,31 @@ def wait_for(condition, timeout: float, what: str):
     return result
 
 
+@contextmanager
+def decoding_beside(server: VLLMServer) -> Iterator[None]:
+    """A long greedy generation streams while the block runs (the "other requests" of a step)."""
+    tokens, stop = [], threading.Event()
+
+    def run() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        body = {"model": server.model, "prompt": prompts.text(20, offset=90), "max_tokens": 3000, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        while not stop.is_set() and resp.readline():
+            tokens.append(1)
+        conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: len(tokens) > 5, 60, "the decode beside to start")
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+
+
 def hit_eventually(server: VLLMServer, prompt: str, timeout: float = 120) -> dict:
     """The prompt sent until the connector loads it (once the store is back, and it was saved)."""
     def hit_once():
@@ -69,12 +98,13 @@ def hit_eventually(server: VLLMServer, prompt: str, timeout: float = 120) -> dic
     return wait_for(hit_once, timeout, "hits to resume")
 
 
-def test_a_hit_loads_asynchronously_and_gives_the_same_text(server: VLLMServer, store):
+def test_a_hit_beside_a_running_request_loads_asynchronously_with_the_same_text(server: VLLMServer, store):
     redis, _ = store
     prompt = prompts.text(700, offset=31_000)
     cold = server.complete(prompt, 8)
     wait_stored(redis, cold["usage"]["prompt_tokens"] // CHUNK)
-    hit = server.complete(prompt, 8)
+    with decoding_beside(server):
+        hit = server.complete(prompt, 8)
     assert hit["choices"][0]["text"] == cold["choices"][0]["text"]
     (event,) = [e for e in requests(server.log(), hit["id"]) if e["loaded_tokens"]]
     assert event["asynchronous"] and event["loaded_tokens"] == hit["usage"]["prompt_tokens"] - 1
@@ -90,14 +120,15 @@ def test_a_client_that_leaves_mid_load_releases_its_blocks(server: VLLMServer, s
     wait_stored(redis, before + cold["usage"]["prompt_tokens"] // CHUNK)
     # The store freezes in the middle of the first value, so the load is in flight when the client
     # goes away (vLLM aborts the request).
-    proxy.stall_replies_after(64 * 1024)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    body = {"model": server.model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    assert proxy.stalled.wait(60), "the load never reached the store"
-    conn.close()
-    cancelled = wait_for(lambda: [e for e in events(server.log(), "loads_done") if e["cancelled"]], 90,
-                         "the aborted request's load to end")
+    with decoding_beside(server):
+        proxy.stall_replies_after(64 * 1024)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        body = {"model": server.model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        assert proxy.stalled.wait(60), "the load never reached the store"
+        conn.close()
+        cancelled = wait_for(lambda: [e for e in events(server.log(), "loads_done") if e["cancelled"]], 90,
+                             "the aborted request's load to end")
     proxy.release()
     assert len(cancelled) == 1 and cancelled[0]["asynchronous"]
     # vLLM freed the request's blocks (it holds them until the worker reports the load over), and

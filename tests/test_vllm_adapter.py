@@ -271,8 +271,14 @@ def saved_prompt(h: Harness, tokens: list[int]) -> tuple[torch.Tensor, list]:
     return kv, saves
 
 
+def others_running(h: Harness) -> None:
+    """A step that computed another request: a newcomer's load then runs in the background."""
+    h.sched.build_meta(step(scheduled={"someone-else": 1}))
+
+
 def start_async_load(h: Harness, tokens: list[int]) -> tuple[Request, list[int], int, object]:
     """Lookup, allocation and the step that starts the load (the request is not scheduled in it)."""
+    others_running(h)
     req = make_request(tokens)
     hit, is_async = h.matched(req, 0)
     assert hit == len(tokens) - 1 and is_async
@@ -310,14 +316,23 @@ def test_a_hit_that_needs_io_loads_in_the_background_and_is_reported_finished(di
 
 def test_a_hot_cache_hit_loads_before_the_forward(harness: Harness):
     tokens = list(range(2400, 2500))
-    kv, _ = saved_prompt(harness, tokens)
+    saved_prompt(harness, tokens)
+    others_running(harness)
     assert harness.matched(make_request(tokens), 0) == (99, False)  # a memory copy: synchronous
-    # With async_loading off a disk hit is synchronous too.
-    h = Harness(local_cpu=False, local_disk=harness.config.local_disk, async_loading=False)
-    try:
-        assert h.matched(make_request(tokens), 0) == (0, False)  # (this instance's disk is empty)
-    finally:
-        h.close()
+
+
+def test_with_nothing_else_running_a_disk_hit_loads_before_the_forward(disk_harness: Harness):
+    tokens = list(range(2500, 2600))
+    kv, _ = saved_prompt(disk_harness, tokens)
+    disk_harness.sched.build_meta(step())  # the last step computed nothing: a sync load costs no one
+    req = make_request(tokens)
+    assert disk_harness.matched(req, 0) == (99, False)
+    blocks = disk_harness.blocks(7)
+    disk_harness.sched.update_state_after_alloc(req, blocks, 99)
+    meta = disk_harness.sched.build_meta(step(new=[(req, blocks, 99)], scheduled={req.request_id: 1}))
+    assert [(ld.start, ld.end, ld.asynchronous) for ld in meta.loads] == [(0, 99, False)]
+    disk_harness.worker.load(meta)
+    assert torch.equal(disk_harness.read(blocks, 0, 99), kv[:, :, :99])
 
 
 def test_async_loading_off_loads_a_disk_hit_synchronously(tmp_path):
@@ -325,6 +340,7 @@ def test_async_loading_off_loads_a_disk_hit_synchronously(tmp_path):
     try:
         tokens = list(range(2600, 2700))
         saved_prompt(h, tokens)
+        others_running(h)
         assert h.matched(make_request(tokens), 0) == (99, False)
     finally:
         h.close()
@@ -397,8 +413,10 @@ def test_a_request_aborted_before_its_load_began_ends_at_once(disk_harness: Harn
     h = disk_harness
     tokens = list(range(4500, 4600))
     saved_prompt(h, tokens)
+    others_running(h)
     req = make_request(tokens)
     hit, is_async = h.matched(req, 0)
+    assert is_async
     blocks = h.blocks(7)
     h.sched.update_state_after_alloc(req, blocks, hit)
     h.sched.request_finished(req)  # aborted in the same step

@@ -67,9 +67,10 @@ class KVCacheConfig:
     blocking_timeout_secs + B / this before it is a miss, so a long prompt or a big model's chunks
     do not time out on a store that is slow but alive."""
     async_loading: bool = True
-    """Load hits that need I/O (disk, remote) in the background while vLLM keeps running other
-    requests (vLLM's asynchronous KV loads); a hit held entirely in the hot cache loads before the
-    step's forward, which is faster than a step. false: every load stops the step until it is done."""
+    """While other requests run, load hits that need I/O (disk, remote) in the background, so their
+    decode never waits for it (vLLM's asynchronous KV loads). Hot-cache hits, and hits while nothing
+    else runs, load before the step's forward (no one waits, and it saves a step). false: every
+    load stops the step until it is done."""
     existence_cache_ttl_secs: float = 10.0
     """How long a positive existence answer from the remote is trusted without asking again
     (0 disables the existence cache)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 MARKER = "kvcache-event"
@@ -33,5 +34,6 @@ def enabled(level: int = logging.INFO) -> bool:
 
 def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
     if enabled(level):
-        logger.log(level, "%s %s", MARKER, json.dumps({"event": event, "v": SCHEMA_VERSION, **fields},
+        logger.log(level, "%s %s", MARKER, json.dumps({"event": event, "v": SCHEMA_VERSION,
+                                                      "t": round(time.time(), 4), **fields},
                                                       separators=(",", ":"), default=str))

@@ -7,10 +7,11 @@ leading chunks known to be in the store (found by the lookup, or saved by us); e
 the chunks that the step completes beyond it, so no chunk of a request is saved twice.
 
 Nothing here waits on a store: lookups run on a background thread (``AsyncLookups``; a pending one
-answers vLLM "not yet", ``None``), and a hit that needs I/O is loaded asynchronously: vLLM parks the
-request (WAITING_FOR_REMOTE_KVS) until the workers report its load finished, while every other
-request keeps running. A hit held entirely in the workers' hot cache loads before the step's
-forward instead (a memory copy, faster than the extra step an asynchronous load costs).
+answers vLLM "not yet", ``None``), and while other requests run, a hit that needs I/O is loaded
+asynchronously: vLLM parks the request (WAITING_FOR_REMOTE_KVS) until the workers report its load
+finished, while every other request keeps running. A hit held entirely in the workers' hot cache,
+or any hit while nothing else runs, loads before the step's forward instead (that costs no one,
+and saves the step an asynchronous load adds).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class SchedulerSide:
         self._asking: dict[str, tuple[list[ChunkRef], float]] = {}  # lookups in flight, since when
         self._loads_to_start: list[LoadSpec] = []  # asynchronous loads planned since the last step
         self._cancelled: set[str] = set()
+        self._others_running = False  # did the last step compute anything
 
     def _chunks(self, request: Request) -> list[ChunkRef]:
         return self.request_keys.chunks(request)
@@ -102,8 +104,7 @@ class SchedulerSide:
             stored_tokens = chunks[reply.hit_chunks - 1].end if reply.hit_chunks else 0
             # Leave at least one token for the forward to compute (vLLM samples from it).
             hit = min(stored_tokens, request.num_tokens - 1)
-            all_hot = reply.hot >= reply.hit_chunks
-            pending = PendingLookup(chunks, reply, hit, asynchronous=self.config.async_loading and not all_hot,
+            pending = PendingLookup(chunks, reply, hit, asynchronous=self._load_asynchronously(reply),
                                     lookup_seconds=time.perf_counter() - asked_at)
             self.pending[req_id] = pending
         pending.local_tokens = num_computed_tokens
@@ -112,6 +113,14 @@ class SchedulerSide:
         tokens = max(0, pending.hit_tokens - num_computed_tokens)
         return tokens, pending.asynchronous and tokens > 0
 
+    def _load_asynchronously(self, reply: LookupReply) -> bool:
+        """In the background only where that spares someone: other requests are running (their
+        decode must not wait for our I/O) and the hit needs I/O (a hot-cache hit is a memory copy,
+        faster than the step an asynchronous load adds). With nothing running, loading before the
+        forward costs no one and saves that step (measured: benchmarks/RESULTS.md, TTFT)."""
+        all_hot = reply.hot >= reply.hit_chunks
+        return self.config.async_loading and not all_hot and self._others_running
+
     def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         pending = self.pending.pop(request.request_id, None)
         tracker = self.trackers.get(request.request_id)
@@ -119,6 +128,7 @@ class SchedulerSide:
             # Scheduled after its asynchronous load: the request is the one already tracked.
             tracker.loading = False
             tracker.block_ids = list(block_ids)
+            events.emit("load_scheduled", request_id=request.request_id)
             return
         if pending is None:  # scheduled without a lookup (e.g. a role that does neither)
             pending = PendingLookup(self._chunks(request), LookupReply(0), 0)
@@ -158,14 +168,14 @@ class SchedulerSide:
     # -- per-step plan -------------------------------------------------------------------------
     def build_meta(self, output: SchedulerOutput) -> StepMetadata:
         self.lookups.new_step()
-        meta = StepMetadata(loads=self._loads_to_start, cancelled=self._cancelled,
-                            idle=output.total_num_scheduled_tokens == 0)
+        idle = output.total_num_scheduled_tokens == 0
+        self._others_running = not idle  # what the next step's newcomers find
+        meta = StepMetadata(loads=self._loads_to_start, cancelled=self._cancelled, idle=idle)
         self._loads_to_start, self._cancelled = [], set()
         for new in output.scheduled_new_reqs:
             tracker = self.trackers.get(new.req_id)
             if tracker is None:
                 continue
-            tracker.loading = False  # scheduled: an asynchronous load of it has finished
             tracker.block_ids = list(new.block_ids[0])
             self._plan(meta, tracker, new.num_computed_tokens + output.num_scheduled_tokens.get(new.req_id, 0))
         cached = output.scheduled_cached_reqs
