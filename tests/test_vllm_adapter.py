@@ -371,26 +371,30 @@ def test_a_frozen_lookup_never_holds_a_step(harness: Harness):
 
 
 def test_cancelling_a_load_mid_way_stops_writing_and_releases_everything(disk_harness: Harness):
+    from vllm_kvcache_plugin.integration.vllm.loads import FETCH_DEPTH, GROUP_CHUNKS
+
     h = disk_harness
-    tokens = list(range(4000, 4000 + 10 * CHUNK))  # 10 chunks: three fetch groups of up to 4
+    groups = FETCH_DEPTH + 1  # one more group than the pipeline fetches ahead
+    tokens = list(range(4000, 4000 + groups * GROUP_CHUNKS * CHUNK))
     saved_prompt(h, tokens)
     live_before = h.engine.allocator.live
-    gate, second_fetch = threading.Event(), threading.Event()
+    gate, ahead = threading.Event(), threading.Event()
     real_retrieve = h.worker.engine.retrieve
     calls = []
 
     def slow_retrieve(refs, shape):
         calls.append(refs[0].start)
-        if len(calls) == 2:
-            second_fetch.set()
-            gate.wait(30)  # the second group is still "arriving" when the request is aborted
+        if len(calls) == FETCH_DEPTH:
+            ahead.set()
+        if refs[0].start == 0:
+            gate.wait(30)  # the first group is still "arriving" when the request is aborted
         return real_retrieve(refs, shape)
 
     h.worker.engine.retrieve = slow_retrieve
     req, blocks, hit, meta = start_async_load(h, tokens)
     h.layers[0].zero_()
     h.worker.load(meta)
-    assert second_fetch.wait(30)
+    assert ahead.wait(30)
     # The client went away: vLLM finishes the request and waits for the worker to let go of it.
     h.sched.request_finished(req)
     meta = h.sched.build_meta(step(finished={req.request_id}))
@@ -399,11 +403,9 @@ def test_cancelling_a_load_mid_way_stops_writing_and_releases_everything(disk_ha
     gate.set()
     wait_finished(h, req.request_id)
     assert h.worker.take_load_errors() == set()  # cancelled, not failed: nothing to recompute
-    assert calls == [0, 4 * CHUNK]  # the third group was never fetched
-    # The first group (4 chunks) was scattered before the abort; nothing after it was written.
-    loaded = h.read(blocks, 0, hit)[:, 0]
-    assert loaded[:, :4 * CHUNK].abs().sum() > 0
-    assert loaded[:, 4 * CHUNK:].abs().sum() == 0
+    # The groups already in flight arrived; the last one was never fetched, nothing was written.
+    assert sorted(calls) == [g * GROUP_CHUNKS * CHUNK for g in range(FETCH_DEPTH)]
+    assert h.read(blocks, 0, hit)[:, 0].abs().sum() == 0
     assert h.engine.allocator.live == live_before  # every fetched chunk's buffer went back
     # A cancelled request's later steps plan nothing for it.
     assert h.sched.build_meta(step()).loads == []
