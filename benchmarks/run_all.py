@@ -44,7 +44,7 @@ BENCHES = (
     Bench("cachegen-e2e", "CacheGen on vLLM: restart hits through redis, cachegen vs naive",
           ("benchmarks/bench_cachegen.py", "--e2e")),
     Bench("ttft", "Time to first token on vLLM's CPU build",
-          ("benchmarks/bench_ttft.py", "--stores", "lm,redis,disk,mooncake,peer")),
+          ("benchmarks/bench_ttft.py", "--stores", "lm,redis,disk,mooncake,peer", "--lengths", "1000,4000")),
     Bench("interference", "Decode interference: running streams while hits load, and a frozen store",
           ("benchmarks/bench_interference.py",), ()),
     Bench("chat", "Multi-turn chat workload", ("benchmarks/bench_chat.py",)),
