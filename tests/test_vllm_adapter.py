@@ -362,9 +362,10 @@ def test_a_frozen_lookup_never_holds_a_step(harness: Harness):
         answers.append(harness.sched.get_num_new_matched_tokens(req, 0))
         harness.sched.build_meta(step())  # the next step
     assert answers == [(None, False)] * 20  # "ask again": vLLM skips the request, runs the others
-    # 20 steps went by while the store stayed frozen (a lookup waited on would take 2 s: the
-    # channel's time-out); each step waits at most its 1 ms budget for answers.
-    assert time.monotonic() - started < 2.0
+    # 20 steps went by while the store stayed frozen (a blocking lookup would have answered a miss
+    # after the channel's 2 s time-out, never None); each step waited for answers, within its budget
+    # (the bound here is loose: a loaded 2-core machine must not fail it).
+    assert time.monotonic() - started < 10
     assert len(harness.sched.lookups.waited_seconds) == 20
     release.set()
     assert harness.matched(req, 0) == (0, False)
