@@ -173,7 +173,7 @@ def main() -> int:
         redis = start_redis("redis-interference", str(workdir / "redis"))
         env = clean_env(LMCACHE_REMOTE_URL=redis.url, LMCACHE_LOCAL_CPU="False")
         try:
-            server = VLLMServer(env, name="vllm-interference-1", log_dir=tmp).start()
+            server = VLLMServer(env, name="vllm-interference-1", log_dir=str(out_dir)).start()
             try:
                 four = token_prompts(server, 4, args.prompt_tokens, offset=1000)
                 for ids in four:  # computed once: saved to redis and in vLLM's prefix cache
@@ -183,7 +183,7 @@ def main() -> int:
             finally:
                 server.stop()
             waits.append(("first instance", lookup_waits(server)))
-            server = VLLMServer(env, name="vllm-interference-2", log_dir=tmp).start()
+            server = VLLMServer(env, name="vllm-interference-2", log_dir=str(out_dir)).start()
             try:
                 LAST_IDS.clear()
                 gap_b, ttft_b, steady_b = with_streams(server, lambda: newcomers(server, four))

@@ -136,8 +136,9 @@ class RemoteTier(Tier):
     def _call(self, coro, what: str, deadline: float | None = None, nbytes: int = 0) -> tuple[bool, object]:
         """Run a connector coroutine within ``deadline`` (default: the blocking time-out):
         (True, result), or (False, None) on any failure, which marks the tier unhealthy. A load
-        (``nbytes`` > 0) that only ran out of time does not: the store may be slow but alive, so a
-        ping decides in the background, and only a store that does not answer it is marked down."""
+        (``nbytes`` > 0) that ran out of time or failed does not: the store may be slow or busy but
+        alive, so a ping decides in the background, and only a store that does not answer it is
+        marked down."""
         deadline = self.timeout if deadline is None else deadline
         try:
             return True, self.loop.run(asyncio.wait_for(coro, deadline), deadline + 1.0)
@@ -153,6 +154,15 @@ class RemoteTier(Tier):
                 self.loop.loop.call_soon_threadsafe(self._ensure_probe)
             return False, None
         except Exception as exc:
+            if nbytes and not self._closed:
+                # A load that failed (a socket time-out while the store serves other loads, a
+                # dropped connection) is a miss; whether the store is down, a ping decides, so one
+                # slow moment under load does not turn every following hit into a recompute.
+                self.counters.add(errors=1)
+                logger.warning("Remote %s of %.1f MB failed (%s); a miss, and a ping decides whether the store "
+                               "is down", what, nbytes / 1e6, _reason(exc))
+                self.loop.loop.call_soon_threadsafe(self._ensure_probe)
+                return False, None
             logger.debug("Remote %s failed: %s", what, _reason(exc))
             self._mark_failed(exc)
             return False, None
