@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -223,11 +225,21 @@ def test_parser_buffer_is_seen_with_hiredis_and_the_python_parser(redis_server) 
 
 
 # -- a server that freezes in the middle of a value --------------------------------------------
-def _stalled_setup(timeout: float):
+@contextmanager
+def stalled_setup(timeout: float) -> Iterator[tuple[DelayProxy, object, asyncio.AbstractEventLoop]]:
+    """A redis-server behind a proxy that can stall replies, a one-thread connector through it and
+    a loop to drive it; all closed afterwards."""
     server = start_redis("redis-stall")
     proxy = DelayProxy(server.node.port).start()
     conn = create_connector(f"redis://127.0.0.1:{proxy.port}?threads=1", KVCacheConfig(blocking_timeout_secs=timeout))
-    return server, proxy, conn
+    loop = asyncio.new_event_loop()
+    try:
+        yield proxy, conn, loop
+    finally:
+        loop.run_until_complete(conn.close())
+        loop.close()
+        proxy.stop()
+        server.stop()
 
 
 def _assert_no_late_writes(proxy: DelayProxy, out: np.ndarray) -> None:
@@ -242,10 +254,8 @@ def _assert_no_late_writes(proxy: DelayProxy, out: np.ndarray) -> None:
 @pytest.mark.parametrize("how", ["socket time-out", "caller cancels"])
 def test_stall_mid_value_fails_in_time_and_never_writes_later(how: str) -> None:
     timeout = 1.0 if how == "socket time-out" else 20.0  # cancelled: long before redis-py's time-out
-    server, proxy, conn = _stalled_setup(timeout)
-    loop = asyncio.new_event_loop()
-    value = os.urandom(CHUNK_256)
-    try:
+    with stalled_setup(timeout) as (proxy, conn, loop):
+        value = os.urandom(CHUNK_256)
         loop.run_until_complete(conn.put("k", value))
         assert loop.run_until_complete(conn.batched_get_into(["k"], buffers(1, CHUNK_256))) == [CHUNK_256]
         pool = conn._client.connection_pool
@@ -270,21 +280,14 @@ def test_stall_mid_value_fails_in_time_and_never_writes_later(how: str) -> None:
         again = buffers(1, CHUNK_256)  # a fresh connection: the value arrives whole
         assert loop.run_until_complete(conn.batched_get_into(["k"], again)) == [CHUNK_256]
         assert again[0].tobytes() == value
-    finally:
-        loop.run_until_complete(conn.close())
-        loop.close()
-        proxy.stop()
-        server.stop()
 
 
 @pytest.mark.timeout(60)
 def test_call_cancelled_while_queued_returns_at_once_and_never_writes() -> None:
     """One worker thread, held by a stalled call: a second call that times out while queued behind
     it returns without waiting for it, and its buffer is never written, then or later."""
-    server, proxy, conn = _stalled_setup(20.0)  # threads=1; 10 s per socket operation
-    loop = asyncio.new_event_loop()
-    value = os.urandom(CHUNK_256)
-    try:
+    with stalled_setup(20.0) as (proxy, conn, loop):  # threads=1; 10 s per socket operation
+        value = os.urandom(CHUNK_256)
         loop.run_until_complete(conn.put("k", value))
         proxy.stall_replies_after(1 << 20)
         (first,), (queued,) = buffers(1, CHUNK_256), buffers(1, CHUNK_256)
@@ -304,31 +307,19 @@ def test_call_cancelled_while_queued_returns_at_once_and_never_writes() -> None:
         assert (queued == FILL).all()
         _assert_no_late_writes(proxy, queued)
         assert (queued == FILL).all()
-    finally:
-        loop.run_until_complete(conn.close())
-        loop.close()
-        proxy.stop()
-        server.stop()
 
 
 @pytest.mark.timeout(60)
 def test_slow_link_is_not_a_time_out() -> None:
     """Bytes trickling in slower than the receive's low-water mark but faster than the socket
     time-out: progress, not a stall (the low-water mark must not turn it into a time-out)."""
-    server, proxy, conn = _stalled_setup(0.5)  # 0.25 s per socket operation
-    loop = asyncio.new_event_loop()
-    value = os.urandom(2_000_000)
-    try:
+    with stalled_setup(0.5) as (proxy, conn, loop):  # 0.25 s per socket operation
+        value = os.urandom(2_000_000)
         loop.run_until_complete(conn.put("k", value))
         proxy.delay = 0.03  # per 64 KB piece: 1 MB takes ~0.5 s
         (out,) = buffers(1, len(value))
         assert loop.run_until_complete(conn.batched_get_into(["k"], [out])) == [len(value)]
         assert out.tobytes() == value
-    finally:
-        loop.run_until_complete(conn.close())
-        loop.close()
-        proxy.stop()
-        server.stop()
 
 
 SHAPE = (2, 4, 256, 8, 64)  # 4 MB of bf16
