@@ -313,10 +313,12 @@ def test_call_cancelled_while_queued_returns_at_once_and_never_writes() -> None:
 def test_slow_link_is_not_a_time_out() -> None:
     """Bytes trickling in slower than the receive's low-water mark but faster than the socket
     time-out: progress, not a stall (the low-water mark must not turn it into a time-out)."""
-    with stalled_setup(0.5) as (proxy, conn, loop):  # 0.25 s per socket operation
+    with stalled_setup(4.0) as (proxy, conn, loop):  # 2 s per socket operation
         value = os.urandom(2_000_000)
         loop.run_until_complete(conn.put("k", value))
-        proxy.delay = 0.03  # per 64 KB piece: 1 MB takes ~0.5 s
+        # Per 64 KB piece: 1 MB (the low-water mark) takes ~4 s, twice the socket time-out, while
+        # each piece comes 1.75 s before it would expire (a loaded machine cannot make it a stall).
+        proxy.delay = 0.25
         (out,) = buffers(1, len(value))
         assert loop.run_until_complete(conn.batched_get_into(["k"], [out])) == [len(value)]
         assert out.tobytes() == value

@@ -65,7 +65,7 @@ ScatterFn = Callable[[LoadSpec, ChunkRef, MemoryObj, int, int], int]  # -> bytes
 
 
 class LoadPipeline:
-    """Fetch in groups on a fetch thread; scatter each group while the next one arrives."""
+    """Fetch in groups on fetch threads; scatter each group while the next ones arrive."""
 
     def __init__(self, engine: KVCacheEngine, retrieve: Callable[[Sequence[ChunkRef]], list[MemoryObj | None]],
                  scatter: ScatterFn) -> None:
@@ -83,11 +83,14 @@ class LoadPipeline:
         groups = [items[i:i + GROUP_CHUNKS] for i in range(0, len(items), GROUP_CHUNKS)]
         broken: set[str] = set()  # requests whose chain of loaded chunks has ended
 
+        def note_cancel(req_id: str) -> None:
+            if req_id not in broken and cancelled(req_id):  # aborted: its load ends here
+                outcomes[req_id].cancelled = True
+                broken.add(req_id)
+
         def live(group: list[tuple[LoadSpec, ChunkRef]]) -> list[tuple[LoadSpec, ChunkRef]]:
             for spec, _ in group:
-                if spec.req_id not in broken and cancelled(spec.req_id):
-                    outcomes[spec.req_id].cancelled = True
-                    broken.add(spec.req_id)
+                note_cancel(spec.req_id)
             return [(spec, ref) for spec, ref in group if spec.req_id not in broken]
 
         # Up to FETCH_DEPTH groups are in flight while one is scattered (none for requests already over).
@@ -102,9 +105,7 @@ class LoadPipeline:
             scatter_start = time.perf_counter()
             try:
                 for (spec, ref), obj in zip(group, objs, strict=True):
-                    if spec.req_id not in broken and cancelled(spec.req_id):  # aborted while it arrived
-                        outcomes[spec.req_id].cancelled = True
-                        broken.add(spec.req_id)
+                    note_cancel(spec.req_id)  # aborted while its chunks arrived
                     if spec.req_id in broken or obj is None or not self._scatter_one(spec, ref, obj, outcomes):
                         broken.add(spec.req_id)
             finally:
