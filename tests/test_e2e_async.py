@@ -20,6 +20,8 @@ from testbed import prompts
 from testbed.events import events, hits_for, requests
 from testbed.redis_servers import start_redis
 from testbed.vllm_process import VLLMServer, clean_env
+from tests.e2e_scenario import greedy_margins
+from tests.fixtures.vllm_server import FLOAT32_NEAR_TIE
 from tests.proxy import DelayProxy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -89,6 +91,14 @@ def decoding_beside(server: VLLMServer) -> Iterator[None]:
         thread.join(60)
 
 
+def computed(server: VLLMServer, prompt: str, **kwargs) -> dict:
+    """A completion whose text later runs must reproduce: no greedy step is a near-tie (float32
+    noise between a miss and a hit, ~1e-5 nats, cannot flip one on any CPU)."""
+    result = server.complete(prompt, 8, logprobs=2, **kwargs)
+    assert min(greedy_margins(result)) > FLOAT32_NEAR_TIE, "the prompt has a greedy near-tie; pick another"
+    return result
+
+
 def hit_eventually(server: VLLMServer, prompt: str, timeout: float = 120) -> dict:
     """The prompt sent until the connector loads it (once the store is back, and it was saved)."""
     def hit_once():
@@ -101,7 +111,7 @@ def hit_eventually(server: VLLMServer, prompt: str, timeout: float = 120) -> dic
 def test_a_hit_beside_a_running_request_loads_asynchronously_with_the_same_text(server: VLLMServer, store):
     redis, _ = store
     prompt = prompts.text(700, offset=31_000)
-    cold = server.complete(prompt, 8)
+    cold = computed(server, prompt)
     wait_stored(redis, cold["usage"]["prompt_tokens"] // CHUNK)
     with decoding_beside(server):
         hit = server.complete(prompt, 8)
@@ -116,7 +126,7 @@ def test_a_client_that_leaves_mid_load_releases_its_blocks(server: VLLMServer, s
     redis, proxy = store
     prompt = prompts.text(900, offset=36_000)
     before = redis.node.call(lambda c: c.dbsize())
-    cold = server.complete(prompt, 8)
+    cold = computed(server, prompt)
     wait_stored(redis, before + cold["usage"]["prompt_tokens"] // CHUNK)
     # The store freezes in the middle of the first value, so the load is in flight when the client
     # goes away (vLLM aborts the request).
@@ -145,7 +155,7 @@ def test_a_frozen_store_makes_a_new_prompt_a_miss_not_a_hang(server: VLLMServer,
     redis.node.pause()  # accepts connections, answers nothing
     try:
         started = time.monotonic()
-        frozen = server.complete(prompt, 8, timeout=120)
+        frozen = computed(server, prompt, timeout=120)
         assert time.monotonic() - started < 90
     finally:
         redis.node.resume()
