@@ -70,6 +70,14 @@ class ChunkKey:
             raise ValueError(f"not a chunk key (world_size and rank must be integers): {text!r}") from None
 
 
+def model_prefix(model: str | None = None) -> str:
+    """What every chunk key of ``model`` starts with (of any model when None): what a listing or a
+    purge of one model asks the store for. The trailing separator keeps "m" from matching "m-2"."""
+    if model is None:
+        return KEY_FORMAT + _SEP
+    return _SEP.join((KEY_FORMAT, _escape(model), ""))
+
+
 @dataclass(frozen=True)
 class ChunkRef:
     """One chunk of a prompt: tokens ``[start, end)`` and its chained hash (hex). The hash is the

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from ..config import KVCacheConfig
@@ -20,6 +21,22 @@ from .url import RemoteURL
 
 Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
+
+#: Keys a listing asks the store for at a time (one round trip each).
+DEFAULT_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class KeyPage:
+    """One page of a listing: keys, and their values' sizes in bytes when the store gave them in
+    the same round trip (``None``: ask :meth:`RemoteConnector.batched_size` if they matter)."""
+
+    keys: tuple[str, ...]
+    sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sizes is not None and len(self.sizes) != len(self.keys):
+            raise ValueError(f"a key page has {len(self.keys)} keys but {len(self.sizes)} sizes")
 
 
 class RemoteConnector(ABC):
@@ -33,6 +50,11 @@ class RemoteConnector(ABC):
     #: True when :meth:`batched_get_into` receives straight into the caller's buffers (the storage
     #: layer then hands it pooled, already-touched memory instead of taking fresh buffers).
     supports_get_into: ClassVar[bool] = False
+    #: How :meth:`scan` lists: "paged" (bounded pages, a cursor kept by the store or a lazy walk),
+    #: "one reply" (the store sends every key at once by its design), or "none" (it cannot list).
+    listing: ClassVar[str] = "one reply"
+    #: False for a sink that keeps nothing (blackhole): a value put cannot be read back.
+    stores_values: ClassVar[bool] = True
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
         """Cheap and offline: connect lazily or in :meth:`connect`."""
@@ -72,6 +94,21 @@ class RemoteConnector(ABC):
 
     @abstractmethod
     async def list(self, prefix: str = "") -> list[str]: ...
+
+    # -- listing (operator tools: inspect, purge) -------------------------------------------
+    async def scan(self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[KeyPage]:
+        """The keys starting with ``prefix``, a page at a time: a store that can page never has to
+        hold (or send) all its keys at once. Every key stored for the whole scan is seen once; keys
+        added or deleted meanwhile may or may not be. Default: one page of :meth:`list`."""
+        yield KeyPage(tuple(await self.list(prefix)))
+
+    async def batched_size(self, keys: Sequence[str]) -> list[int | None]:
+        """Each value's size in bytes (None: not stored). Default: fetches the values (override)."""
+        return [None if v is None else memoryview(v).nbytes for v in await self.batched_get(keys)]
+
+    async def batched_delete(self, keys: Sequence[str]) -> list[bool]:
+        """Delete each key; True where it was stored."""
+        return list(await asyncio.gather(*(self.delete(k) for k in keys)))
 
     # -- batched operations (override for one round trip) -----------------------------------
     async def batched_exists(self, keys: Sequence[str]) -> list[bool]:

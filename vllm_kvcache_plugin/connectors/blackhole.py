@@ -9,6 +9,8 @@ from .base import Buffer, RemoteConnector
 
 class BlackholeConnector(RemoteConnector):
     schemes = ("blackhole",)
+    listing = "none"
+    stores_values = False
 
     async def exists(self, key: str) -> bool:
         return False

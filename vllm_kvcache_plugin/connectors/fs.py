@@ -14,6 +14,7 @@
   type from /proc/self/mounts): a stat is cheaper than a thread hop. On NFS and other network file
   systems they go to the pool like everything else, since a stat there can wait on the network.
 * Blocking file I/O runs on :meth:`run_blocking`; a batch runs back to back in ONE pool call.
+  :meth:`scan` walks the folders lazily (``os.scandir``), a page of files per pool call.
   Measured here (5.9 MB files in the page cache): one thread read 3.1-3.3 GB/s, two threads reading
   at once only 0.6-0.7 GB/s (fresh buffers page-fault under a shared lock), so batches stay serial.
 """
@@ -23,14 +24,14 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import ClassVar, TypeVar
 from urllib.parse import unquote
 
 from ..atomic_files import sweep_temp_files, write_atomic
 from ..config import KVCacheConfig
 from ..errors import ConnectorError, URLError
-from .base import Buffer, RemoteConnector
+from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .url import RemoteURL
 
 T = TypeVar("T")
@@ -78,6 +79,7 @@ def relpath_to_key(relpath: str) -> str:
 class FSConnector(RemoteConnector):
     schemes = ("fs",)
     blocking_threads: ClassVar[int] = 4
+    listing: ClassVar[str] = "paged"
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
         super().__init__(url, config)
@@ -143,31 +145,51 @@ class FSConnector(RemoteConnector):
         except FileNotFoundError:
             return False
 
-    def _walk(self, folder: str, rel: str, name_prefix: str) -> Iterator[str]:
-        """Relative paths of value files under ``folder`` whose escaped name starts with the prefix."""
+    def _walk(self, folder: str, rel: str, name_prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """Value files under ``folder`` whose escaped name starts with the prefix (relative path and
+        entry), read lazily: a folder of millions of files is never held in memory."""
         try:
-            entries = list(os.scandir(folder))
+            entries = os.scandir(folder)
         except FileNotFoundError:
             return
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):  # temp files
-                continue
-            if name.endswith(_DIR_MARK) and entry.is_dir(follow_symlinks=False):
-                head = name[: -len(_DIR_MARK)]
-                if head.startswith(name_prefix[: len(head)]):
-                    yield from self._walk(entry.path, os.path.join(rel, name), name_prefix[len(head) :])
-            elif name.startswith(name_prefix) and entry.is_file(follow_symlinks=False):
-                yield os.path.join(rel, name)
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):  # temp files
+                    continue
+                if name.endswith(_DIR_MARK) and entry.is_dir(follow_symlinks=False):
+                    head = name[: -len(_DIR_MARK)]
+                    if head.startswith(name_prefix[: len(head)]):
+                        yield from self._walk(entry.path, os.path.join(rel, name), name_prefix[len(head) :])
+                elif name.startswith(name_prefix) and entry.is_file(follow_symlinks=False):
+                    yield os.path.join(rel, name), entry
 
-    def _list(self, prefix: str) -> list[str]:
-        keys = []
-        for rel in self._walk(self.root, "", escape_key(prefix) if prefix else ""):
+    def _files(self, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """(key, entry) of every stored value whose key starts with ``prefix``."""
+        for rel, entry in self._walk(self.root, "", escape_key(prefix) if prefix else ""):
             try:
-                keys.append(relpath_to_key(rel))
+                yield relpath_to_key(rel), entry
             except UnicodeDecodeError:  # a file this connector did not write
                 continue
-        return keys
+
+    def _next_page(self, files: Iterator[tuple[str, os.DirEntry[str]]], size: int) -> tuple[KeyPage, bool]:
+        """Up to ``size`` more values with their sizes, and whether the walk has ended."""
+        keys, sizes = [], []
+        for key, entry in files:
+            try:
+                sizes.append(entry.stat(follow_symlinks=False).st_size)
+            except FileNotFoundError:  # deleted since the folder was read
+                continue
+            keys.append(key)
+            if len(keys) == size:
+                return KeyPage(tuple(keys), tuple(sizes)), False
+        return KeyPage(tuple(keys), tuple(sizes)), True
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return os.stat(self.path_of(key)).st_size
+        except FileNotFoundError:
+            return None
 
     def _prepare(self) -> None:
         os.makedirs(self.root, exist_ok=True)
@@ -217,7 +239,29 @@ class FSConnector(RemoteConnector):
     async def list(self, prefix: str = "") -> list[str]:
         if not isinstance(prefix, str):
             raise TypeError(f"list prefix must be a str, got {type(prefix).__name__}")
-        return await self._call("list", lambda: self._list(prefix))
+        return await self._call("list", lambda: [key for key, _ in self._files(prefix)])
+
+    async def scan(self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[KeyPage]:
+        """``page_size`` files per pool call, sizes from a stat of each. The walk is not closed on a
+        cancellation (its pool call may still be running): it closes its folders when collected."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"scan prefix must be a str, got {type(prefix).__name__}")
+        if page_size < 1:
+            raise ValueError(f"scan page_size must be >= 1, got {page_size}")
+        files = self._files(prefix)
+        done = False
+        while not done:
+            page, done = await self._call("scan", lambda: self._next_page(files, page_size))
+            if page.keys:
+                yield page
+
+    async def batched_size(self, keys: Sequence[str]) -> list[int | None]:
+        keys = list(keys)
+        return await self._call("batched_size", lambda: [self._size(k) for k in keys])
+
+    async def batched_delete(self, keys: Sequence[str]) -> list[bool]:
+        keys = list(keys)
+        return await self._call("batched_delete", lambda: [self._delete(k) for k in keys])
 
 
 def filesystem_type(path: str) -> str | None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import fields
 
 from ..config import KVCacheConfig
@@ -31,20 +32,26 @@ from ..lm_protocol import (
     Op,
     Status,
     as_byte_view,
+    decode_key_page,
     decode_keys,
     decode_lengths,
     encode_keys,
+    encode_page_request,
     encode_put_meta,
 )
-from .base import Buffer, RemoteConnector
+from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .lm_client import ClientConnection, Reply
 from .lm_shm import MODES, Leased, ShmClient
 from .url import RemoteURL
+
+logger = logging.getLogger(__name__)
+MAX_LISTED_KEYS = 1 << 31
 
 
 class LMConnector(RemoteConnector):
     schemes = ("lm",)
     supports_get_into = True
+    listing = "paged"
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None) -> None:
         super().__init__(url, config)
@@ -72,6 +79,7 @@ class LMConnector(RemoteConnector):
         self._connect_lock: asyncio.Lock | None = None
         self._last_failure: tuple[float, ConnectorError] | None = None
         self._shm = ShmClient(self.where, shm_mode)
+        self._told_old_server = False
 
     def __repr__(self) -> str:
         return f"LMConnector({self.where!r})"
@@ -140,8 +148,36 @@ class LMConnector(RemoteConnector):
 
     async def list(self, prefix: str = "") -> list[str]:
         reply = await self._call(Op.LIST, prefix.encode("utf-8"))
-        keys = decode_keys(_joined(reply.body), max_count=1 << 31)
-        return [k.decode("utf-8", errors="replace") for k in keys]
+        return _decoded(decode_keys(_joined(reply.body), MAX_LISTED_KEYS))
+
+    async def scan(self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[KeyPage]:
+        """LIST_PAGE pages with their values' sizes (the server caps ``page_size`` at ``max_batch``,
+        so this does too); a server without LIST_PAGE lists in one LIST reply instead, sizes unknown."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        raw = prefix.encode("utf-8")
+        await self._connection()  # the server's limits
+        page_size = min(page_size, self.limits.max_batch)
+        cursor = 0
+        while True:
+            try:
+                reply = await self._call(Op.LIST_PAGE, encode_page_request(page_size, cursor, raw))
+            except LMServerError as exc:
+                if exc.status != Status.UNKNOWN_COMMAND:
+                    raise
+                if not self._told_old_server:
+                    self._told_old_server = True
+                    logger.info("%s: the server has no LIST_PAGE (an older version): it lists every key in one "
+                                "reply", self.where)
+                keys = await self.list(prefix)
+                if keys:
+                    yield KeyPage(tuple(keys))
+                return
+            cursor, keys, sizes = decode_key_page(reply.meta, _joined(reply.body), MAX_LISTED_KEYS)
+            if keys:
+                yield KeyPage(tuple(_decoded(keys)), tuple(sizes))
+            if cursor == 0:
+                return
 
     # -- batches: one frame per max_batch keys, all sent before any reply is awaited ---------
     async def batched_exists(self, keys: Sequence[str]) -> list[bool]:
@@ -334,6 +370,10 @@ def _writable_view(out: Buffer) -> memoryview:
     if view.readonly:
         raise TypeError("the output buffer is read-only")
     return view
+
+
+def _decoded(keys: list[bytes]) -> list[str]:
+    return [k.decode("utf-8", errors="replace") for k in keys]
 
 
 def _joined(parts: list[memoryview]) -> bytes:

@@ -10,6 +10,11 @@ Values larger than a staging area use plain ``put`` / ``get``. Mooncake's data c
 concurrently from several threads (its own ``mooncake.async_store`` does that); each staging area
 has a lock because it is our memory. ``setup`` runs in a background thread, retried with back-off,
 so an unreachable master never blocks start-up for Mooncake's minute of retries.
+
+Listing: the master sends every key in one reply by its design (``/get_all_keys`` on its metrics
+port); :meth:`scan` cuts that into pages. Sizes come from ``batch_get_replica_desc``, one RPC per
+page (measured here: 2.4 ms for 1000 keys, against 91 ms for 1000 ``get_size`` calls); deletes from
+``batch_remove`` (1.1 ms for 500 keys, against 57 ms for 500 ``remove`` calls).
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import KVCacheConfig
 from ..errors import ConnectorError
-from .base import Buffer, RemoteConnector
+from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .mooncake_client import (
     ALIGN,
     EVICTION_PAUSES,
@@ -51,6 +56,7 @@ class MooncakeStoreConnector(RemoteConnector):
     schemes = ("mooncakestore",)
     blocking_threads = 4
     supports_get_into = True
+    listing = "one reply"
 
     def __init__(self, url: RemoteURL, config: KVCacheConfig | None = None,
                  env: Mapping[str, str] | None = None) -> None:
@@ -331,11 +337,69 @@ class MooncakeStoreConnector(RemoteConnector):
             raise self._fail("delete", key, code)
         return True
 
+    async def batched_delete(self, keys: Sequence[str]) -> list[bool]:
+        """One forced ``batch_remove`` (see :meth:`delete`)."""
+        if not keys:
+            return []
+        codes = await self._call(self.config.blocking_timeout_secs, self._client().batch_remove, list(keys), True)
+        for key, code in zip(keys, codes, strict=True):
+            if code != 0 and code not in MISSING_CODES:
+                raise self._fail("delete", key, code)
+        return [code == 0 for code in codes]
+
+    async def batched_size(self, keys: Sequence[str]) -> list[int | None]:
+        if not keys:
+            return []
+        store = self._client()
+        return await self._call(self.config.blocking_timeout_secs, self._sizes, store, list(keys))
+
+    def _sizes(self, store: Any, keys: list[str]) -> list[int | None]:
+        """Sizes from the master's replica descriptors in one RPC. A key it gave none for (not
+        stored, still being written, or the RPC failed, which this call cannot tell apart) is asked
+        again with ``get_size``, whose code says which."""
+        replicas = store.batch_get_replica_desc(keys)
+        sizes = [self._replica_size(replicas.get(key)) for key in keys]
+        for i, size in enumerate(sizes):
+            if size is None:
+                code = store.get_size(keys[i])
+                if code < 0 and code not in MISSING_CODES:
+                    raise self._fail("size of", keys[i], code)
+                sizes[i] = code if code > 0 else None
+        return sizes
+
+    def _replica_size(self, replicas: Any) -> int | None:
+        complete = self.client.module.ReplicaStatus.COMPLETE
+        for replica in replicas or ():
+            if replica.status != complete:
+                continue
+            if replica.is_memory_replica():
+                return replica.get_memory_descriptor().buffer_descriptor.size
+            if replica.is_disk_replica():
+                return replica.get_disk_descriptor().object_size
+        return None
+
     async def list(self, prefix: str = "") -> list[str]:
         """Keys from the master's admin HTTP server (``metrics_address``: its --metrics_port)."""
+        return await self._all_keys("list", prefix)
+
+    async def scan(self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[KeyPage]:
+        """The one reply of :meth:`list`, ``page_size`` keys a page with their sizes (one RPC each);
+        keys removed since the reply are left out."""
+        if page_size < 1:
+            raise ValueError(f"scan page_size must be >= 1, got {page_size}")
+        keys = await self._all_keys("scan", prefix)
+        for start in range(0, len(keys), page_size):
+            page = keys[start:start + page_size]
+            found = [(k, n) for k, n in zip(page, await self.batched_size(page), strict=True) if n is not None]
+            if found:
+                yield KeyPage(tuple(k for k, _ in found), tuple(n for _, n in found))
+
+    async def _all_keys(self, op: str, prefix: str) -> list[str]:
+        if not isinstance(prefix, str):
+            raise TypeError(f"{op} prefix must be a str, got {type(prefix).__name__}")
         address = self.settings.metrics_address
         if not address:
-            raise ConnectorError(f"{self.url.redacted()}: list needs metrics_address (the master's "
+            raise ConnectorError(f"{self.url.redacted()}: {op} needs metrics_address (the master's "
                                  "--metrics_host:--metrics_port) in remote_options or mooncake.json")
         self._client()
         timeout = self.config.blocking_timeout_secs

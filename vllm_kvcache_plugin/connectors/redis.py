@@ -21,6 +21,8 @@ Chosen by measurement here (2 cores, loopback, 5.9 MB values):
   receives the replies straight into the pooled buffers: 2-3x redis-py + hiredis GETs of the same
   5.9 MB values, 1.1-1.4x at 368 KB (benchmarks/bench_connectors.py); a cluster reads each node's
   batch, and a key whose slot moved goes through redis-py's GET.
+* ``scan`` = SCAN MATCH COUNT (cluster: on each primary in turn), then every STRLEN of the page in one
+  round trip; ``batched_size`` / ``batched_delete`` = STRLENs / DELs in one round trip (per node).
 Each value is ONE key (header and payload are one buffer), so no reader sees half a value. Every
 failure raises :class:`ConnectorError` in one line. Socket time-outs are half of
 ``blocking_timeout_secs`` and only a broken connection is retried (once), so a call ends in time.
@@ -28,10 +30,11 @@ failure raises :class:`ConnectorError` in one line. Socket time-outs are half of
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import redis
@@ -42,7 +45,7 @@ from redis.sentinel import MasterNotFoundError
 
 from ..config import KVCacheConfig
 from ..errors import ConnectorError
-from .base import Buffer, RemoteConnector
+from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .redis_options import DEFAULT_PORTS, QUERY_OPTIONS, RedisOptions, mask_query_secrets
 from .redis_reader import CallState, Cancelled, ReplyError, receive, until_stopped
 from .redis_wire import PACKER, PackedConnection, ZeroCopyPacker, byte_view
@@ -78,6 +81,7 @@ class _RedisFamilyConnector(RemoteConnector):
 
     blocking_threads: ClassVar[int] = 4
     supports_get_into: ClassVar[bool] = True
+    listing: ClassVar[str] = "paged"
     #: Errors that mean "try again in a moment" (retried within the socket time-out).
     transient_errors: ClassVar[tuple[type[Exception], ...]] = ()
 
@@ -94,15 +98,16 @@ class _RedisFamilyConnector(RemoteConnector):
     def _build_client(self) -> Any:
         raise NotImplementedError
 
-    def _exists_many(self, client: Any, keys: Sequence[str]) -> list[bool]:
-        """All EXISTS commands in one write, then every reply: one round trip on one connection."""
+    def _each(self, client: Any, command: str, keys: Sequence[str]) -> list[Any]:
+        """``command key`` for every key in one write, then every reply (an error reply as its
+        exception): one round trip on one connection."""
         pool = client.connection_pool
         conn = pool.get_connection()
-        commands = [("EXISTS", key) for key in keys]
+        commands = [(command, key) for key in keys]
 
-        def send_and_read() -> list[bool]:
+        def send_and_read() -> list[Any]:
             conn.send_packed_command(conn.pack_commands(commands))
-            return [bool(conn.read_response()) for _ in commands]
+            return _read_replies(conn, len(commands))
 
         try:
             return conn.retry.call_with_retry(send_and_read, lambda _err: conn.disconnect())
@@ -111,6 +116,13 @@ class _RedisFamilyConnector(RemoteConnector):
             raise
         finally:
             pool.release(conn)
+
+    def _scan_nodes(self, client: Any) -> list[Any]:
+        """The servers whose key spaces together hold every key once (None: the client's one server)."""
+        return [None]
+
+    def _node_client(self, client: Any, node: Any) -> Any:
+        return client
 
     # -- plumbing ----------------------------------------------------------------------------
     def _retry(self) -> Retry:
@@ -188,7 +200,7 @@ class _RedisFamilyConnector(RemoteConnector):
         keys = [_check_key(k) for k in keys]
         if not keys:
             return []
-        return await self._call("batched_exists", lambda c: self._exists_many(c, keys))
+        return await self._call("batched_exists", lambda c: [bool(_ok(r)) for r in self._each(c, "EXISTS", keys)])
 
     async def get(self, key: str) -> Buffer | None:
         _check_key(key)
@@ -243,11 +255,77 @@ class _RedisFamilyConnector(RemoteConnector):
         pattern = _glob_escape(prefix) + "*"
         return await self._call("list", lambda c: _decode_keys(c.scan_iter(match=pattern, count=_SCAN_COUNT)))
 
+    async def scan(self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[KeyPage]:
+        """One SCAN (MATCH the prefix, literally; COUNT ``page_size``, a hint to Redis) and one round
+        trip of STRLENs per page; pages that matched nothing are skipped. Redis may return a key twice
+        (SCAN's guarantee is "at least once"): duplicates are dropped within a page, not across pages."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"scan prefix must be a str, got {type(prefix).__name__}")
+        if page_size < 1:
+            raise ValueError(f"scan page_size must be >= 1, got {page_size}")
+        pattern = _glob_escape(prefix) + "*"
+        for node in await self._call("scan", self._scan_nodes):
+            cursor = 0
+            while True:
+                cursor, page = await self._call("scan", functools.partial(self._scan_page, node=node, cursor=cursor,
+                                                                          pattern=pattern, count=page_size))
+                if page.keys:
+                    yield page
+                if not cursor:
+                    break
+
+    def _scan_page(self, client: Any, node: Any, cursor: int, pattern: str, count: int) -> tuple[int, KeyPage]:
+        cursor, raw = self._node_client(client, node).scan(cursor, match=pattern, count=count)
+        keys = list(dict.fromkeys(_decode_keys(raw)))
+        found = [(k, n) for k, n in zip(keys, self._sizes(client, keys), strict=True) if n is not None]
+        return int(cursor), KeyPage(tuple(k for k, _ in found), tuple(n for _, n in found))
+
+    def _sizes(self, client: Any, keys: Sequence[str]) -> list[int | None]:
+        """STRLEN of each key. It answers 0 for a missing key, and no stored value is empty (every
+        chunk carries a header), so 0 means "not stored"; a key of another type is no value either."""
+        return [_size(r) for r in self._each(client, "STRLEN", keys)] if keys else []
+
+    async def batched_size(self, keys: Sequence[str]) -> list[int | None]:
+        keys = [_check_key(k) for k in keys]
+        if not keys:
+            return []
+        return await self._call("batched_size", lambda c: self._sizes(c, keys))
+
+    async def batched_delete(self, keys: Sequence[str]) -> list[bool]:
+        """Every DEL in one round trip (a cluster: one per node)."""
+        keys = [_check_key(k) for k in keys]
+        if not keys:
+            return []
+        return await self._call("batched_delete", lambda c: [bool(_ok(r)) for r in self._each(c, "DEL", keys)])
+
 
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not key:
         raise TypeError(f"a key must be a non-empty str, got {key!r:.80}")
     return key
+
+
+def _read_replies(conn: Any, count: int) -> list[Any]:
+    """``count`` replies; an error reply is read whole (the connection stays in step) and kept as its exception."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def _ok(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def _size(reply: Any) -> int | None:
+    if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
+        return None
+    return _ok(reply) or None
 
 
 def _writable_view(out: Buffer) -> memoryview:
@@ -364,14 +442,25 @@ class RedisClusterConnector(_RedisFamilyConnector):
                 answers[i] = _checked_answer(answer)
         return answers
 
-    def _exists_many(self, client: Any, keys: Sequence[str]) -> list[bool]:
-        try:
-            return _exists_by_node(client, keys)
-        except (AskError, TryAgainError, ClusterDownError):  # slots moved: redis-py's pipeline follows
+    def _each(self, client: Any, command: str, keys: Sequence[str]) -> list[Any]:
+        """One write per node (see :func:`_each_by_node`); keys whose slot moved go again through
+        redis-py's cluster pipeline, which follows the redirect."""
+        replies = _each_by_node(client, command, keys)
+        moved = [i for i, reply in enumerate(replies) if isinstance(reply, (AskError, TryAgainError, ClusterDownError))]
+        if moved:
             pipe = client.pipeline()
-            for key in keys:
-                pipe.exists(key)
-            return [bool(n) for n in pipe.execute()]
+            for i in moved:
+                pipe.execute_command(command, keys[i])
+            for i, reply in zip(moved, pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        return replies
+
+    def _scan_nodes(self, client: Any) -> list[Any]:
+        """The primaries: a replica holds copies of its primary's keys, which must not count twice."""
+        return client.get_primaries()
+
+    def _node_client(self, client: Any, node: Any) -> Any:
+        return client.get_redis_connection(node)
 
 
 _REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
@@ -383,24 +472,24 @@ def _copy_into(value: bytes | None, out: memoryview) -> int | None:
     return None if value is None else len(value)
 
 
-def _exists_by_node(client: Any, keys: Sequence[str]) -> list[bool]:
-    """Each node's EXISTS commands in one write, every node before any read: one round trip per
-    node, in parallel (redis-py's cluster pipeline took 2 ms for 32 keys here, mostly Python)."""
+def _each_by_node(client: Any, command: str, keys: Sequence[str]) -> list[Any]:
+    """Each node's single-key commands in one write, every node before any read: one round trip per
+    node, in parallel (redis-py's cluster pipeline took 2 ms for 32 EXISTS here, mostly Python)."""
     groups: dict[str, tuple[Any, list[int]]] = {}
     for i, key in enumerate(keys):
         node = client.get_node_from_key(key)
         groups.setdefault(node.name, (node, []))[1].append(i)
     held: list[tuple[Any, Any, list[int]]] = []
-    answers = [False] * len(keys)
+    answers: list[Any] = [None] * len(keys)
     try:
         for node, indexes in groups.values():
             pool = client.get_redis_connection(node).connection_pool
             conn = pool.get_connection()
             held.append((pool, conn, indexes))
-            conn.send_packed_command(conn.pack_commands([("EXISTS", keys[i]) for i in indexes]))
+            conn.send_packed_command(conn.pack_commands([(command, keys[i]) for i in indexes]))
         for _pool, conn, indexes in held:
-            for i in indexes:
-                answers[i] = bool(conn.read_response())
+            for i, reply in zip(indexes, _read_replies(conn, len(indexes)), strict=True):
+                answers[i] = reply
         return answers
     except BaseException:
         for _pool, conn, _indexes in held:

@@ -51,6 +51,7 @@ class Op(enum.IntEnum):
     SHM_ATTACH = 13  # -> JSON: the unix socket to fetch the arena's fd from, a one-time nonce, ...
     BATCH_GET_LEASE = 14  # key list -> lease table: where each value lies in the arena, under a lease
     LEASE_RELEASE = 15  # lease id list -> one byte per lease: 1 still valid, 0 expired or unknown
+    LIST_PAGE = 16  # page size, cursor, prefix -> next cursor; a key page (keys and value sizes)
 
 
 class Status(enum.IntEnum):
@@ -157,6 +158,9 @@ def as_byte_view(value: object) -> memoryview:
 #                        found values back to back.
 # A lease table:         u32 count, count x (i64 length (MISSING = -1), i64 offset, i64 lease id).
 # A lease id list:       u32 count, count x i64 lease ids.
+# A LIST_PAGE request:   u32 page size, u64 cursor, the prefix's bytes; its reply's meta is the u64
+#                        next cursor (0: complete), its body a key page: a key list, then count x
+#                        u64 value sizes.
 
 
 def encode_keys(keys: Sequence[bytes]) -> bytes:
@@ -217,6 +221,40 @@ def _split_keys(meta: bytes | memoryview, offset: int, lengths: Sequence[int]) -
         keys.append(bytes(meta[offset : offset + n]))
         offset += n
     return keys
+
+
+PAGE_REQUEST = struct.Struct("<IQ")
+CURSOR = struct.Struct("<Q")
+
+
+def encode_page_request(page_size: int, cursor: int, prefix: bytes) -> bytes:
+    return PAGE_REQUEST.pack(page_size, cursor) + prefix
+
+
+def decode_page_request(meta: bytes | memoryview) -> tuple[int, int, bytes]:
+    """(page size, cursor, prefix)."""
+    if len(meta) < PAGE_REQUEST.size:
+        raise ProtocolError("LIST_PAGE meta is shorter than its page size and cursor")
+    page_size, cursor = PAGE_REQUEST.unpack_from(meta)
+    return page_size, cursor, bytes(meta[PAGE_REQUEST.size :])
+
+
+def encode_key_page(next_cursor: int, keys: Sequence[bytes], sizes: Sequence[int]) -> tuple[bytes, bytes]:
+    """A LIST_PAGE reply's (meta, body)."""
+    return CURSOR.pack(next_cursor), encode_keys(keys) + struct.pack(f"<{len(sizes)}Q", *sizes)
+
+
+def decode_key_page(meta: bytes | memoryview, body: bytes | memoryview,
+                    max_count: int) -> tuple[int, list[bytes], list[int]]:
+    """(next cursor, keys, value sizes) of a LIST_PAGE reply."""
+    if len(meta) != CURSOR.size:
+        raise ProtocolError("LIST_PAGE reply meta is not a cursor")
+    count, lengths, offset = _read_count_and(body, "I", max_count)
+    end = offset + sum(lengths)
+    if len(body) != end + 8 * count:
+        raise ProtocolError("key page length does not match its counts")
+    keys = _split_keys(body[:end], offset, lengths)
+    return CURSOR.unpack(meta)[0], keys, list(struct.unpack_from(f"<{count}Q", body, end))
 
 
 def encode_leases(entries: Sequence[tuple[int, int, int]]) -> bytes:

@@ -23,7 +23,9 @@ from ..lm_protocol import (
     Status,
     decode_ids,
     decode_keys,
+    decode_page_request,
     decode_put_meta,
+    encode_key_page,
     encode_keys,
     encode_leases,
     encode_lengths,
@@ -65,6 +67,11 @@ class Commands:
 
     def run(self, op: int, meta: bytes) -> Answer:
         return self._HANDLERS[op](self, meta)
+
+    @classmethod
+    def handles(cls, op: int) -> bool:
+        """Whether this server knows ``op`` (the rest are answered UNKNOWN_COMMAND)."""
+        return op in cls._HANDLERS
 
     # -- receiving values ----------------------------------------------------------------------
     def body_buffers(self, op: int, meta: bytes, body_len: int, request_id: int) -> list[memoryview]:
@@ -150,6 +157,22 @@ class Commands:
             raise RequestError(Status.KEY_TOO_LONG, "prefix is longer than the longest key")
         return Status.OK, b"", [encode_keys(self.state.store.keys(meta))]
 
+    def _list_page(self, meta: bytes) -> Answer:
+        try:
+            page_size, cursor, prefix = decode_page_request(meta)
+        except ProtocolError as exc:
+            raise RequestError(Status.BAD_REQUEST, str(exc)) from None
+        if not 0 < page_size <= self.limits.max_batch:
+            raise RequestError(Status.BAD_REQUEST, f"page size {page_size} is not in 1..{self.limits.max_batch}")
+        if len(prefix) > self.limits.max_key_len:
+            raise RequestError(Status.KEY_TOO_LONG, "prefix is longer than the longest key")
+        index = self.state.store.index
+        if cursor >= index.nbuckets:
+            raise RequestError(Status.BAD_REQUEST, f"cursor {cursor} is not one this server gave out")
+        items, next_cursor = index.page(prefix, cursor, page_size)
+        meta, body = encode_key_page(next_cursor, [k for k, _ in items], [size for _, size in items])
+        return Status.OK, meta, [body]
+
     def _health(self, meta: bytes) -> Answer:
         return Status.OK, b"", []
 
@@ -210,6 +233,7 @@ class Commands:
         Op.DELETE: _delete, Op.LIST: _list, Op.HEALTH: _health, Op.STATS: _stats,
         Op.BATCH_EXISTS: _batch_exists, Op.BATCH_GET: _batch_get, Op.BATCH_DELETE: _batch_delete,
         Op.SHM_ATTACH: _shm_attach, Op.BATCH_GET_LEASE: _batch_get_lease, Op.LEASE_RELEASE: _lease_release,
+        Op.LIST_PAGE: _list_page,
     }
 
     # -- checks --------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import time
 
 from ..errors import ProtocolError
 from ..lm_protocol import (
-    KNOWN_OPS,
     OPS_WITH_BODY,
     FrameReader,
     FrameWriter,
@@ -122,7 +121,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             raise Disconnect(Status.UNAUTHORIZED, "the first frame must be HELLO", header.request_id)
         if op == Op.HELLO and header.meta_len > MAX_TOKEN_LEN:
             raise Disconnect(Status.BAD_REQUEST, f"token over {MAX_TOKEN_LEN} bytes", header.request_id)
-        if op not in KNOWN_OPS:
+        if not self.commands.handles(op):
             return self._refuse(header, Status.UNKNOWN_COMMAND, f"unknown command {op}")
         self.server.stats.requests[Op(op).name] += 1
         if op not in OPS_WITH_BODY and header.body_len:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..atomic_files import is_temp, sweep_temp_files, write_atomic
@@ -33,7 +33,10 @@ class DiskSpill:
         self.folder = Path(folder)
         self.budget = budget
         self.write_failures = 0
-        self._index: ByteLRU[bytes, None] = ByteLRU(budget)  # key -> (None, file size), LRU first
+        self._index: ByteLRU[bytes, int] = ByteLRU(budget)  # key -> (value size, file size), LRU first
+        #: Called with each key the spill drops by itself (evicted for room, or unreadable), so the
+        #: store's key index learns of it; deletes and replacements the store asks for are not reported.
+        self.on_drop: Callable[[bytes], None] | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rebuild_index()
 
@@ -50,6 +53,10 @@ class DiskSpill:
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._index)
 
+    def value_sizes(self) -> Iterator[tuple[bytes, int]]:
+        """(key, value size) of every file."""
+        return zip(self._index, self._index.values(), strict=True)
+
     def write(self, key: bytes, value: bytes | bytearray | memoryview) -> bool:
         """Store ``key``; False when it does not fit the budget or the disk failed."""
         size = FILE_HEADER.size + len(key) + len(value)
@@ -58,6 +65,7 @@ class DiskSpill:
         self.delete(key)
         for old, _ in self._index.evict(size):
             _unlink(self._path(old))
+            self._dropped(old)
         final = self._path(key)
         try:
             write_atomic(final, [FILE_HEADER.pack(FILE_MAGIC, len(key), len(value)) + key, value])
@@ -65,7 +73,7 @@ class DiskSpill:
             self.write_failures += 1
             logger.warning("disk spill: cannot write %s: %s (value dropped)", final, exc.strerror or exc)
             return False
-        self._index.add(key, None, size)
+        self._index.add(key, len(value), size)
         return True
 
     def read(self, key: bytes) -> bytearray | None:
@@ -84,6 +92,7 @@ class DiskSpill:
         except (OSError, ValueError, struct.error) as exc:
             logger.warning("disk spill: dropping unreadable %s: %s", path, exc)
             self._remove(key)
+            self._dropped(key)
             return None
         self._index.get(key)  # now the most recently used
         return value
@@ -98,12 +107,16 @@ class DiskSpill:
         self._index.pop(key)
         _unlink(self._path(key))
 
+    def _dropped(self, key: bytes) -> None:
+        if self.on_drop is not None:
+            self.on_drop(key)
+
     def _path(self, key: bytes) -> Path:
         return self.folder / (hashlib.blake2b(key, digest_size=16).hexdigest() + SUFFIX)
 
     def _rebuild_index(self) -> None:
         """Index the files a previous run left, oldest first; drop temporaries and over-budget files."""
-        found: list[tuple[float, bytes, int]] = []
+        found: list[tuple[float, bytes, int, int]] = []
         sweep_temp_files(self.folder, 0.0)  # the server owns its folder: every temp file is a dead writer's
         for path in self.folder.iterdir():
             if is_temp(path.name):
@@ -120,9 +133,9 @@ class DiskSpill:
                 logger.warning("disk spill: removing unreadable %s: %s", path, exc)
                 _unlink(path)
                 continue
-            found.append((stat.st_mtime, key, stat.st_size))
-        for _mtime, key, size in sorted(found):
-            self._index.add(key, None, size)
+            found.append((stat.st_mtime, key, value_len, stat.st_size))
+        for _mtime, key, value_len, size in sorted(found):
+            self._index.add(key, value_len, size)
         for old, _ in self._index.evict():
             _unlink(self._path(old))
         if self._index:

@@ -15,6 +15,9 @@ With an :class:`~.arena.Arena` (shared memory on), values live in regions of the
 bytearrays (the arena's free list replaces the pool of free buffers), so a client on the same host
 can read them through its mapping under a lease; a region that leases or replies being sent still
 hold outlives its entry (see arena.py), inside the arena, so memory never exceeds the budget.
+
+A :class:`~.key_index.KeyIndex` holds every key stored in memory or on disk with its value's size
+(LIST, LIST_PAGE, the key count); the store updates it wherever a key comes or goes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..lm_protocol import new_buffer
 from ..lru import ByteLRU
 from .arena import Arena, Region
 from .disk import DiskSpill
+from .key_index import KeyIndex
 
 ENTRY_OVERHEAD = 64  # bytes charged per entry for the dict slot, the key object and the value object
 RECYCLE_MIN = 64 * 1024  # smaller buffers are cheap to allocate: not worth keeping
@@ -62,6 +66,11 @@ class MemoryStore:
         self._free: dict[int, list[bytearray]] = {}  # size -> free buffers
         self.arena = arena
         self._regions: dict[int, Region] = {}  # id(view) -> its arena region (arena mode)
+        self.index = KeyIndex()
+        if disk is not None:
+            for key, size in disk.value_sizes():
+                self.index.add(key, size)
+            disk.on_drop = self._disk_dropped
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -151,11 +160,13 @@ class MemoryStore:
         if self.disk is not None:
             self.disk.delete(key)  # stale now
         self._entries.add(key, buffer, entry_cost(len(key), len(buffer)))
+        self.index.add(key, len(buffer))
 
     def delete(self, key: bytes) -> bool:
         found = self._drop_memory(key)
         if self.disk is not None and self.disk.delete(key):
             found = True
+        self.index.discard(key)
         return found
 
     # -- reads -------------------------------------------------------------------------------
@@ -177,15 +188,10 @@ class MemoryStore:
         return key in self._entries or (self.disk is not None and key in self.disk)
 
     def keys(self, prefix: bytes = b"") -> list[bytes]:
-        found = {k for k in self._entries if k.startswith(prefix)}
-        if self.disk is not None:
-            found.update(k for k in self.disk if k.startswith(prefix))
-        return sorted(found)
+        return sorted(k for k in self.index if k.startswith(prefix))
 
     def key_count(self) -> int:
-        if self.disk is None:
-            return len(self._entries)
-        return len(self._entries) + sum(1 for k in self.disk if k not in self._entries)
+        return len(self.index)
 
     # -- internals ---------------------------------------------------------------------------
     def _promote(self, key: bytes, value: bytearray) -> bytearray | memoryview:
@@ -219,7 +225,13 @@ class MemoryStore:
         self._clean.discard(key)
         if self.disk is not None and not (clean and key in self.disk) and self.disk.write(key, value):
             self.counters.spills += 1
+        if self.disk is None or key not in self.disk:
+            self.index.discard(key)
         self._recycle(value)
+
+    def _disk_dropped(self, key: bytes) -> None:
+        if key not in self._entries:
+            self.index.discard(key)
 
     def _recycle(self, buffer: bytearray) -> None:
         """Arena mode: retire the buffer's region (arena.py frees it once nothing reads it). Else

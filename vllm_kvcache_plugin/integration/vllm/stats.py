@@ -70,6 +70,7 @@ def flatten_storage_stats(stats: dict[str, Any]) -> dict[str, float]:
         "remote_healthy": storage["remote_healthy"],
         "puts_dropped": storage["puts_dropped"],
         "puts_done": storage["puts_done"],
+        "remote_reconnects": storage["remote_reconnects"],
         "hot_bytes": stats["hot_bytes"],
         "disk_bytes": stats["disk_bytes"],
         "allocations": stats["allocator"]["allocations"],
@@ -141,8 +142,8 @@ _PROM_HISTOGRAMS = {
     "lookup_seconds": "Time of one prefix lookup in the worker's tiers",
 }
 # Cumulative snapshot values exported as counters (by delta) and gauges.
-_PROM_SNAPSHOT_COUNTERS = ("allocations", "frees", "puts_dropped", "hot_evictions", "disk_evictions",
-                           "remote_errors", "remote_corrupt", "disk_corrupt", "remote_bytes_read",
+_PROM_SNAPSHOT_COUNTERS = ("allocations", "frees", "puts_dropped", "remote_reconnects", "hot_evictions",
+                           "disk_evictions", "remote_errors", "remote_corrupt", "disk_corrupt", "remote_bytes_read",
                            "remote_bytes_written", "disk_bytes_read", "disk_bytes_written")
 _PROM_GAUGES = ("remote_healthy", "hot_bytes", "disk_bytes", "live_chunks")
 _BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
