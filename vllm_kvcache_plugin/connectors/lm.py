@@ -163,7 +163,7 @@ class LMConnector(RemoteConnector):
             try:
                 reply = await self._call(Op.LIST_PAGE, encode_page_request(page_size, cursor, raw))
             except LMServerError as exc:
-                if exc.status != Status.UNKNOWN_COMMAND:
+                if exc.status != Status.UNKNOWN_COMMAND or cursor:  # mid-listing: LIST would repeat keys
                     raise
                 if not self._told_old_server:
                     self._told_old_server = True
