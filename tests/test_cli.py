@@ -231,7 +231,7 @@ def test_inspect_prints_a_table_and_a_progress_line(lm_server_factory, monkeypat
     out = io.StringIO()
     assert cli.main(["inspect", store.url], out=out, err=io.StringIO()) == 0
     table = out.getvalue()
-    assert "13 chunks" in table and "2 model(s)" in table and MODEL_A in table and "1 other keys" in table
+    assert "13 chunks" in table and "of 2 models" in table and MODEL_A in table and "1 other keys" in table
 
 
 def test_inspect_a_store_that_cannot_list_says_so():

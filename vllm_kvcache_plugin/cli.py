@@ -214,7 +214,8 @@ def _print_inventory(inv: admin.Inventory, out: TextIO, as_json: bool, verb: str
         return
     chunks = sum(t.chunks for _, t in rows)
     total = sum(t.bytes for _, t in rows)
-    print(f"{inv.url} {verb} {chunks:,} chunks, {_size(total, inv)} of {len(inv.models)} model(s)"
+    models = len(inv.models)
+    print(f"{inv.url} {verb} {chunks:,} chunks ({_size(total, inv)}) of {models} model{'' if models == 1 else 's'}"
           f" (listing: {inv.listing})", file=out)
     if rows:
         width = max(len("model"), *(len(model) for (model, _, _), _ in rows))
