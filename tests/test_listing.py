@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from testbed.processes import LOOPBACK, free_port, wait_for
-from testbed.redis_servers import RedisNode, start_redis_cluster
+from testbed.processes import LOOPBACK, wait_for
+from testbed.redis_servers import RedisNode, free_ports, start_redis_cluster
 from vllm_kvcache_plugin.config import load_config
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.connectors.base import KeyPage, RemoteConnector
@@ -100,8 +100,9 @@ def test_redis_scan_matches_glob_characters_literally(redis_url: str) -> None:
     async def body(conn: RemoteConnector) -> None:
         a, b = values(literal, 20), values(lookalike, 20)
         await conn.batched_put([*a.items(), *b.items()])
-        assert sizes_of(await scan_all(conn, f"vllm@{literal}@", 7)) == {k: len(v) for k, v in a.items()}
-        assert sizes_of(await scan_all(conn, "vllm@mo*", 7)) == {}
+        for prefix in (f"vllm@{literal}@", "vllm@mo*", "vllm@mo*del[1]?"):
+            assert sizes_of(await scan_all(conn, prefix, 7)) == {k: len(v) for k, v in a.items()}, prefix
+        assert sizes_of(await scan_all(conn, "vllm@moX", 7)) == {k: len(v) for k, v in b.items()}
 
     asyncio.run(with_connector(create_connector(redis_url), body))
 
@@ -121,15 +122,17 @@ def test_redis_scan_skips_keys_of_other_types(fresh_redis) -> None:
 def test_redis_cluster_scan_counts_replicated_keys_once() -> None:
     """A replica holds its primary's keys too: only primaries are scanned."""
     cluster = start_redis_cluster()
-    replica = RedisNode("cluster-replica", free_port(), str(Path(cluster.nodes[0].workdir).parent / "replica"),
+    primary = cluster.nodes[0]
+    port, bus_port = free_ports(2)
+    replica = RedisNode("cluster-replica", port, str(Path(primary.workdir).parent / "replica"),
                         ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                         "--cluster-node-timeout", "3000"])
+                         "--cluster-node-timeout", "3000", "--cluster-port", str(bus_port)])
     os.makedirs(replica.workdir)
     try:
-        primary = cluster.nodes[0]
         primary_id = primary.call(lambda c: c.cluster("myid"))
+        primary_bus_port = primary.args[list(primary.args).index("--cluster-port") + 1]
         replica.start()
-        replica.call(lambda c: c.execute_command("CLUSTER MEET", LOOPBACK, primary.port))
+        replica.call(lambda c: c.execute_command("CLUSTER MEET", LOOPBACK, primary.port, primary_bus_port))
 
         def replicate() -> bool:  # refused ("Unknown node") until the meeting has gone round
             try:
@@ -140,6 +143,13 @@ def test_redis_cluster_scan_counts_replicated_keys_once() -> None:
         wait_for(replicate, 20, "the new node to become a replica", interval=0.1)
         wait_for(lambda: replica.call(lambda c: c.info("replication")).get("master_link_status") == "up", 20,
                  "the replica to sync", interval=0.1)
+
+        def slot_map_names_replica(node: RedisNode) -> bool:  # what the connector's client reads at start
+            slots = node.call(lambda c: c.execute_command("CLUSTER SLOTS"))
+            return any(int(r[1]) == replica.port for _lo, _hi, _primary, *replicas in slots for r in replicas)
+
+        wait_for(lambda: all(slot_map_names_replica(n) for n in cluster.nodes), 20, "the slot map to name the "
+                 "replica", interval=0.1)
         items = values("model-a", 300)
 
         async def body(conn: RemoteConnector) -> None:
@@ -175,9 +185,9 @@ def test_fs_scan_skips_temporary_files(tmp_path: Path) -> None:
 
 
 # -- mooncake ---------------------------------------------------------------------------------------
-def mooncake_connector(cluster, **options) -> RemoteConnector:
-    config = load_config(extra_config={"remote_options": cluster.options(**options), "blocking_timeout_secs": 5},
-                         env={})
+def mooncake_connector(cluster, without: tuple[str, ...] = ()) -> RemoteConnector:
+    options = {k: v for k, v in cluster.options().items() if k not in without}
+    config = load_config(extra_config={"remote_options": options, "blocking_timeout_secs": 5}, env={})
     return create_connector(cluster.master.url, config)
 
 
@@ -197,7 +207,7 @@ def test_mooncake_scan_sizes_and_delete(mooncake) -> None:
 
 
 def test_mooncake_scan_without_metrics_address_says_what_is_missing(mooncake) -> None:
-    conn = mooncake_connector(mooncake, metrics_address=None)
+    conn = mooncake_connector(mooncake, without=("metrics_address",))
 
     async def body() -> None:
         with pytest.raises(ConnectorError, match="scan needs metrics_address"):

@@ -242,8 +242,8 @@ class FSConnector(RemoteConnector):
         return await self._call("list", lambda: [key for key, _ in self._files(prefix)])
 
     async def scan(self, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[KeyPage]:
-        """``page_size`` files per pool call, sizes from a stat of each. The walk is not closed on a
-        cancellation (its pool call may still be running): it closes its folders when collected."""
+        """``page_size`` files per pool call, sizes from a stat of each. The walk's open folders close
+        when it is collected, not here: after a cancellation its pool call may still be running."""
         if not isinstance(prefix, str):
             raise TypeError(f"scan prefix must be a str, got {type(prefix).__name__}")
         if page_size < 1:
