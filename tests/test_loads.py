@@ -22,13 +22,13 @@ CHUNK = 16
 
 
 class FakeEngine:
-    def key(self, ref: ChunkRef) -> str:
-        return f"key-{ref.start}"
+    def key(self, ref: ChunkRef, part: str = "") -> str:
+        return f"key-{ref.start}{part}"
 
 
 def spec(req_id: str, chunks: int, start_hash: int = 0) -> LoadSpec:
     refs = tuple(ChunkRef(i * CHUNK, (i + 1) * CHUNK, f"{start_hash + i:064x}") for i in range(chunks))
-    return LoadSpec(req_id, 0, chunks * CHUNK, refs, tuple(range(chunks)), asynchronous=True)
+    return LoadSpec(req_id, 0, chunks * CHUNK, refs, (tuple(range(chunks)),), asynchronous=True)
 
 
 class Recorder:
@@ -43,7 +43,8 @@ class Recorder:
         self.fetch_hooks: dict[int, threading.Event] = {}  # group's first token -> set when fetched
         self.hold_scatter: dict[int, threading.Event] = {}  # token -> wait for this before scattering
 
-    def retrieve(self, refs):
+    def retrieve(self, items):
+        refs = [item.ref for item in items]
         with self.lock:
             self.log.append(("fetch", refs[0].start))
         out = []
@@ -58,7 +59,8 @@ class Recorder:
             hook.set()
         return out
 
-    def scatter(self, load_spec, ref, obj, a, b) -> int:
+    def scatter(self, load_spec, item, obj) -> int:
+        ref = item.ref
         if (gate := self.hold_scatter.get(ref.start)) is not None:
             assert gate.wait(10), "the pipeline waited for this scatter before fetching ahead"
         assert torch.all(obj.tensor == ref.start)
@@ -150,9 +152,9 @@ def test_a_chunk_whose_lease_ran_out_during_the_scatter_is_a_load_error():
     released = []
     real_retrieve = rec.retrieve
 
-    def leased(refs):
-        objs = real_retrieve(refs)
-        for ref, obj in zip(refs, objs, strict=True):
+    def leased(items):
+        objs = real_retrieve(items)
+        for ref, obj in zip([item.ref for item in items], objs, strict=True):
             # Chunk 1's lease ends before its scatter is over (as after a stall of lease_secs).
             until = time.monotonic() - 1 if ref.start == CHUNK else time.monotonic() + 60
             obj.lend(lambda start=ref.start: released.append(start), until)

@@ -148,7 +148,7 @@ def test_scheduler_asks_every_worker_of_a_pipeline_parallel_instance(model_dir):
 def store_prompt(h: Harness, req: Request, kv: torch.Tensor) -> None:
     assert h.matched(req, 0) == (0, False)
     blocks = h.blocks(-(-len(TOKENS) // BLOCK))
-    h.sched.update_state_after_alloc(req, blocks, 0)
+    h.sched.update_state_after_alloc(req, (blocks,), 0)
     meta = h.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: len(TOKENS)}))
     h.forward(blocks, 0, len(TOKENS), kv)
     h.worker.save(meta)

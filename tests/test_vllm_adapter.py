@@ -42,11 +42,11 @@ class Harness:
         self.engine = KVCacheEngine(self.config, "test-model")
         self.worker = WorkerSide(self.engine, BLOCK, self.address)
         self.layers = allocate_paged_layers(SPEC, "LBNHC", NUM_LAYERS, num_blocks=64)
-        self.worker.register(build_registered_cache([f"layers.{i}.attn" for i in range(NUM_LAYERS)],
-                                                    self.layers, SPEC))
+        self.worker.register([build_registered_cache([f"layers.{i}.attn" for i in range(NUM_LAYERS)],
+                                                     self.layers, SPEC)])
         self.sched = SchedulerSide(self.config, AsyncLookups(LookupClient([self.address], 2.0)),
                                    can_load=role != "kv_producer", can_save=role != "kv_consumer", block_size=BLOCK)
-        self.next_block = 0
+        self.next_block = 1  # vLLM keeps block 0 as its null block
 
     def blocks(self, n: int) -> list[int]:
         out = list(range(self.next_block, self.next_block + n))
@@ -111,7 +111,7 @@ def run_chunked_prefill(h: Harness, tokens: list[int], kv: torch.Tensor, steps: 
     req = make_request(tokens)
     assert h.matched(req, 0) == (0, False)
     blocks = h.blocks((steps[0] + BLOCK - 1) // BLOCK)
-    h.sched.update_state_after_alloc(req, blocks, 0)
+    h.sched.update_state_after_alloc(req, (blocks,), 0)
     saves = []
     computed = 0
     for i, n in enumerate(steps):
@@ -143,7 +143,7 @@ def test_chunked_prefill_saves_each_chunk_once_and_a_new_instance_loads_it(harne
     hit, is_async = harness.matched(again, 0)
     assert (hit, is_async) == (299, False)  # capped: one token is left for the forward to compute
     blocks = harness.blocks(300 // BLOCK + 1)
-    harness.sched.update_state_after_alloc(again, blocks, hit)
+    harness.sched.update_state_after_alloc(again, (blocks,), hit)
     meta = harness.sched.build_meta(step(new=[(again, blocks, 299)], scheduled={again.request_id: 1}))
     assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 299)] and not meta.saves
     harness.worker.load(meta)
@@ -161,7 +161,7 @@ def test_load_starts_after_vllms_own_prefix_hit(harness: Harness):
     assert hit == 159 - local
     blocks = harness.blocks(10)
     harness.forward(blocks, 0, local, kv)  # those blocks already hold the local hit
-    harness.sched.update_state_after_alloc(again, blocks, hit)
+    harness.sched.update_state_after_alloc(again, (blocks,), hit)
     meta = harness.sched.build_meta(step(new=[(again, blocks, 159)], scheduled={again.request_id: 1}))
     (load,) = meta.loads
     assert (load.start, load.end) == (local, 159)
@@ -176,7 +176,7 @@ def test_preempted_request_resumes_with_new_blocks(harness: Harness):
     req = make_request(tokens)
     harness.matched(req, 0)
     blocks = harness.blocks(4)
-    harness.sched.update_state_after_alloc(req, blocks, 0)
+    harness.sched.update_state_after_alloc(req, (blocks,), 0)
     meta = harness.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: 64}))
     harness.forward(blocks, 0, 64, kv)
     harness.worker.save(meta)
@@ -185,10 +185,10 @@ def test_preempted_request_resumes_with_new_blocks(harness: Harness):
     hit, _ = harness.matched(req, 0)
     assert hit == 64
     new_blocks = harness.blocks(8)
-    harness.sched.update_state_after_alloc(req, new_blocks, hit)
+    harness.sched.update_state_after_alloc(req, (new_blocks,), hit)
     out = step(cached=[(req.request_id, new_blocks, 64, True)], scheduled={req.request_id: 64})
     meta = harness.sched.build_meta(out)
-    assert [(ld.start, ld.end, list(ld.block_ids)) for ld in meta.loads] == [(0, 64, new_blocks)]
+    assert [(ld.start, ld.end, list(ld.block_ids[0])) for ld in meta.loads] == [(0, 64, new_blocks)]
     harness.worker.load(meta)
     harness.forward(new_blocks, 64, 128, kv)
     harness.worker.save(meta)
@@ -204,7 +204,7 @@ def test_a_chunk_gone_between_lookup_and_load_is_a_load_error(harness: Harness):
     hit, _ = harness.matched(again, 0)
     harness.engine.storage.hot.remove(harness.engine.key(saves[2]))  # evicted before the load
     blocks = harness.blocks(7)
-    harness.sched.update_state_after_alloc(again, blocks, hit)
+    harness.sched.update_state_after_alloc(again, (blocks,), hit)
     meta = harness.sched.build_meta(step(new=[(again, blocks, hit)], scheduled={again.request_id: 1}))
     harness.worker.load(meta)
     # Tokens 0..63 loaded; from token 64 (block 4) on vLLM must recompute.
@@ -221,7 +221,7 @@ def test_roles_consumer_never_saves_producer_never_loads():
         req = make_request(tokens)
         consumer.matched(req, 0)
         blocks = consumer.blocks(4)
-        consumer.sched.update_state_after_alloc(req, blocks, 0)
+        consumer.sched.update_state_after_alloc(req, (blocks,), 0)
         meta = consumer.sched.build_meta(step(new=[(req, blocks, 0)], scheduled={req.request_id: 64}))
         assert not meta.saves
 
@@ -283,7 +283,7 @@ def start_async_load(h: Harness, tokens: list[int]) -> tuple[Request, list[int],
     hit, is_async = h.matched(req, 0)
     assert hit == len(tokens) - 1 and is_async
     blocks = h.blocks(len(tokens) // BLOCK + 1)
-    h.sched.update_state_after_alloc(req, blocks, hit)
+    h.sched.update_state_after_alloc(req, (blocks,), hit)
     meta = h.sched.build_meta(step())  # nothing scheduled: vLLM parks the request
     assert meta.idle and [(ld.req_id, ld.asynchronous) for ld in meta.loads] == [(req.request_id, True)]
     return req, blocks, hit, meta
@@ -306,7 +306,7 @@ def test_a_hit_that_needs_io_loads_in_the_background_and_is_reported_finished(di
     assert torch.equal(h.read(blocks, 0, hit), kv[:, :, :hit])
     # vLLM then schedules it with the loaded tokens computed (telling the connector of the blocks
     # again, with no external tokens): no second load, and no loaded chunk saved again.
-    h.sched.update_state_after_alloc(req, blocks, 0)
+    h.sched.update_state_after_alloc(req, (blocks,), 0)
     meta = h.sched.build_meta(step(new=[(req, blocks, hit)], scheduled={req.request_id: 1}))
     assert not meta.loads and not meta.idle
     h.forward(blocks, hit, len(tokens), kv)
@@ -328,7 +328,7 @@ def test_with_nothing_else_running_a_disk_hit_loads_before_the_forward(disk_harn
     req = make_request(tokens)
     assert disk_harness.matched(req, 0) == (99, False)
     blocks = disk_harness.blocks(7)
-    disk_harness.sched.update_state_after_alloc(req, blocks, 99)
+    disk_harness.sched.update_state_after_alloc(req, (blocks,), 99)
     meta = disk_harness.sched.build_meta(step(new=[(req, blocks, 99)], scheduled={req.request_id: 1}))
     assert [(ld.start, ld.end, ld.asynchronous) for ld in meta.loads] == [(0, 99, False)]
     disk_harness.worker.load(meta)
@@ -350,9 +350,9 @@ def test_a_frozen_lookup_never_holds_a_step(harness: Harness):
     release = threading.Event()
     real_lookup = harness.worker.engine.lookup
 
-    def frozen(hashes):  # a store that accepts the question and answers nothing, for a while
+    def frozen(hashes, *parts):  # a store that accepts the question and answers nothing, for a while
         release.wait(30)
-        return real_lookup(hashes)
+        return real_lookup(hashes, *parts)
 
     harness.worker.engine.lookup = frozen
     req = make_request(list(range(3000, 3100)))
@@ -383,13 +383,13 @@ def test_cancelling_a_load_mid_way_stops_writing_and_releases_everything(disk_ha
     real_retrieve = h.worker.engine.retrieve
     calls = []
 
-    def slow_retrieve(refs, shape):
+    def slow_retrieve(refs, shape, *args):
         calls.append(refs[0].start)
         if len(calls) == FETCH_DEPTH:
             ahead.set()
         if refs[0].start == 0:
             gate.wait(30)  # the first group is still "arriving" when the request is aborted
-        return real_retrieve(refs, shape)
+        return real_retrieve(refs, shape, *args)
 
     h.worker.engine.retrieve = slow_retrieve
     req, blocks, hit, meta = start_async_load(h, tokens)
@@ -421,7 +421,7 @@ def test_a_request_aborted_before_its_load_began_ends_at_once(disk_harness: Harn
     hit, is_async = h.matched(req, 0)
     assert is_async
     blocks = h.blocks(7)
-    h.sched.update_state_after_alloc(req, blocks, hit)
+    h.sched.update_state_after_alloc(req, (blocks,), hit)
     h.sched.request_finished(req)  # aborted in the same step
     meta = h.sched.build_meta(step(finished={req.request_id}))
     assert meta.cancelled == {req.request_id} and [ld.req_id for ld in meta.loads] == [req.request_id]

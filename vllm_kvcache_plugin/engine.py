@@ -21,6 +21,10 @@ from .storage import LookupResult, StorageManager, TierName
 
 logger = logging.getLogger(__name__)
 
+#: How many chunks back a lookup looks for the last-chunk parts of a hit (a chunk saved while its
+#: window was gone has none; the one before it usually has).
+LAST_PART_TRIES = 4
+
 __all__ = ["ChunkShape", "KVCacheEngine", "LookupResult", "TierName", "describe_remote"]
 
 
@@ -62,45 +66,65 @@ class KVCacheEngine:
     def key_pattern(self) -> str:
         return self.keys.pattern
 
-    def key(self, ref: ChunkRef) -> str:
-        return self.keys.key(ref.chunk_hash)
+    def key(self, ref: ChunkRef, part: str = "") -> str:
+        return self.keys.key(ref.chunk_hash, part)
 
-    def lookup(self, chunk_hashes: Sequence[str]) -> LookupResult:
-        """How many leading chunks are stored, and in which tier."""
-        return self.storage.lookup_prefix([self.keys.key(h) for h in chunk_hashes])
+    def lookup(self, chunk_hashes: Sequence[str], every: Sequence[str] = ("",),
+               last: Sequence[str] = ()) -> LookupResult:
+        """How many leading chunks are stored, and in which tier. A chunk counts when every part in
+        ``every`` is stored for it and for each chunk before it; the parts in ``last`` are needed for
+        the last chunk of a hit only (a sliding window's tail), so the hit ends at the last chunk
+        that has them (at most ``LAST_PART_TRIES`` chunks back)."""
+        every = list(every)
+        keys = [self.keys.key(h, part) for h in chunk_hashes for part in every]
+        found = self.storage.lookup_prefix(keys)
+        hit = found.hit_chunks // len(every) if every else len(chunk_hashes)
+        sources = found.sources[::len(every)][:hit] if every else []
+        if last and hit:
+            for end in range(hit, max(0, hit - LAST_PART_TRIES), -1):
+                tail = self.storage.lookup_prefix([self.keys.key(chunk_hashes[end - 1], p) for p in last])
+                if tail.hit_chunks == len(last):
+                    return LookupResult(end, sources[:end])
+            return LookupResult(0, [])
+        return LookupResult(hit, sources)
 
     def allocate(self, shape: ChunkShape, num_tokens: int) -> MemoryObj:
         """A pooled chunk buffer to gather into (the caller drops its reference)."""
         return self.allocator.allocate(shape.meta(num_tokens))
 
-    def store(self, refs: Sequence[ChunkRef], chunks: Sequence[MemoryObj]) -> None:
-        """Store each chunk under its ref's key (the caller keeps its references)."""
-        for ref, obj in zip(refs, chunks, strict=True):
-            if obj.meta.num_tokens != ref.num_tokens:
-                raise ValueError(f"chunk has {obj.meta.num_tokens} tokens, ref {ref.start}:{ref.end} wants "
-                                 f"{ref.num_tokens}")
-            self.storage.put(self.key(ref), obj)
+    def store(self, refs: Sequence[ChunkRef], chunks: Sequence[MemoryObj], part: str = "",
+              tokens: Sequence[int] | None = None) -> None:
+        """Store each chunk (or ``part`` of it, of ``tokens[i]`` tokens) under its key (the caller
+        keeps its references)."""
+        for i, (ref, obj) in enumerate(zip(refs, chunks, strict=True)):
+            want = tokens[i] if tokens is not None else ref.num_tokens
+            if obj.meta.num_tokens != want:
+                raise ValueError(f"chunk has {obj.meta.num_tokens} tokens, ref {ref.start}:{ref.end} wants {want}")
+            self.storage.put(self.key(ref, part), obj)
 
-    def retrieve(self, refs: Sequence[ChunkRef], shape: ChunkShape) -> list[MemoryObj | None]:
-        """Each ref's chunk (a reference the caller drops) or None when missing, corrupt or foreign."""
+    def retrieve(self, refs: Sequence[ChunkRef], shape: ChunkShape, part: str = "",
+                 tokens: Sequence[int] | None = None) -> list[MemoryObj | None]:
+        """Each ref's chunk (or ``part`` of it, of ``tokens[i]`` tokens: default the ref's own) as a
+        reference the caller drops, or None when missing, corrupt or foreign."""
         if not refs:
             return []
+        counts = list(tokens) if tokens is not None else [r.num_tokens for r in refs]
         # Chunks can differ in length (the partial tail): the longest sizes receive buffers, and
         # each chunk's full geometry is checked below.
-        expected = shape.meta(max(r.num_tokens for r in refs))
-        found = self.storage.get_many([self.key(r) for r in refs], expected)
+        expected = shape.meta(max(counts))
+        found = self.storage.get_many([self.key(r, part) for r in refs], expected)
         for i, (ref, obj) in enumerate(zip(refs, found, strict=True)):
-            if obj is not None and obj.meta.shape != shape.meta(ref.num_tokens).shape:
+            if obj is not None and obj.meta.shape != shape.meta(counts[i]).shape:
                 logger.warning("Chunk %s has shape %s, expected %s tokens; treating as a miss",
-                               self.key(ref), obj.meta.shape, ref.num_tokens)
+                               self.key(ref, part), obj.meta.shape, counts[i])
                 obj.ref_down()
                 found[i] = None
         return found
 
-    def prewarm(self, shape: ChunkShape) -> int:
+    def prewarm(self, shape: ChunkShape, num_tokens: int | None = None) -> int:
         """Touch pooled buffers for this model's chunks (gathers) and stored values (loads) before the
         first request, so a restart hit does not pay for fresh pages. Returns the bytes prepared."""
-        full = shape.meta(self.config.chunk_size)
+        full = shape.meta(num_tokens or self.config.chunk_size)
         return self.allocator.prewarm([full.nbytes, *self.storage.receive_sizes(full)])
 
     def stats(self) -> dict[str, object]:

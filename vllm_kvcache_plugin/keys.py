@@ -31,6 +31,8 @@ ROOT_HASH = hashlib.sha256(b"vllm-kvcache-plugin/chunk-hash/v1").digest()
 # Token ids are hashed as uint32 and must stay below this: 0xFFFFFFFF spells the extra-bytes marker.
 MAX_TOKEN_ID = 2**32 - 2
 _EXTRA_MARKER = b"\xff" * 8
+# Between a chunk's hash and the name of a part of it; never in a hex hash, never escaped.
+PART_SEP = "~"
 
 
 def _escape(text: str) -> str:
@@ -167,8 +169,11 @@ class KeyBuilder:
     world_size: int
     rank: int
 
-    def key(self, chunk_hash: str) -> str:
-        return ChunkKey(KEY_FORMAT, self.model, self.world_size, self.rank, chunk_hash).to_string()
+    def key(self, chunk_hash: str, part: str = "") -> str:
+        """The key of a chunk, or of one ``part`` of it (a hybrid model stores its full-attention
+        and sliding-window layers as separate values: ``<hash>~attn``, ``<hash>~swa128``)."""
+        name = f"{chunk_hash}{PART_SEP}{part}" if part else chunk_hash
+        return ChunkKey(KEY_FORMAT, self.model, self.world_size, self.rank, name).to_string()
 
     @property
     def pattern(self) -> str:

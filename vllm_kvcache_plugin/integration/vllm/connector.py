@@ -12,7 +12,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
+)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ... import events
@@ -21,12 +26,13 @@ from ...engine import KVCacheEngine, TierName, describe_remote
 from ...errors import ConfigError
 from ...kernels import AttentionKind, Packing, PagedKVSpec
 from ...settings import load_settings
+from .layout import CacheLayout, cache_layout, plain_layout
 from .lookup import AsyncLookups, LookupClient, lookup_address
 from .metadata import StepMetadata
 from .request_keys import instance_variant
 from .scheduler import SchedulerSide
 from .stats import KVCacheConnectorStats, PromMetrics, flatten_storage_stats
-from .worker import WorkerSide, build_registered_cache
+from .worker import WorkerSide, build_registered_cache, registered_parts
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -70,7 +76,10 @@ def model_name_for_keys(vllm_config: VllmConfig, config: KVCacheConfig) -> str:
     return config.model_name or vllm_config.model_config.model
 
 
-class LMCacheConnector(KVConnectorBase_V1):
+class LMCacheConnector(KVConnectorBase_V1, SupportsHMA):
+    """Subclasses ``SupportsHMA``: vLLM keeps its hybrid KV-cache manager on (sliding-window layers
+    hold only their window, SSM hybrids start at all); layout.py says what a chunk then holds."""
+
     _cache_hit_source = CacheHitSource.EXTERNAL_UNSPECIFIED
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
@@ -90,7 +99,17 @@ class LMCacheConnector(KVConnectorBase_V1):
         # other layers, so its chunks are other values). With PP=1 this is the seed's TP rank.
         self.tp_size = parallel.tensor_parallel_size
         self.world_size = self.tp_size * parallel.pipeline_parallel_size
+        self.layout = cache_layout(kv_cache_config) if kv_cache_config is not None else plain_layout()
         self.block_size = vllm_config.cache_config.block_size
+        if self.layout.hybrid:
+            sizes = {group.kv_cache_spec.block_size for group in kv_cache_config.kv_cache_groups}
+            if len(sizes) > 1:
+                self.layout = CacheLayout(self.layout.groups, (), f"its KV-cache groups have different block "
+                                          f"sizes {sorted(sizes)}")
+            else:
+                self.block_size = sizes.pop()
+        if self.layout.uncached_reason:
+            self.can_load = self.can_save = False
         engine_id = ktc.engine_id or "default"
         dp_rank = parallel.data_parallel_rank
         self.scheduler_side: SchedulerSide | None = None
@@ -105,7 +124,8 @@ class LMCacheConnector(KVConnectorBase_V1):
             lookups = AsyncLookups(LookupClient(addresses, self.config.blocking_timeout_secs))
             self.scheduler_side = SchedulerSide(self.config, lookups,
                                                 self.can_load, self.can_save, self.block_size,
-                                                instance_variant(vllm_config))
+                                                instance_variant(vllm_config), self.layout)
+            self._log_layout(vllm_config.model_config.model)
             remote = describe_remote(self.config.remote_url)
             logger.info("vllm-kvcache-plugin scheduler side ready: role %s, chunk %d tokens, remote %s, serde %s",
                         ktc.kv_role, self.config.chunk_size, remote, self.config.remote_serde)
@@ -118,18 +138,39 @@ class LMCacheConnector(KVConnectorBase_V1):
 
             rank = worker_rank(get_tensor_model_parallel_rank(), get_pp_group().rank_in_group, self.tp_size)
             engine = KVCacheEngine(self.config, model_name_for_keys(vllm_config, self.config), self.world_size, rank)
-            self.worker_side = WorkerSide(engine, self.block_size, lookup_address(engine_id, dp_rank, rank))
+            self.worker_side = WorkerSide(engine, self.block_size, lookup_address(engine_id, dp_rank, rank),
+                                          self.layout)
             logger.info("vllm-kvcache-plugin worker %d/%d ready: tiers %s, keys %s",
                         rank, self.world_size, "+".join(engine.tiers) or "none", engine.key_pattern)
             events.emit("ready", side="worker", rank=rank, world_size=self.world_size, tiers=engine.tiers,
                         keys=engine.key_pattern)
 
+    def _log_layout(self, model: str) -> None:
+        layout = self.layout
+        if layout.uncached_reason:
+            logger.warning("vllm-kvcache-plugin: %s is not cached: %s; every request is a cache miss "
+                           "(nothing is saved or loaded)", model, layout.uncached_reason)
+        elif layout.hybrid:
+            logger.info("vllm-kvcache-plugin: hybrid KV-cache manager on: %s; hits load asynchronously%s",
+                        layout.describe(), "" if self.config.async_loading else
+                        " (async_loading false does not apply: vLLM takes a hybrid model's failed load only "
+                        "from an asynchronous one)")
+        events.emit("layout", model=model, groups=len(layout.groups), parts=[p.name for p in layout.parts],
+                    uncached=layout.uncached_reason)
+
     # ==============================  worker side  ==============================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.worker_side is not None
-        names, layers = _distinct_layers(kv_caches)
-        spec = self._paged_spec(names[0], layers[0])
-        self.worker_side.register(build_registered_cache(names, layers, spec))
+        if self.layout.uncached_reason:
+            logger.info("KV cache not registered: %s", self.layout.uncached_reason)
+            return
+        if not self.layout.hybrid:
+            names, layers = _distinct_layers(kv_caches)
+            spec = self._paged_spec(names[0], layers[0])
+            self.worker_side.register([build_registered_cache(names, layers, spec)])
+            return
+        caches = registered_parts(self.layout, kv_caches, self._paged_spec)
+        self.worker_side.register(caches)
 
     def _paged_spec(self, first_name: str, first_layer: torch.Tensor) -> PagedKVSpec:
         from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
@@ -156,6 +197,12 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # a synchronous load is complete when start_load_kv returns
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Finished loads, and (hybrid models) the failed ones among them, which vLLM recomputes."""
+        _, finished = self.get_finished(finished_req_ids)
+        failed = self.worker_side.take_failed_loads() if self.worker_side is not None else set()
+        return KVConnectorTransferResults(finished_recving=set(finished or ()), failed_recving=failed)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose asynchronous load ended (loaded, failed into load errors, or cancelled)."""
@@ -215,7 +262,7 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self.scheduler_side is not None
-        self.scheduler_side.update_state_after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+        self.scheduler_side.update_state_after_alloc(request, blocks.get_block_ids(), num_external_tokens)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         if not num_external_tokens or self.scheduler_side is None:
@@ -237,7 +284,11 @@ class LMCacheConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self.scheduler_side is not None:
             self.scheduler_side.request_finished(request)
-        return False, None
+        return False, None  # saves never hold blocks: they are gathered in the step that computed them
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, block_ids[0] if block_ids else [])
 
 
 def _distinct_layers(kv_caches: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:

@@ -33,6 +33,21 @@ FETCH_DEPTH = 2
 IDLE_WAIT_SECS = 0.01  # longest wait for a background load in a step that computes nothing
 
 
+@dataclass(frozen=True)
+class LoadItem:
+    """One stored value a load writes: a chunk, or one part of it (layout.py)."""
+
+    ref: ChunkRef
+    part: str = ""
+    #: A last-chunk part (a sliding window's tail): the load is complete only with it, but it moves
+    #: no token boundary (every token it holds is also in the chunks' other parts).
+    tail: bool = False
+
+
+def plain_items(spec: LoadSpec) -> list[LoadItem]:
+    return [LoadItem(ref) for ref in spec.chunks]
+
+
 @dataclass
 class LoadOutcome:
     """What one request's load delivered."""
@@ -41,10 +56,11 @@ class LoadOutcome:
     loaded_to: int  # tokens [spec.start, loaded_to) are in vLLM's cache
     nbytes: int = 0
     cancelled: bool = False
+    tail_missing: bool = False  # a last-chunk part could not be loaded
 
     @property
     def complete(self) -> bool:
-        return self.loaded_to >= self.spec.end
+        return self.loaded_to >= self.spec.end and not self.tail_missing
 
 
 @dataclass
@@ -61,17 +77,18 @@ class StageTimes:
                                                                                "total")}
 
 
-ScatterFn = Callable[[LoadSpec, ChunkRef, MemoryObj, int, int], int]  # -> bytes copied
+ScatterFn = Callable[[LoadSpec, LoadItem, MemoryObj], "int | None"]  # -> bytes copied; None: could not
 
 
 class LoadPipeline:
     """Fetch in groups on fetch threads; scatter each group while the next ones arrive."""
 
-    def __init__(self, engine: KVCacheEngine, retrieve: Callable[[Sequence[ChunkRef]], list[MemoryObj | None]],
-                 scatter: ScatterFn) -> None:
+    def __init__(self, engine: KVCacheEngine, retrieve: Callable[[Sequence[LoadItem]], list[MemoryObj | None]],
+                 scatter: ScatterFn, items: Callable[[LoadSpec], list[LoadItem]] = plain_items) -> None:
         self.engine = engine
         self._retrieve = retrieve
         self._scatter = scatter
+        self._items = items
         self._fetcher = ThreadPoolExecutor(max_workers=FETCH_DEPTH, thread_name_prefix="kvcache-fetch")
 
     def run(self, specs: Sequence[LoadSpec], cancelled: Callable[[str], bool] = lambda _: False,
@@ -79,7 +96,7 @@ class LoadPipeline:
         started = time.perf_counter()
         times = times if times is not None else StageTimes()
         outcomes = {spec.req_id: LoadOutcome(spec, spec.start) for spec in specs}
-        items = [(spec, ref) for spec in specs for ref in spec.chunks]
+        items = [(spec, item) for spec in specs for item in self._items(spec)]
         groups = [items[i:i + GROUP_CHUNKS] for i in range(0, len(items), GROUP_CHUNKS)]
         broken: set[str] = set()  # requests whose chain of loaded chunks has ended
 
@@ -88,10 +105,10 @@ class LoadPipeline:
                 outcomes[req_id].cancelled = True
                 broken.add(req_id)
 
-        def live(group: list[tuple[LoadSpec, ChunkRef]]) -> list[tuple[LoadSpec, ChunkRef]]:
+        def live(group: list[tuple[LoadSpec, LoadItem]]) -> list[tuple[LoadSpec, LoadItem]]:
             for spec, _ in group:
                 note_cancel(spec.req_id)
-            return [(spec, ref) for spec, ref in group if spec.req_id not in broken]
+            return [(spec, item) for spec, item in group if spec.req_id not in broken]
 
         # Up to FETCH_DEPTH groups are in flight while one is scattered (none for requests already over).
         pending = collections.deque(self._fetch(live(g)) for g in groups[:FETCH_DEPTH])
@@ -104,10 +121,13 @@ class LoadPipeline:
                 pending.append(self._fetch(live(groups[k + FETCH_DEPTH])))
             scatter_start = time.perf_counter()
             try:
-                for (spec, ref), obj in zip(group, objs, strict=True):
+                for (spec, item), obj in zip(group, objs, strict=True):
                     note_cancel(spec.req_id)  # aborted while its chunks arrived
-                    if spec.req_id in broken or obj is None or not self._scatter_one(spec, ref, obj, outcomes):
+                    if spec.req_id in broken:
+                        continue
+                    if obj is None or not self._scatter_one(spec, item, obj, outcomes):
                         broken.add(spec.req_id)
+                        outcomes[spec.req_id].tail_missing = item.tail
             finally:
                 for obj in objs:
                     if obj is not None:
@@ -116,29 +136,32 @@ class LoadPipeline:
         times.total += time.perf_counter() - started
         return list(outcomes.values())
 
-    def _scatter_one(self, spec: LoadSpec, ref: ChunkRef, obj: MemoryObj, outcomes: dict[str, LoadOutcome]) -> bool:
-        a, b = max(ref.start, spec.start), min(ref.end, spec.end)
+    def _scatter_one(self, spec: LoadSpec, item: LoadItem, obj: MemoryObj, outcomes: dict[str, LoadOutcome]) -> bool:
+        key = self.engine.key(item.ref, item.part)
         try:
-            nbytes = self._scatter(spec, ref, obj, a, b)
+            nbytes = self._scatter(spec, item, obj)
         except Exception:
-            logger.exception("Scatter of chunk %s failed; recomputing", self.engine.key(ref))
+            logger.exception("Scatter of chunk %s failed; recomputing", key)
+            return False
+        if nbytes is None:
             return False
         if not obj.lease_held():
             # Read from shared memory whose lease ran out during the scatter: its region may have
             # held another value by then, so these blocks are recomputed.
-            logger.warning("Chunk %s: its shared-memory lease ran out during the scatter; recomputing",
-                           self.engine.key(ref))
+            logger.warning("Chunk %s: its shared-memory lease ran out during the scatter; recomputing", key)
             return False
-        outcomes[spec.req_id].nbytes += nbytes
-        outcomes[spec.req_id].loaded_to = b
+        outcome = outcomes[spec.req_id]
+        outcome.nbytes += nbytes
+        if not item.tail:
+            outcome.loaded_to = min(item.ref.end, spec.end)
         return True
 
-    def _fetch(self, group: list[tuple[LoadSpec, ChunkRef]]) -> tuple[list[tuple[LoadSpec, ChunkRef]], Future]:
+    def _fetch(self, group: list[tuple[LoadSpec, LoadItem]]) -> tuple[list[tuple[LoadSpec, LoadItem]], Future]:
         if not group:
             done: Future = Future()
             done.set_result([])
             return group, done
-        return group, self._fetcher.submit(self._retrieve, [ref for _, ref in group])
+        return group, self._fetcher.submit(self._retrieve, [item for _, item in group])
 
     def close(self) -> None:
         self._fetcher.shutdown(wait=True)

@@ -1,7 +1,9 @@
 """The per-step plan the scheduler hands to the workers: the only thing that crosses between them.
 
 Chunks travel as :class:`~vllm_kvcache_plugin.keys.ChunkRef` (start, end, chunk hash): the hash is rank
-independent, and each worker turns it into its own key (which carries its rank).
+independent, and each worker turns it into its own key (which carries its rank). Block ids travel
+per KV-cache group (one tuple per group, in vLLM's group order; one group unless vLLM's hybrid
+KV-cache manager splits the model's layers).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from ...keys import ChunkRef
 
-__all__ = ["ChunkRef", "LoadSpec", "SaveSpec", "StepMetadata"]
+__all__ = ["BlockIds", "ChunkRef", "LoadSpec", "SaveSpec", "StepMetadata"]
+
+BlockIds = tuple[tuple[int, ...], ...]  # per KV-cache group: the request's blocks
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class LoadSpec:
     start: int
     end: int
     chunks: tuple[ChunkRef, ...]  # the stored chunks overlapping [start, end), in order
-    block_ids: tuple[int, ...]  # the request's blocks, covering at least [0, end)
+    block_ids: BlockIds  # the request's blocks per group, covering at least [0, end) (0: the null block)
     asynchronous: bool = False
 
 
@@ -34,7 +38,9 @@ class SaveSpec:
 
     req_id: str
     chunks: tuple[ChunkRef, ...]
-    block_ids: tuple[int, ...]
+    block_ids: BlockIds
+    #: Tokens computed before this step: a sliding window's blocks below it may be gone already.
+    computed_before: int = 0
 
 
 @dataclass

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 from ... import events
 from ...config import KVCacheConfig
+from .layout import CacheLayout, plain_layout
 from .lookup import AsyncLookups, LookupReply
-from .metadata import ChunkRef, LoadSpec, SaveSpec, StepMetadata
+from .metadata import BlockIds, ChunkRef, LoadSpec, SaveSpec, StepMetadata
 from .request_keys import RequestKeys
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class RequestTracker:
     req_id: str
     prompt_len: int
     chunks: list[ChunkRef]
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV-cache group
     stored: int = 0  # leading chunks known to be stored
     load: tuple[int, int] | None = None  # tokens to load before the next forward
     loading: bool = False  # an asynchronous load is in flight
@@ -64,8 +65,9 @@ class PendingLookup:
 
 class SchedulerSide:
     def __init__(self, config: KVCacheConfig, lookups: AsyncLookups, can_load: bool, can_save: bool,
-                 block_size: int, variant: tuple[tuple[str, str], ...] = ()) -> None:
+                 block_size: int, variant: tuple[tuple[str, str], ...] = (), layout: CacheLayout | None = None) -> None:
         self.config = config
+        self.layout = layout or plain_layout()
         self.request_keys = RequestKeys(config.chunk_size, config.save_unfull_chunk, variant)
         self.lookups = lookups
         self.can_load = can_load
@@ -118,22 +120,30 @@ class SchedulerSide:
         decode must not wait for our I/O) and the hit needs I/O (a hot-cache hit is a memory copy,
         faster than the step an asynchronous load adds). With nothing running, loading before the
         forward costs no one and saves that step (measured: benchmarks/RESULTS.md, TTFT)."""
+        if self.layout.hybrid:
+            # vLLM takes a failed load of a hybrid model only per request, and only from an
+            # asynchronous one (a block id names a block of one group, not a request).
+            return True
         all_hot = reply.hot >= reply.hit_chunks
         return self.config.async_loading and not all_hot and self._others_running
 
-    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, block_ids: tuple[list[int], ...],
+                                 num_external_tokens: int) -> None:
+        """``block_ids``: the request's blocks, one list per KV-cache group."""
+        if not self.can_load and not self.can_save:
+            return
         pending = self.pending.pop(request.request_id, None)
         tracker = self.trackers.get(request.request_id)
         if pending is None and tracker is not None and tracker.loading:
             # Scheduled after its asynchronous load: the request is the one already tracked.
             tracker.loading = False
-            tracker.block_ids = list(block_ids)
+            tracker.block_ids = [list(ids) for ids in block_ids]
             events.emit("load_scheduled", request_id=request.request_id)
             return
         if pending is None:  # scheduled without a lookup (e.g. a role that does neither)
             pending = PendingLookup(self._chunks(request), LookupReply(0), 0)
         tracker = RequestTracker(request.request_id, len(request.prompt_token_ids or []), pending.chunks,
-                                 list(block_ids), stored=pending.reply.hit_chunks,
+                                 [list(ids) for ids in block_ids], stored=pending.reply.hit_chunks,
                                  tiers=pending.reply.by_tier())
         if not self.can_save:
             tracker.stored = len(tracker.chunks)
@@ -176,8 +186,9 @@ class SchedulerSide:
             tracker = self.trackers.get(new.req_id)
             if tracker is None:
                 continue
-            tracker.block_ids = list(new.block_ids[0])
-            self._plan(meta, tracker, new.num_computed_tokens + output.num_scheduled_tokens.get(new.req_id, 0))
+            tracker.block_ids = [list(ids) for ids in new.block_ids]
+            self._plan(meta, tracker, new.num_computed_tokens,
+                       new.num_computed_tokens + output.num_scheduled_tokens.get(new.req_id, 0))
         cached = output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracker = self.trackers.get(req_id)
@@ -185,10 +196,14 @@ class SchedulerSide:
                 continue
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                tracker.block_ids = list(new_blocks[0]) if new_blocks else []
+                tracker.block_ids = [list(ids) for ids in new_blocks] if new_blocks else []
             elif new_blocks:
-                tracker.block_ids.extend(new_blocks[0])
-            self._plan(meta, tracker, cached.num_computed_tokens[i] + output.num_scheduled_tokens.get(req_id, 0))
+                if not tracker.block_ids:
+                    tracker.block_ids = [[] for _ in new_blocks]
+                for group, ids in zip(tracker.block_ids, new_blocks, strict=True):
+                    group.extend(ids)
+            computed = cached.num_computed_tokens[i]
+            self._plan(meta, tracker, computed, computed + output.num_scheduled_tokens.get(req_id, 0))
         for req_id in output.finished_req_ids:
             self._forget(req_id)
         return meta
@@ -196,9 +211,9 @@ class SchedulerSide:
     @staticmethod
     def _load_spec(tracker: RequestTracker, start: int, end: int, asynchronous: bool = False) -> LoadSpec:
         chunks = tuple(c for c in tracker.chunks if c.overlaps(start, end))
-        return LoadSpec(tracker.req_id, start, end, chunks, tuple(tracker.block_ids), asynchronous)
+        return LoadSpec(tracker.req_id, start, end, chunks, _frozen(tracker.block_ids), asynchronous)
 
-    def _plan(self, meta: StepMetadata, tracker: RequestTracker, computed_after: int) -> None:
+    def _plan(self, meta: StepMetadata, tracker: RequestTracker, computed_before: int, computed_after: int) -> None:
         if tracker.load is not None:
             meta.loads.append(self._load_spec(tracker, *tracker.load))
             tracker.load = None
@@ -210,7 +225,7 @@ class SchedulerSide:
             todo.append(tracker.chunks[tracker.stored])
             tracker.stored += 1
         if todo:
-            meta.saves.append(SaveSpec(tracker.req_id, tuple(todo), tuple(tracker.block_ids)))
+            meta.saves.append(SaveSpec(tracker.req_id, tuple(todo), _frozen(tracker.block_ids), computed_before))
 
     def request_finished(self, request: Request) -> None:
         tracker = self.trackers.get(request.request_id)
@@ -225,3 +240,7 @@ class SchedulerSide:
         self.pending.pop(req_id, None)
         if self._asking.pop(req_id, None) is not None:
             self.lookups.discard(req_id)
+
+
+def _frozen(block_ids: list[list[int]]) -> BlockIds:
+    return tuple(tuple(ids) for ids in block_ids)

@@ -2,6 +2,9 @@
 
 Load = get chunks -> deserialize (storage) -> scatter into the request's blocks (loads.py: pipelined,
 before the forward or, for asynchronous loads, on a loader thread while vLLM runs other requests).
+A model with several KV-cache groups (vLLM's hybrid manager) stores each chunk in parts, one
+:class:`RegisteredCache` each (layout.py); every copy goes group by group, each with its block table,
+and never touches the null block (id 0: a sliding window's blocks below the window).
 Save = gather the step's completed chunks out of the blocks (the only work on the forward's
 critical path) -> hot cache now, disk / remote on the storage writer thread.
 A chunk that cannot be loaded (missing, corrupt, foreign, store down) reports its blocks through
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +26,8 @@ from ...engine import ChunkShape, KVCacheEngine, TierName
 from ...kernels import AttentionKind, KVCopier, PagedKVSpec, get_copier
 from ...keys import ChunkRef
 from ...memory import KVFormat, MemoryObj, chunk_checksum
-from .loads import IDLE_WAIT_SECS, BackgroundLoads, LoadOutcome, LoadPipeline, StageTimes
+from .layout import CacheLayout, PartLayout, plain_layout
+from .loads import IDLE_WAIT_SECS, BackgroundLoads, LoadItem, LoadOutcome, LoadPipeline, StageTimes
 from .lookup import LookupReply, LookupServer
 from .metadata import LoadSpec, SaveSpec, StepMetadata
 from .stats import StepStats
@@ -31,15 +35,26 @@ from .stats import StepStats
 logger = logging.getLogger(__name__)
 
 
+PLAIN_PART = PartLayout("", (0,))
+NULL_BLOCK = 0  # vLLM's null block: stands for blocks a request does not hold (below a sliding window)
+
+
 @dataclass
 class RegisteredCache:
-    """vLLM's paged layers as the kernels see them (one entry per distinct storage)."""
+    """vLLM's paged layers of one stored part as the kernels see them (one entry per distinct
+    storage). ``segments``: (KV-cache group, first, last + 1) of the part's layers, group by group."""
 
     layer_names: list[str]
     layers: list[torch.Tensor]
     spec: PagedKVSpec
     shape: ChunkShape
     copier: KVCopier
+    part: PartLayout = PLAIN_PART
+    segments: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.segments:
+            self.segments = ((self.part.groups[0], 0, len(self.layers)),)
 
 
 def slots_for(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
@@ -49,33 +64,57 @@ def slots_for(block_ids: Sequence[int], block_size: int, start: int, end: int) -
     return blocks * block_size + positions % block_size
 
 
+def held_from(block_ids: Sequence[int], block_size: int, start: int, end: int) -> int:
+    """The first token of ``[start, end)`` from which every block is a real one (not the null
+    block); ``end`` when none is. vLLM's null blocks come first (a sliding window's past)."""
+    first, last = start // block_size, (end - 1) // block_size
+    held = first
+    for index in range(first, last + 1):
+        if block_ids[index] == NULL_BLOCK:
+            held = index + 1
+    return max(start, held * block_size) if held <= last else end
+
+
 class WorkerSide:
-    def __init__(self, engine: KVCacheEngine, block_size: int, lookup_address: str | None) -> None:
+    def __init__(self, engine: KVCacheEngine, block_size: int, lookup_address: str | None,
+                 layout: CacheLayout | None = None) -> None:
         self.engine = engine
         self.block_size = block_size  # the scheduler's block size: block ids are in these units
-        self.cache: RegisteredCache | None = None
+        self.layout = layout or plain_layout()
+        self.caches: dict[str, RegisteredCache] = {}  # by part name ("" for a plain chunk)
         self.stats = StepStats()
         self._lock = threading.Lock()  # load errors and completions come from the loader thread too
         self._load_errors: set[int] = set()
+        self._failed_loads: set[str] = set()  # hybrid models: failed asynchronous loads, by request
         self._finished_early: list[LoadOutcome] = []
-        self.pipeline = LoadPipeline(engine, self._retrieve, self._scatter)
+        self.pipeline = LoadPipeline(engine, self._retrieve, self._scatter, self._load_items)
         self.background = BackgroundLoads(self.pipeline, self._background_done)
         self._lookup_server = LookupServer(lookup_address, self.lookup) if lookup_address else None
 
     # -- set-up ----------------------------------------------------------------------------
-    def register(self, cache: RegisteredCache) -> None:
-        self.cache = cache
-        if cache.layers[0].device.type == "cuda":
+    @property
+    def cache(self) -> RegisteredCache | None:
+        """The registered layers of a plain chunk (or the first part): None before registration."""
+        return next(iter(self.caches.values()), None)
+
+    def register(self, caches: Sequence[RegisteredCache]) -> None:
+        self.caches = {cache.part.name: cache for cache in caches}
+        if caches and caches[0].layers[0].device.type == "cuda":
             self.engine.allocator.pin_memory = True  # chunk buffers the GPU copies reach directly
-        prepared = self.engine.prewarm(cache.shape)
-        logger.info("KV cache registered: %d layers, %s, block size %d, %d kv heads x %d, %s, packing %s, copier %s; "
-                    "%.0f MB of chunk buffers prepared", len(cache.layers), cache.spec.kind, cache.spec.block_size,
-                    cache.spec.num_kv_heads, cache.spec.head_size, cache.spec.dtype, cache.spec.packing,
-                    cache.copier.name, prepared / 1e6)
+        for cache in caches:
+            tokens = self.engine.config.chunk_size
+            if cache.part.window is not None:  # a window's part of a chunk: at most this many tokens
+                tokens = min(tokens, cache.part.window + cache.part.extra_retained + self.block_size)
+            prepared = self.engine.prewarm(cache.shape, tokens)
+            logger.info("KV cache registered%s: %d layers, %s, block size %d, %d kv heads x %d, %s, packing %s, "
+                        "copier %s; %.0f MB of chunk buffers prepared",
+                        f" (part {cache.part.name}: {_tokens_note(cache.part)})" if cache.part.name else "",
+                        len(cache.layers), cache.spec.kind, cache.spec.block_size, cache.spec.num_kv_heads,
+                        cache.spec.head_size, cache.spec.dtype, cache.spec.packing, cache.copier.name, prepared / 1e6)
 
     def lookup(self, hashes: list[str]) -> LookupReply:
         start = time.perf_counter()
-        result = self.engine.lookup(hashes)
+        result = self.engine.lookup(hashes, self.layout.every_parts, self.layout.last_parts)
         tiers = result.count_by_tier()
         self.stats.record_lookup(len(hashes), result.hit_chunks, tiers, time.perf_counter() - start)
         return LookupReply(result.hit_chunks, *(tiers.get(t.value, 0) for t in TierName))
@@ -84,7 +123,7 @@ class WorkerSide:
     def load(self, meta: StepMetadata) -> None:
         if meta.cancelled:
             self.background.cancel(meta.cancelled)
-        if self.cache is None:
+        if not self.caches:
             # Nothing registered yet: every load is a miss (asynchronous ones still end).
             outcomes = [LoadOutcome(spec, spec.start) for spec in meta.loads]
             self._record([o for o in outcomes if not o.spec.asynchronous], StageTimes(), asynchronous=False)
@@ -100,30 +139,64 @@ class WorkerSide:
             if spec.asynchronous and spec.req_id in meta.cancelled:
                 self._finish([LoadOutcome(spec, spec.start, cancelled=True)])
 
-    def _retrieve(self, refs: Sequence[ChunkRef]) -> list[MemoryObj | None]:
-        assert self.cache is not None
-        return self.engine.retrieve(refs, self.cache.shape)
+    def _load_items(self, spec: LoadSpec) -> list[LoadItem]:
+        """Every-chunk parts of each chunk, then the last chunk's tail parts."""
+        items = [LoadItem(ref, name) for ref in spec.chunks for name in self.layout.every_parts]
+        if spec.chunks:
+            items += [LoadItem(spec.chunks[-1], name, tail=True) for name in self.layout.last_parts]
+        return items
 
-    def _scatter(self, spec: LoadSpec, ref: ChunkRef, obj: MemoryObj, a: int, b: int) -> int:
-        cache = self.cache
-        assert cache is not None
-        src = obj.tensor[:, :, a - ref.start:b - ref.start]
-        # Host chunks go to the copier as they are: the CUDA copier reads pinned ones directly, the
-        # others stage them (KVCopier._reachable).
-        cache.copier.scatter(cache.layers, cache.spec, slots_for(spec.block_ids, self.block_size, a, b), src)
-        self._chunk_event("loaded", ref, obj.tensor)
-        return src.numel() * src.element_size()
+    def _retrieve(self, items: Sequence[LoadItem]) -> list[MemoryObj | None]:
+        out: list[MemoryObj | None] = [None] * len(items)
+        for name, cache in self.caches.items():
+            todo = [i for i, item in enumerate(items) if item.part == name]
+            if not todo:
+                continue
+            refs = [items[i].ref for i in todo]
+            tokens = [_span(cache.part.tokens(ref, self.block_size)) for ref in refs]
+            for i, obj in zip(todo, self.engine.retrieve(refs, cache.shape, name, tokens), strict=True):
+                out[i] = obj
+        return out
+
+    def _scatter(self, spec: LoadSpec, item: LoadItem, obj: MemoryObj) -> int | None:
+        """Write the tokens of ``[spec.start, spec.end)`` the value holds into each group's real
+        blocks (never the null block); None when a window part does not reach back to the first
+        block vLLM holds for the request in that group (it would stay unwritten)."""
+        cache = self.caches[item.part]
+        first, last = cache.part.tokens(item.ref, self.block_size)
+        a, b = max(first, spec.start), min(last, spec.end)
+        nbytes = 0
+        for group, lo, hi in cache.segments:
+            if a >= b:
+                break
+            ids = spec.block_ids[group]
+            if item.tail and (need := held_from(ids, self.block_size, spec.start, b)) < a:
+                logger.warning("Chunk %s holds tokens from %d, but vLLM holds group %d's blocks from token %d; "
+                               "recomputing", self.engine.key(item.ref, item.part), first, group, need)
+                return None
+            start = held_from(ids, self.block_size, a, b)
+            if start >= b:
+                continue
+            src = obj.tensor[:, lo:hi, start - first:b - first]
+            # Host chunks go to the copier as they are: the CUDA copier reads pinned ones directly,
+            # the others stage them (KVCopier._reachable).
+            cache.copier.scatter(cache.layers[lo:hi], cache.spec, slots_for(ids, self.block_size, start, b), src)
+            nbytes += src.numel() * src.element_size()
+        self._chunk_event("loaded", item.ref, obj.tensor, item.part)
+        return nbytes
 
     def _record(self, outcomes: list[LoadOutcome], times: StageTimes, asynchronous: bool) -> list[LoadOutcome]:
         """Log and count finished loads; a synchronous load's failed blocks are reported at once."""
         for outcome in outcomes:
             spec, loaded_to = outcome.spec, outcome.loaded_to
-            if self._failed_blocks(outcome):
-                logger.warning("Request %s: loaded %d of %d tokens; blocks from token %d will be recomputed",
-                               spec.req_id, loaded_to - spec.start, spec.end - spec.start, loaded_to)
+            if not outcome.complete and not outcome.cancelled:
+                # One group: vLLM recomputes from the first block not loaded; several: the whole prompt.
+                recompute_from = 0 if self.layout.hybrid else loaded_to
+                logger.warning("Request %s: loaded %d of %d tokens; tokens from %d will be recomputed",
+                               spec.req_id, loaded_to - spec.start, spec.end - spec.start, recompute_from)
                 events.emit("load_failed", logging.WARNING, request_id=spec.req_id,
                             loaded_tokens=loaded_to - spec.start, wanted_tokens=spec.end - spec.start,
-                            recompute_from=loaded_to)
+                            recompute_from=recompute_from)
             self.stats.record_load(loaded_to - spec.start, outcome.nbytes, not outcome.complete, times.total)
         if outcomes:
             events.emit("loads_done", asynchronous=asynchronous, requests=[o.spec.req_id for o in outcomes],
@@ -136,16 +209,22 @@ class WorkerSide:
 
     def _failed_blocks(self, outcome: LoadOutcome) -> list[int]:
         """The blocks vLLM must recompute: from the first token not loaded to the load's end (none
-        for a cancelled load: its request is gone)."""
+        for a cancelled load: its request is gone). One group only: with several, vLLM takes a
+        failed load per request (:meth:`take_failed_loads`)."""
         if outcome.complete or outcome.cancelled:
             return []
         spec = outcome.spec
-        return list(spec.block_ids[outcome.loaded_to // self.block_size:(spec.end - 1) // self.block_size + 1])
+        ids = spec.block_ids[0]
+        return [b for b in ids[outcome.loaded_to // self.block_size:(spec.end - 1) // self.block_size + 1]
+                if b != NULL_BLOCK]
 
     def _add_load_errors(self, outcomes: list[LoadOutcome]) -> None:
         with self._lock:
             for outcome in outcomes:
-                self._load_errors.update(self._failed_blocks(outcome))
+                if not self.layout.hybrid:
+                    self._load_errors.update(self._failed_blocks(outcome))
+                elif not outcome.complete and not outcome.cancelled:
+                    self._failed_loads.add(outcome.spec.req_id)
 
     def _background_done(self, outcomes: list[LoadOutcome], times: StageTimes) -> None:
         self._record(outcomes, times, asynchronous=True)
@@ -166,12 +245,12 @@ class WorkerSide:
         self._add_load_errors(outcomes)
         return {outcome.spec.req_id for outcome in outcomes}
 
-    def _chunk_event(self, what: str, ref: ChunkRef, tensor: torch.Tensor) -> None:
+    def _chunk_event(self, what: str, ref: ChunkRef, tensor: torch.Tensor, part: str = "") -> None:
         """At DEBUG: the chunk's key, tokens and checksum (logs that prove loads are bit-exact)."""
         log_line, event = logger.isEnabledFor(logging.DEBUG), events.enabled(logging.DEBUG)
         if not (log_line or event):
             return
-        key, checksum = self.engine.key(ref), f"{chunk_checksum(tensor):016x}"
+        key, checksum = self.engine.key(ref, part), f"{chunk_checksum(tensor):016x}"
         if log_line:
             logger.debug("%s chunk %s tokens %d-%d xxh3=%s", what, key, ref.start, ref.end, checksum)
         events.emit(f"chunk_{what}", logging.DEBUG, key=key, start=ref.start, end=ref.end, xxh3=checksum)
@@ -181,33 +260,54 @@ class WorkerSide:
             errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def take_failed_loads(self) -> set[str]:
+        """Requests (of a hybrid model) whose asynchronous load failed: vLLM recomputes them whole."""
+        with self._lock:
+            failed, self._failed_loads = self._failed_loads, set()
+        return failed
+
     # -- save ------------------------------------------------------------------------------
     def save(self, meta: StepMetadata) -> None:
-        if self.cache is None or not meta.saves:
+        if not self.caches or not meta.saves:
             return
         for spec in meta.saves:
             self._save_one(spec)
 
     def _save_one(self, save: SaveSpec) -> None:
-        cache = self.cache
-        assert cache is not None
         started = time.perf_counter()
         tokens = nbytes = 0
         for ref in save.chunks:
-            obj = self.engine.allocate(cache.shape, ref.num_tokens)
-            try:
-                cache.copier.gather(cache.layers, cache.spec,
-                                    slots_for(save.block_ids, self.block_size, ref.start, ref.end), obj.tensor)
-                self.engine.store([ref], [obj])
-                self._chunk_event("saved", ref, obj.tensor)
-            except Exception:
-                logger.exception("Saving chunk %s of request %s failed; it stays uncached", self.engine.key(ref),
-                                 save.req_id)
-            finally:
-                obj.ref_down()
-            tokens += ref.num_tokens
-            nbytes += obj.nbytes
+            for cache in self.caches.values():
+                stored = self._save_part(save, ref, cache)
+                nbytes += stored
+                if stored and not cache.part.last_only:
+                    tokens += ref.num_tokens
         self.stats.record_save(tokens, nbytes, time.perf_counter() - started)
+
+    def _save_part(self, save: SaveSpec, ref: ChunkRef, cache: RegisteredCache) -> int:
+        """Gather one part of a chunk and store it; 0 (nothing stored) when vLLM no longer holds all
+        of its tokens: a window below the blocks kept in this step, or null blocks."""
+        first, last = cache.part.tokens(ref, self.block_size)
+        if first < cache.part.kept_from(save.computed_before, self.block_size) or any(
+                held_from(save.block_ids[group], self.block_size, first, last) != first
+                for group, _, _ in cache.segments):
+            logger.debug("Chunk %s: vLLM no longer holds tokens %d-%d of part %r; not stored",
+                         self.engine.key(ref, cache.part.name), first, last, cache.part.name)
+            return 0
+        obj = self.engine.allocate(cache.shape, last - first)
+        try:
+            for group, lo, hi in cache.segments:
+                slots = slots_for(save.block_ids[group], self.block_size, first, last)
+                cache.copier.gather(cache.layers[lo:hi], cache.spec, slots, obj.tensor[:, lo:hi])
+            self.engine.store([ref], [obj], cache.part.name, [last - first])
+            self._chunk_event("saved", ref, obj.tensor, cache.part.name)
+            return obj.nbytes
+        except Exception:
+            logger.exception("Saving chunk %s of request %s failed; it stays uncached",
+                             self.engine.key(ref, cache.part.name), save.req_id)
+            return 0
+        finally:
+            obj.ref_down()
 
     def close(self) -> None:
         if self._lookup_server is not None:
@@ -223,6 +323,34 @@ def chunk_shape_for(spec: PagedKVSpec, num_layers: int) -> ChunkShape:
     return ChunkShape(KVFormat.KV, spec.dtype, num_layers, spec.num_kv_heads, spec.head_size)
 
 
-def build_registered_cache(names: list[str], layers: list[torch.Tensor], spec: PagedKVSpec) -> RegisteredCache:
+def build_registered_cache(names: list[str], layers: list[torch.Tensor], spec: PagedKVSpec,
+                           part: PartLayout | None = None,
+                           segments: tuple[tuple[int, int, int], ...] = ()) -> RegisteredCache:
     device = layers[0].device
-    return RegisteredCache(names, layers, spec, chunk_shape_for(spec, len(layers)), get_copier(spec, device))
+    return RegisteredCache(names, layers, spec, chunk_shape_for(spec, len(layers)), get_copier(spec, device),
+                           part or PLAIN_PART, segments)
+
+
+def registered_parts(layout: CacheLayout, kv_caches: dict[str, torch.Tensor],
+                     paged_spec: Callable[[str, torch.Tensor], PagedKVSpec]) -> list[RegisteredCache]:
+    """One :class:`RegisteredCache` per part of a hybrid layout: its groups' layers, group by group
+    (each group's layers contiguous in the stored part, so one copy per group with its block table)."""
+    caches = []
+    for part in layout.parts:
+        names: list[str] = []
+        segments = []
+        for index in part.groups:
+            group = layout.groups[index]
+            segments.append((index, len(names), len(names) + len(group.layer_names)))
+            names += group.layer_names
+        layers = [kv_caches[name] for name in names]
+        caches.append(build_registered_cache(names, layers, paged_spec(names[0], layers[0]), part, tuple(segments)))
+    return caches
+
+
+def _span(tokens: tuple[int, int]) -> int:
+    return tokens[1] - tokens[0]
+
+
+def _tokens_note(part: PartLayout) -> str:
+    return f"the {part.window}-token window before each chunk's end" if part.window else "each chunk's tokens"
