@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,23 @@ from testbed.processes import LOOPBACK, ManagedProcess, free_port
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "smollm2-135m"
 CONNECTOR = {"kv_connector": "LMCacheConnector", "kv_role": "kv_both"}
+
+
+# vLLM's start-up lines (kv_cache_utils.py, config/vllm.py) that say how the KV cache came out.
+_KV_CACHE_SIZE = re.compile(r"(?:CPU|GPU|XPU|TPU) KV cache size: ([\d,]+) tokens")
+HYBRID_MANAGER_OFF = "Turning off hybrid kv cache manager"
+
+
+def kv_cache_tokens(log: str) -> int | None:
+    """The KV cache capacity in tokens vLLM logged at start-up (the smallest if several workers
+    logged one), or None if it logged none: what a hybrid model gains from vLLM's hybrid manager."""
+    sizes = [int(m.group(1).replace(",", "")) for m in _KV_CACHE_SIZE.finditer(log)]
+    return min(sizes) if sizes else None
+
+
+def hybrid_manager_turned_off(log: str) -> bool:
+    """Whether vLLM turned its hybrid KV-cache manager off, as it does for a connector without SupportsHMA."""
+    return HYBRID_MANAGER_OFF in log
 
 
 def ensure_model(path: Path = MODEL_DIR) -> Path:
@@ -106,6 +124,12 @@ class VLLMServer:
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace")
+
+    def kv_cache_tokens(self) -> int | None:
+        return kv_cache_tokens(self.log())
+
+    def hybrid_manager_turned_off(self) -> bool:
+        return hybrid_manager_turned_off(self.log())
 
     # -- requests ----------------------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -6,6 +6,9 @@
 * :func:`tiny_llama`: a small random-weight Llama (4 layers, 4 heads, 2 KV heads) with SmolLM2's
   tokenizer, for tensor parallel (SmolLM2's 9 heads cannot be split in two). Its greedy text is
   degenerate: compare logprobs or stored KV with it, not text.
+* :func:`gemma3_tiny` (5 sliding-window layers + 1 full) and :func:`granite_hybrid_tiny` (3 Mamba2
+  + 1 attention): hybrid models for vLLM's hybrid KV-cache manager, built in testbed/tiny_models.py
+  (the hybrid benchmark uses them too) and re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from testbed.tiny_models import gemma3_tiny, granite_hybrid_tiny
 from testbed.vllm_process import ensure_model
+
+__all__ = ["gemma3_tiny", "granite_hybrid_tiny", "lora_adapter", "tiny_llama"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
