@@ -92,11 +92,6 @@ class WorkerSide:
         self._lookup_server = LookupServer(lookup_address, self.lookup) if lookup_address else None
 
     # -- set-up ----------------------------------------------------------------------------
-    @property
-    def cache(self) -> RegisteredCache | None:
-        """The registered layers of a plain chunk (or the first part): None before registration."""
-        return next(iter(self.caches.values()), None)
-
     def register(self, caches: Sequence[RegisteredCache]) -> None:
         self.caches = {cache.part.name: cache for cache in caches}
         if caches and caches[0].layers[0].device.type == "cuda":
