@@ -34,6 +34,7 @@ from vllm_kvcache_plugin.integration.vllm.lookup import AsyncLookups, LookupClie
 from vllm_kvcache_plugin.integration.vllm.scheduler import SchedulerSide
 from vllm_kvcache_plugin.integration.vllm.worker import WorkerSide, registered_parts, slots_for
 from vllm_kvcache_plugin.kernels import PagedKVSpec, TorchCopier, allocate_paged_layers
+from vllm_kvcache_plugin.keys import ChunkRef
 
 BLOCK = 16
 CHUNK = 64
@@ -71,6 +72,14 @@ def test_sliding_and_full_groups_become_an_every_chunk_part_and_a_window_part():
     assert [(p.name, p.groups, p.window) for p in layout.parts] == [
         (FULL_PART, (2,), None), (SWA, (0, 1), WINDOW), ("swa48", (3,), 48)]
     assert layout.every_parts == (FULL_PART,) and layout.last_parts == (SWA, "swa48")
+
+
+def test_a_window_part_never_holds_more_tokens_than_its_buffers_are_sized_for():
+    for window in (24, 100, 300):  # shorter and longer than a chunk
+        part = cache_layout(vllm_config(sliding(window), attn())).parts[1]
+        spans = [part.tokens(ChunkRef(max(0, end - CHUNK), end, "0" * 64), BLOCK) for end in range(1, 1200)]
+        assert max(b - a for a, b in spans) <= part.max_tokens(CHUNK, BLOCK)
+        assert all(b - a >= min(b, window) for a, b in spans)  # and always the whole window before the end
 
 
 def test_an_ssm_hybrid_is_not_cached_and_says_why():

@@ -73,6 +73,13 @@ class PartLayout:
         start = max(0, ref.end - self.window - self.extra_retained) // block_size * block_size
         return start, ref.end
 
+    def max_tokens(self, chunk_size: int, block_size: int) -> int:
+        """The most tokens :meth:`tokens` gives for a chunk (what a buffer for this part must hold)."""
+        if self.window is None:
+            return chunk_size
+        # A window may reach back before its chunk (a window longer than a chunk), by whole blocks.
+        return self.window + self.extra_retained + block_size - 1
+
     def kept_from(self, computed: int, block_size: int) -> int:
         """The first token whose block vLLM still holds in a step that starts with ``computed``
         tokens computed (everything, for a part that is not a window)."""

@@ -97,10 +97,8 @@ class WorkerSide:
         if caches and caches[0].layers[0].device.type == "cuda":
             self.engine.allocator.pin_memory = True  # chunk buffers the GPU copies reach directly
         for cache in caches:
-            tokens = self.engine.config.chunk_size
-            if cache.part.window is not None:  # a window's part of a chunk: at most this many tokens
-                tokens = min(tokens, cache.part.window + cache.part.extra_retained + self.block_size)
-            prepared = self.engine.prewarm(cache.shape, tokens)
+            prepared = self.engine.prewarm(cache.shape, cache.part.max_tokens(self.engine.config.chunk_size,
+                                                                              self.block_size))
             logger.info("KV cache registered%s: %d layers, %s, block size %d, %d kv heads x %d, %s, packing %s, "
                         "copier %s; %.0f MB of chunk buffers prepared",
                         f" (part {cache.part.name}: {_tokens_note(cache.part)})" if cache.part.name else "",
