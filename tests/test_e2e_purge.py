@@ -23,6 +23,8 @@ from testbed.events import requests
 from testbed.lm_server import LMServerProcess
 from testbed.processes import free_port
 from testbed.vllm_process import VLLMServer, clean_env
+from tests.e2e_scenario import greedy_margins
+from tests.fixtures.vllm_server import FLOAT32_NEAR_TIE
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.keys import ChunkKey, model_prefix
 
@@ -80,8 +82,9 @@ def test_purge_then_restart_misses_the_purged_model_and_hits_the_other(tmp_path)
     store = LMServerProcess(free_port(), ("--max-size-gb", "1")).start()
     try:
         with serve(store, "smol-a", tmp_path) as cold:
-            first = cold.complete(PROMPT, TOKENS)
+            first = cold.complete(PROMPT, TOKENS, logprobs=2)
             assert loaded(cold, first) == 0
+        assert min(greedy_margins(first)) > FLOAT32_NEAR_TIE, "the prompt has a greedy near-tie; pick another"
         prompt_tokens = first["usage"]["prompt_tokens"]
         copied = copy_model(store.url, "smol-a", "smol-b")
         assert copied == -(-prompt_tokens // 256), "the cold run stored one chunk per 256 tokens"
