@@ -181,6 +181,57 @@ def test_corrupt_and_foreign_values_are_misses(store):
         mgr.close()
 
 
+def _flipped(mgr, store, key: str):
+    """Store a chunk under ``key``, then flip one payload bit of the stored value."""
+    obj = chunk(mgr.allocator)
+    mgr.put(key, obj)
+    assert mgr.flush(10)
+    value = bytearray(_raw(store.url, "get", key))
+    value[len(value) // 2] ^= 0x01
+    _raw(store.url, "batched_put", [(key, bytes(value))])
+    return obj
+
+
+def test_a_deferred_check_catches_a_flipped_bit_and_the_tier_counts_it(store):
+    """Loads take chunks with their checksum still to verify (the scatter checks just before it
+    reads them): an intact chunk checks True and is byte-exact, a flipped bit checks False, is
+    counted corrupt by the remote tier and forgotten, and its buffer goes back."""
+    mgr = manager(store.url, existence_cache_ttl_secs=60)
+    try:
+        good = chunk(mgr.allocator)
+        mgr.put("good", good)
+        bad = _flipped(mgr, store, "bad")
+        assert mgr.lookup_prefix(["good", "bad"]).hit_chunks == 2  # both known to the existence cache
+        got_good, got_bad = mgr.get_many(["good", "bad"], META, defer_check=True)
+        assert not got_good.checked and not got_bad.checked  # nothing read yet beyond the headers
+        assert got_good.check() and got_good.checked
+        assert torch.equal(got_good.tensor, good.tensor)
+        assert not got_bad.check()
+        assert mgr.tier_counters["remote"].corrupt == 1
+        assert mgr.remote.healthy
+        assert not mgr.remote.existence.known("bad", time.monotonic())  # asked again, the store decides
+        with pytest.raises(RuntimeError, match="not yet verified"):
+            mgr.get_many(["bad"], META, defer_check=True)[0].ref_up()  # nothing keeps unchecked bytes
+        for obj in (got_good, got_bad, good, bad):
+            obj.ref_down()
+    finally:
+        mgr.close()
+
+
+def test_a_chunk_promoted_into_the_hot_cache_is_checked_first(store):
+    """With the hot cache on, a deferred-check load still never promotes a corrupt chunk."""
+    mgr = manager(store.url, local_cpu=True)
+    try:
+        bad = _flipped(mgr, store, "bad")
+        mgr.hot.clear()  # the put kept it in memory; the load must come from the store
+        assert mgr.get_many(["bad"], META, defer_check=True) == [None]
+        assert not mgr.hot.contains("bad")
+        assert mgr.tier_counters["remote"].corrupt == 1
+        bad.ref_down()
+    finally:
+        mgr.close()
+
+
 def test_pool_reuses_freed_chunk_memory_within_its_cap():
     alloc = Allocator(max_pool_bytes=3 * 4096)
     meta = ChunkMeta(KVFormat.KV, torch.uint8, (2, 1, 16, 2, 64))  # 4096 bytes

@@ -383,13 +383,13 @@ def test_cancelling_a_load_mid_way_stops_writing_and_releases_everything(disk_ha
     real_retrieve = h.worker.engine.retrieve
     calls = []
 
-    def slow_retrieve(refs, shape, *args):
+    def slow_retrieve(refs, shape, *args, **kwargs):
         calls.append(refs[0].start)
         if len(calls) == FETCH_DEPTH:
             ahead.set()
         if refs[0].start == 0:
             gate.wait(30)  # the first group is still "arriving" when the request is aborted
-        return real_retrieve(refs, shape, *args)
+        return real_retrieve(refs, shape, *args, **kwargs)
 
     h.worker.engine.retrieve = slow_retrieve
     req, blocks, hit, meta = start_async_load(h, tokens)

@@ -103,16 +103,18 @@ class KVCacheEngine:
             self.storage.put(self.key(ref, part), obj)
 
     def retrieve(self, refs: Sequence[ChunkRef], shape: ChunkShape, part: str = "",
-                 tokens: Sequence[int] | None = None) -> list[MemoryObj | None]:
+                 tokens: Sequence[int] | None = None, defer_check: bool = False) -> list[MemoryObj | None]:
         """Each ref's chunk (or ``part`` of it, of ``tokens[i]`` tokens: default the ref's own) as a
-        reference the caller drops, or None when missing, corrupt or foreign."""
+        reference the caller drops, or None when missing, corrupt or foreign. ``defer_check``: a
+        chunk may come with its checksum still to verify (``MemoryObj.check()``, which the caller
+        runs just before it reads the chunk: a load then reads each byte from memory once)."""
         if not refs:
             return []
         counts = list(tokens) if tokens is not None else [r.num_tokens for r in refs]
         # Chunks can differ in length (the partial tail): the longest sizes receive buffers, and
         # each chunk's full geometry is checked below.
         expected = shape.meta(max(counts))
-        found = self.storage.get_many([self.key(r, part) for r in refs], expected)
+        found = self.storage.get_many([self.key(r, part) for r in refs], expected, defer_check)
         for i, (ref, obj) in enumerate(zip(refs, found, strict=True)):
             if obj is not None and obj.meta.shape != shape.meta(counts[i]).shape:
                 logger.warning("Chunk %s has shape %s, expected %s tokens; treating as a miss",

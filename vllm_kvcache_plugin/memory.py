@@ -178,7 +178,8 @@ class Allocator:
 class MemoryObj:
     """A chunk: tensor + metadata + reference count. Create through :class:`Allocator`."""
 
-    __slots__ = ("_block", "_lock", "_on_free", "_refs", "_valid_until", "allocator", "meta", "nbytes", "tensor")
+    __slots__ = ("_block", "_check", "_lock", "_on_corrupt", "_on_free", "_refs", "_valid_until", "allocator", "meta",
+                 "nbytes", "tensor")
 
     def __init__(self, meta: ChunkMeta, tensor: torch.Tensor, allocator: Allocator,
                  block: torch.Tensor | None = None) -> None:
@@ -191,6 +192,8 @@ class MemoryObj:
         self._lock = threading.Lock()
         self._on_free: Callable[[], None] | None = None
         self._valid_until: float | None = None
+        self._check: Callable[[], bool] | None = None  # a payload checksum still to verify
+        self._on_corrupt: Callable[[], None] | None = None
 
     @property
     def refs(self) -> int:
@@ -215,7 +218,40 @@ class MemoryObj:
     def lent(self) -> bool:
         return self._on_free is not None
 
+    def defer_check(self, check: Callable[[], bool]) -> MemoryObj:
+        """Leave the payload checksum to :meth:`check`, which the next reader calls just before it
+        reads the bytes: the check brings them from memory and the read finds them in the cache, so
+        a load reads each byte from memory once (one verify-and-scatter pass, not two)."""
+        self._check = check
+        return self
+
+    def on_corrupt(self, callback: Callable[[], None]) -> MemoryObj:
+        """``callback`` runs once if a deferred check fails (the tier that returned the chunk counts
+        it and forgets the key)."""
+        self._on_corrupt = callback
+        return self
+
+    def check(self) -> bool:
+        """Whether the bytes are intact: True when nothing is deferred, else the deferred checksum
+        (computed once; a failure runs the :meth:`on_corrupt` callback). A False chunk is not used."""
+        check = self._check
+        if check is None:
+            return True
+        if check():
+            self._check = None
+            return True
+        callback, self._on_corrupt = self._on_corrupt, None
+        if callback is not None:
+            callback()
+        return False
+
+    @property
+    def checked(self) -> bool:
+        return self._check is None
+
     def ref_up(self) -> MemoryObj:
+        if self._check is not None:
+            raise RuntimeError("ref_up on a chunk whose checksum is not yet verified (call check() first)")
         if self._on_free is not None:
             if self._refs <= 0 or self.tensor is None:
                 raise RuntimeError("ref_up on a freed chunk")
@@ -238,6 +274,7 @@ class MemoryObj:
             if freed:
                 self.tensor = None
                 block, self._block = self._block, None
+                self._check = self._on_corrupt = None  # they hold views of the freed bytes
         if freed:
             self.allocator._release(self, block)
             on_free, self._on_free = self._on_free, None

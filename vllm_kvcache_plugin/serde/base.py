@@ -22,15 +22,19 @@ class Serde(ABC):
         """Header + payload in one buffer (so a store never holds half a value)."""
 
     @abstractmethod
-    def deserialize(self, data, expected: ChunkMeta | None = None) -> MemoryObj:
-        """Check and decode; raise CorruptValueError on any mismatch (including ``expected``)."""
+    def deserialize(self, data, expected: ChunkMeta | None = None, defer_check: bool = False) -> MemoryObj:
+        """Check and decode; raise CorruptValueError on any mismatch (including ``expected``).
 
-    def deserialize_block(self, data: memoryview, block, expected: ChunkMeta | None = None) -> MemoryObj:
+        ``defer_check``: a serde whose chunk is a view of the payload may leave the payload checksum
+        to :meth:`MemoryObj.check` (the header is checked now); one that decodes checks at once."""
+
+    def deserialize_block(self, data: memoryview, block, expected: ChunkMeta | None = None,
+                          defer_check: bool = False) -> MemoryObj:
         """:meth:`deserialize` a value received into ``block`` (a pooled uint8 tensor from the
         allocator; ``data`` is a view of it). The block goes back to the pool once nothing needs
         it: here, after decoding; serdes whose chunk is a view of the bytes keep it instead."""
         try:
-            return self.deserialize(data, expected)
+            return self.deserialize(data, expected, defer_check)
         finally:
             self.allocator.recycle(block)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..memory import ChunkMeta, MemoryObj, bytes_tensor, tensor_bytes
 from .base import Serde
-from .header import HEADER_SIZE, pack_header, parse_header
+from .header import HEADER_SIZE, pack_header, parse_header, payload_checksum
 
 
 class NaiveSerde(Serde):
@@ -19,29 +19,40 @@ class NaiveSerde(Serde):
         out[:HEADER_SIZE] = pack_header(self.serde_id, obj.meta, payload)
         return out
 
-    def deserialize(self, data, expected: ChunkMeta | None = None) -> MemoryObj:
-        meta, payload = self._check(data, expected)
-        return self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape))
+    def deserialize(self, data, expected: ChunkMeta | None = None, defer_check: bool = False) -> MemoryObj:
+        meta, payload, checksum = self._check(data, expected, defer_check)
+        return _deferred(self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape)), payload,
+                         checksum)
 
-    def deserialize_block(self, data: memoryview, block, expected: ChunkMeta | None = None) -> MemoryObj:
+    def deserialize_block(self, data: memoryview, block, expected: ChunkMeta | None = None,
+                          defer_check: bool = False) -> MemoryObj:
         """The chunk is a view of the received bytes: it owns ``block`` (recycled when it is freed)."""
         try:
-            meta, payload = self._check(data, expected)
+            meta, payload, checksum = self._check(data, expected, defer_check)
         except Exception:
             self.allocator.recycle(block)
             raise
-        return self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape), block=block)
+        return _deferred(self.allocator.allocate(meta, bytes_tensor(payload, meta.dtype, meta.shape), block=block),
+                         payload, checksum)
 
     def max_value_size(self, expected: ChunkMeta) -> int:
         """The largest value a chunk of ``expected``'s geometry can have (receive buffers)."""
         return HEADER_SIZE + expected.nbytes
 
-    def _check(self, data, expected: ChunkMeta | None) -> tuple[ChunkMeta, memoryview]:
-        header, payload = parse_header(data, expected_serde_id=self.serde_id)
+    def _check(self, data, expected: ChunkMeta | None, defer_check: bool) -> tuple[ChunkMeta, memoryview, int | None]:
+        """The header's meta and the payload; the payload checksum still to verify (None: verified)."""
+        header, payload = parse_header(data, expected_serde_id=self.serde_id, verify=not defer_check)
         meta = header.meta
         self.check_expected(meta, expected)
         if payload.nbytes != meta.nbytes:
             from ..errors import CorruptValueError
 
             raise CorruptValueError(f"naive payload {payload.nbytes} bytes != {meta.nbytes} for {meta.shape}")
-        return meta, payload
+        return meta, payload, header.payload_checksum if defer_check else None
+
+
+def _deferred(obj: MemoryObj, payload: memoryview, checksum: int | None) -> MemoryObj:
+    """The chunk (a view of ``payload``) with its payload checksum left to ``obj.check()``."""
+    if checksum is None:
+        return obj
+    return obj.defer_check(lambda: payload_checksum(payload) == checksum)

@@ -112,8 +112,9 @@ class DiskTier(Tier):
         with self._lock:
             return [file_name(key) in self._index for key in keys]
 
-    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
-        return [self.get(key, expected) for key in keys]
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None,
+                 defer_check: bool = False) -> list[MemoryObj | None]:
+        return [self.get(key, expected, defer_check) for key in keys]
 
     def put_many(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
         return all([self.put(key, obj) for key, obj in items])
@@ -140,7 +141,7 @@ class DiskTier(Tier):
             self.counters.add(puts=1, bytes_written=size)
         return True
 
-    def get(self, key: str, expected: ChunkMeta | None = None) -> MemoryObj | None:
+    def get(self, key: str, expected: ChunkMeta | None = None, defer_check: bool = False) -> MemoryObj | None:
         """The chunk stored under ``key``, or None (absent, vanished, unreadable, corrupt, foreign).
 
         One copy: the file is read straight into a pooled buffer (the serde's receive size for
@@ -183,9 +184,11 @@ class DiskTier(Tier):
             self.counters.add(misses=1)
             return None
         try:
-            obj = self.serde.deserialize_block(data, block, expected)  # recycles the block if it raises
+            obj = self.serde.deserialize_block(data, block, expected, defer_check)  # recycles the block if it raises
         except CorruptValueError as exc:
             return self._reject(key, name, path, str(exc))
+        if not obj.checked:
+            obj.on_corrupt(lambda: self._reject(key, name, path, "payload checksum mismatch"))
         try:
             os.utime(path)  # persist recency for the index rebuilt at the next start
         except OSError:

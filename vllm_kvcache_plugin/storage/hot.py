@@ -40,8 +40,9 @@ class HotCache(Tier):
         with self._lock:
             return [key in self._entries for key in keys]
 
-    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
-        out = []
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None,
+                 defer_check: bool = False) -> list[MemoryObj | None]:
+        out = []  # chunks in memory were checked when they came in
         for key in keys:
             obj = self.get(key)
             if obj is not None and expected is not None and not obj.meta.fits(expected):

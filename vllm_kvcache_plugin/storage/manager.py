@@ -184,9 +184,11 @@ class StorageManager:
         self.counters.lookup_latency.observe(time.perf_counter() - start)
         return LookupResult(hit, [s for s in sources[:hit] if s is not None])
 
-    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None,
+                 defer_check: bool = False) -> list[MemoryObj | None]:
         """Each key's chunk (a reference the caller must drop) or None, searched tier by tier;
-        a hit is copied into the tiers above it that promote (the hot cache)."""
+        a hit is copied into the tiers above it that promote (the hot cache). ``defer_check``: see
+        :meth:`Tier.get_many` (a chunk to promote is checked here first: nothing unverified is kept)."""
         start = time.perf_counter()
         out: list[MemoryObj | None] = [None] * len(keys)
         todo = list(range(len(keys)))
@@ -194,8 +196,11 @@ class StorageManager:
         for tier in self._tiers:
             if not todo:
                 break
-            found = tier.get_many([keys[i] for i in todo], expected)
+            found = tier.get_many([keys[i] for i in todo], expected, defer_check)
             for i, obj in zip(todo, found, strict=True):
+                if obj is not None and promote_into and not obj.check():
+                    obj.ref_down()
+                    obj = None
                 out[i] = obj
                 if obj is not None:
                     for upper in promote_into:

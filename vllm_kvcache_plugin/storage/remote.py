@@ -201,25 +201,28 @@ class RemoteTier(Tier):
                 self.existence.add(keys[i], now)
         return answer
 
-    def batched_get(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
+    def batched_get(self, keys: Sequence[str], expected: ChunkMeta | None = None,
+                    defer_check: bool = False) -> list[MemoryObj | None]:
         """Each key's chunk or None (missing, corrupt, foreign, or the store failed)."""
         if not keys or not self.healthy:
             self.counters.add(misses=len(keys))
             return [None] * len(keys)
         if getattr(self.connector, "shm_active", False):
-            return self._get_leased(keys, expected)
+            return self._get_leased(keys, expected, defer_check)
         size = self.receive_size(expected) if expected is not None else None
         if size is not None:
-            return self._get_into_pooled(keys, expected, size)
+            return self._get_into_pooled(keys, expected, size, defer_check)
         max_size = getattr(self.serde, "max_value_size", None)
         nbytes = len(keys) * max_size(expected) if expected is not None and max_size is not None else 0
         ok, values = self._call(self.connector.batched_get(list(keys)), "get", self.load_deadline(nbytes), nbytes)
         if not ok:
             self.counters.add(misses=len(keys))
             return [None] * len(keys)
-        return [self._decode(key, value, None, expected) for key, value in zip(keys, values, strict=True)]
+        return [self._decode(key, value, None, expected, defer_check=defer_check)
+                for key, value in zip(keys, values, strict=True)]
 
-    def _get_leased(self, keys: Sequence[str], expected: ChunkMeta | None) -> list[MemoryObj | None]:
+    def _get_leased(self, keys: Sequence[str], expected: ChunkMeta | None,
+                    defer_check: bool = False) -> list[MemoryObj | None]:
         """Values as read-only views of the server's shared memory, each under a read lease.
 
         The serde checks the header and the payload checksum over the mapping itself; only then is
@@ -242,7 +245,7 @@ class RemoteTier(Tier):
                 out.append(self._decode(key, None, None, expected))
                 continue
             usable_until = lease.deadline - HANDOFF_LEASE_FRACTION * lease.lease_secs
-            obj = self._decode(key, lease.view, None, expected, usable_until)
+            obj = self._decode(key, lease.view, None, expected, usable_until, defer_check)
             tensor = None if obj is None else obj.tensor
             if obj is not None and tensor is not None and (
                     lease.address <= tensor.data_ptr() < lease.address + len(lease.view)):
@@ -260,7 +263,8 @@ class RemoteTier(Tier):
             return None
         return max_size(expected)
 
-    def _get_into_pooled(self, keys: Sequence[str], expected: ChunkMeta, size: int) -> list[MemoryObj | None]:
+    def _get_into_pooled(self, keys: Sequence[str], expected: ChunkMeta, size: int,
+                         defer_check: bool = False) -> list[MemoryObj | None]:
         """Receive straight into pooled buffers: no fresh pages to fault in on the load path.
 
         A failed or timed-out receive hands its buffers back to the pool from the event loop, after
@@ -288,11 +292,11 @@ class RemoteTier(Tier):
                 allocator.recycle(block)
                 out.append(self._decode(key, None if n is None else b"", None, expected))
                 continue
-            out.append(self._decode(key, memoryview(block.numpy())[:n], block, expected))
+            out.append(self._decode(key, memoryview(block.numpy())[:n], block, expected, defer_check=defer_check))
         return out
 
     def _decode(self, key: str, value, block, expected: ChunkMeta | None,
-                usable_until: float | None = None) -> MemoryObj | None:
+                usable_until: float | None = None, defer_check: bool = False) -> MemoryObj | None:
         if value is None or len(value) == 0:
             self.counters.add(misses=1)
             self.existence.discard(key)
@@ -302,14 +306,14 @@ class RemoteTier(Tier):
                 events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason="foreign size")
             return None
         try:
-            obj = (self.serde.deserialize(value, expected) if block is None
-                   else self.serde.deserialize_block(value, block, expected))
+            obj = (self.serde.deserialize(value, expected, defer_check) if block is None
+                   else self.serde.deserialize_block(value, block, expected, defer_check))
         except CorruptValueError as exc:
-            self.counters.add(corrupt=1, misses=1)
-            self.existence.discard(key)
-            logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, exc)
-            events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason=str(exc))
+            self.counters.add(misses=1)
+            self._reject(key, str(exc))
             return None
+        if not obj.checked:
+            obj.on_corrupt(lambda: self._reject(key, "payload checksum mismatch"))
         if usable_until is not None and time.monotonic() > usable_until:
             obj.ref_down()  # read from shared memory whose lease ran out: the bytes may be another value's
             self.counters.add(misses=1, timeouts=1)
@@ -318,6 +322,13 @@ class RemoteTier(Tier):
             return None
         self.counters.add(hits=1, bytes_read=len(value))
         return obj
+
+    def _reject(self, key: str, reason: str) -> None:
+        """A corrupt value: counted, forgotten by the existence cache, and recomputed."""
+        self.counters.add(corrupt=1)
+        self.existence.discard(key)
+        logger.warning("Remote chunk %s is corrupt (%s); recomputing", key, reason)
+        events.emit("chunk_rejected", logging.WARNING, tier=self.name.value, key=key, reason=reason)
 
     def batched_put(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
         """Serialize in the calling thread (the writer), send in one batch. False if not stored."""
@@ -350,8 +361,9 @@ class RemoteTier(Tier):
     def lookup(self, keys: Sequence[str]) -> list[bool]:
         return self.batched_exists(keys)
 
-    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
-        return self.batched_get(keys, expected)
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None,
+                 defer_check: bool = False) -> list[MemoryObj | None]:
+        return self.batched_get(keys, expected, defer_check)
 
     def put_many(self, items: Sequence[tuple[str, MemoryObj]]) -> bool:
         return self.batched_put(items)

@@ -45,8 +45,12 @@ class Tier(ABC):
         """Whether each key is held (the remote tier: one batched round trip, or none)."""
 
     @abstractmethod
-    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> list[MemoryObj | None]:
-        """Each key's chunk (a reference the caller drops) or None: missing, corrupt, foreign, or failed."""
+    def get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None,
+                 defer_check: bool = False) -> list[MemoryObj | None]:
+        """Each key's chunk (a reference the caller drops) or None: missing, corrupt, foreign, or failed.
+        ``defer_check``: a chunk that is a view of the stored bytes may come with its payload checksum
+        still to verify (``MemoryObj.check``, which the caller runs before it reads the bytes); a
+        failed check is this tier's to count and forget."""
 
     def start_get_many(self, keys: Sequence[str], expected: ChunkMeta | None = None) -> Future:
         """:meth:`get_many` as a future (done at once here; tiers with real I/O may overlap it)."""

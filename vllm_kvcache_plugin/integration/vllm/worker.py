@@ -147,7 +147,9 @@ class WorkerSide:
                 continue
             refs = [items[i].ref for i in todo]
             tokens = [_span(cache.part.tokens(ref, self.block_size)) for ref in refs]
-            for i, obj in zip(todo, self.engine.retrieve(refs, cache.shape, name, tokens), strict=True):
+            # The checksum is verified in _scatter, just before the copy reads the same bytes.
+            for i, obj in zip(todo, self.engine.retrieve(refs, cache.shape, name, tokens, defer_check=True),
+                              strict=True):
                 out[i] = obj
         return out
 
@@ -155,6 +157,8 @@ class WorkerSide:
         """Write the tokens of ``[spec.start, spec.end)`` the value holds into each group's real
         blocks (never the null block); None when a window part does not reach back to the first
         block vLLM holds for the request in that group (it would stay unwritten)."""
+        if not obj.check():  # corrupt: the tier that returned it has said so and forgotten it
+            return None
         cache = self.caches[item.part]
         first, last = cache.part.tokens(item.ref, self.block_size)
         a, b = max(first, spec.start), min(last, spec.end)

@@ -129,7 +129,8 @@ class CacheGenSerde(Serde):
         out[:HEADER_SIZE] = pack_header(self.serde_id, meta, payload)
         return out
 
-    def deserialize(self, data, expected: ChunkMeta | None = None) -> MemoryObj:
+    def deserialize(self, data, expected: ChunkMeta | None = None, defer_check: bool = False) -> MemoryObj:
+        # Decoding reads the payload anyway: it is checked first, whatever ``defer_check`` says.
         header, payload = parse_header(data, expected_serde_id=self.serde_id)
         meta = header.meta
         self.check_expected(meta, expected)
