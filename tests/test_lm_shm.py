@@ -163,12 +163,12 @@ def test_lease_that_expires_mid_read_is_a_miss_not_wrong_data(lm_server_factory,
         serde = mgr.remote.serde
         real = serde.deserialize
 
-        def slow(data, expected=None):
+        def slow(data, expected=None, defer_check=False):
             time.sleep(0.5)  # past the lease
             for i in range(12):  # evict "victim" and reuse every region, with valid chunks
                 other.put(f"filler{i}", chunk(other.allocator, 256, 1000 + i))
             assert other.flush(10)
-            return real(data, expected)
+            return real(data, expected, defer_check)
 
         monkeypatch.setattr(serde, "deserialize", slow)
         assert mgr.get_many(["victim"], FULL) == [None]
@@ -254,5 +254,59 @@ def test_serde_checksum_still_guards_shm_values(lm_server_factory) -> None:
         assert mgr.get_many(["bad"], FULL) == [None]
         assert mgr.remote.counters.corrupt == 1
         wait_for(lambda: server_stats(server.url)["shm"]["leases_active"] == 0, 10, "the lease to come back")
+    finally:
+        mgr.close()
+
+
+def test_populate_maps_only_pages_that_hold_data():
+    """The background walk maps the pages that hold data and never touches a hole (mapping a
+    hole of a memfd would allocate it: the server's memory)."""
+    import mmap
+    import os
+
+    from vllm_kvcache_plugin.connectors.lm_shm import populate_resident
+
+    page = mmap.PAGESIZE
+    fd = os.memfd_create("populate-test")
+    try:
+        os.ftruncate(fd, 64 * page)
+        writer = mmap.mmap(fd, 64 * page)
+        writer[3 * page:7 * page] = b"x" * (4 * page)  # two runs of data, holes around them
+        writer[40 * page:41 * page] = b"y" * page
+        blocks = os.fstat(fd).st_blocks
+        reader = mmap.mmap(fd, 64 * page, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        import numpy as np
+
+        address = int(np.frombuffer(reader, dtype=np.uint8, count=1).ctypes.data)
+        assert populate_resident(address, 64 * page, slice_bytes=16 * page) == 5 * page  # runs across slices too
+        assert os.fstat(fd).st_blocks == blocks  # no hole was allocated
+        del address
+        reader.close()
+        writer.close()
+    finally:
+        os.close(fd)
+
+
+def test_a_new_connection_maps_the_stored_values_ahead(lm_server_factory) -> None:
+    server = lm_server_factory("--max-size-gb", "0.1")
+    writer = manager(server.url)
+    try:
+        for i in range(8):
+            writer.put(f"k{i}", chunk(writer.allocator, 256, i))
+        assert writer.flush(10)
+    finally:
+        writer.close()
+    mgr = manager(server.url)
+    try:
+        assert mgr.remote.connector.shm_active
+        mapping = mgr.remote.connector._proto.shm
+        stored = 8 * FULL.nbytes
+        # The arena is 0.1 GB; only the pages of the 8 values (and the arena's header) are mapped.
+        wait_for(lambda: mapping.populated >= stored, 10, "the stored values to be mapped")
+        assert mapping.populated < stored + 2 * MB
+        got = mgr.get_many([f"k{i}" for i in range(8)], FULL)
+        assert all(obj is not None and obj.check() for obj in got)
+        for obj in got:
+            obj.ref_down()
     finally:
         mgr.close()

@@ -18,12 +18,14 @@ still valid: counted, logged).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import json
 import logging
 import mmap
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +40,8 @@ logger = logging.getLogger("vllm_kvcache_plugin.connectors.lm")
 
 MODES = ("auto", "on", "off")
 RELEASE_DELAY_SECS = 0.005  # releases queued within this window share one frame (a scatter group's chunks)
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages in one call, without a fault per page
+POPULATE_SLICE = 256 << 20  # bytes examined per mincore / madvise round of the background walk
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,60 @@ class ShmMapping:
         if bytes(self.view[: len(SHM_MAGIC) + 16]) != SHM_MAGIC + bytes.fromhex(info["arena_id"]):
             raise ConnectorError("the mapped memory is not the server's arena")
         self.address = int(np.frombuffer(self.view, dtype=np.uint8, count=1).ctypes.data)
+        self.populated = 0  # bytes of stored values mapped ahead of the first read
+        threading.Thread(target=self._populate, name="kvcache-shm-populate", daemon=True).start()
 
     def holds(self, address: int) -> bool:
         return self.address <= address < self.address + self.size
+
+    def _populate(self) -> None:
+        """Map the arena's stored values into this process's page tables in the background.
+
+        A fresh mapping costs a page fault per 4 KiB on the first read of each value: after a
+        restart, ~8 ms per 90 MB of the first loads (measured for issue 14), paid while a request
+        waits. This walk asks the kernel which pages hold data (``mincore``: a page the server never
+        wrote is not touched, since mapping it would allocate it) and maps those runs with
+        ``MADV_POPULATE_READ``, at low priority. Values stored later fault in on their first read."""
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
+        except OSError:
+            pass
+        started = time.perf_counter()
+        try:
+            self.populated = populate_resident(self.address, self.size)
+        except OSError as exc:
+            logger.debug("shared-memory arena: mapping stored values ahead failed (%s); they fault in on first read",
+                         exc)
+            return
+        if self.populated:
+            logger.info("shared-memory arena: %.2f GB of stored values mapped ahead of the first load in %.0f ms",
+                        self.populated / 1e9, 1e3 * (time.perf_counter() - started))
+
+
+def populate_resident(address: int, size: int, slice_bytes: int = POPULATE_SLICE) -> int:
+    """Map the pages of ``[address, address + size)`` (page-aligned, a shared mapping) that already
+    hold data, a slice at a time; the bytes mapped. Raises OSError where the kernel refuses
+    (``MADV_POPULATE_READ`` needs Linux 5.14)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    done = 0
+    for start in range(0, size, slice_bytes):
+        length = min(slice_bytes, size - start)
+        pages = (length + page - 1) // page
+        vec = np.zeros(pages, dtype=np.uint8)
+        if libc.mincore(ctypes.c_void_p(address + start), ctypes.c_size_t(length),
+                        vec.ctypes.data_as(ctypes.c_void_p)) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        resident = np.concatenate(([0], vec & 1, [0])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(resident))
+        for first, last in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            if libc.madvise(ctypes.c_void_p(address + start + first * page), ctypes.c_size_t((last - first) * page),
+                            MADV_POPULATE_READ) != 0:
+                raise OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_READ) failed")
+            done += (last - first) * page
+    return done
 
 
 class ShmClient:
