@@ -168,3 +168,44 @@ def test_a_chunk_whose_lease_ran_out_during_the_scatter_is_a_load_error():
     # Chunk 0 counts; chunk 1 was written but may hold another value's bytes: recomputed from it on.
     assert outcome.loaded_to == CHUNK and not outcome.complete
     assert sorted(released) == [0, CHUNK, 2 * CHUNK]  # every lease given back
+
+
+def test_scatters_use_every_copier_thread_only_when_nothing_else_runs():
+    """Before the forward with every fetch done, a scatter may use all of torch's threads; beside
+    a fetch still receiving, or in a background load (vLLM's forward runs), it copies on one."""
+    from vllm_kvcache_plugin.kernels.copier import host_threads
+
+    rec = Recorder()
+    seen: dict[int, int] = {}
+    last_group = 2 * GROUP_CHUNKS * CHUNK
+    arrive = threading.Event()  # the last group arrives only after the first group's scatter
+
+    def retrieve(items):
+        if items[0].ref.start == last_group:
+            assert arrive.wait(10)
+        return rec.retrieve(items)
+
+    def scatter(load_spec, item, obj):
+        seen[item.ref.start] = host_threads()
+        if item.ref.start == GROUP_CHUNKS * CHUNK - CHUNK:  # the first group's last chunk
+            arrive.set()
+        return rec.scatter(load_spec, item, obj)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pipeline = LoadPipeline(FakeEngine(), retrieve, scatter)
+        try:
+            (outcome,) = pipeline.run([spec("r", 3 * GROUP_CHUNKS)], exclusive=True)
+            assert outcome.complete
+            assert seen[0] == 1  # the last group was still arriving
+            assert seen[last_group] == 2  # nothing in flight any more: every thread
+            arrive.set()
+            seen.clear()
+            (outcome,) = pipeline.run([spec("s", 3 * GROUP_CHUNKS)])  # beside a forward
+            assert outcome.complete and set(seen.values()) == {1}
+        finally:
+            pipeline.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert host_threads() == torch.get_num_threads()  # the cap ends with the scatter

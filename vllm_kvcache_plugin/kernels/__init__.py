@@ -4,7 +4,7 @@
 path, or the torch reference). Nothing here imports vLLM.
 """
 
-from .copier import CopyGeometry, KVCopier, check_copy_args
+from .copier import CopyGeometry, KVCopier, check_copy_args, copy_threads
 from .dispatch import ENV_VAR, IMPLEMENTATIONS, KernelUnavailable, available_copiers, get_copier
 from .layouts import (
     LAYOUT_ORDERS,
@@ -31,6 +31,7 @@ __all__ = [
     "allocate_paged_layers",
     "available_copiers",
     "check_copy_args",
+    "copy_threads",
     "get_copier",
     "layout_strides",
     "token_views",

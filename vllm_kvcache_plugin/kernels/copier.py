@@ -7,11 +7,12 @@ bad slot or a mismatched tensor never leaves a half-written cache behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -148,6 +149,32 @@ class LayerSetCache(Generic[T]):
                 self._entries.pop(next(iter(self._entries)))
             self._entries[id(layer_set)] = (layer_set, value)
         return value
+
+
+_thread_cap = threading.local()
+
+
+@contextlib.contextmanager
+def copy_threads(limit: int | None) -> Iterator[None]:
+    """Cap the host threads of copies made by this thread (None: no cap, torch's thread count).
+
+    A CPU copy that shares the cores with other work (a fetch still receiving, vLLM's forward)
+    runs on one thread: an OpenMP team whose member is preempted stalls at its barrier while the
+    others spin, and the copy took 4-8x longer that way (measured for issue 14 during redis and
+    Mooncake fetches)."""
+    previous = getattr(_thread_cap, "limit", None)
+    _thread_cap.limit = limit
+    try:
+        yield
+    finally:
+        _thread_cap.limit = previous
+
+
+def host_threads() -> int:
+    """The host threads a copy made now may use (see :func:`copy_threads`)."""
+    limit = getattr(_thread_cap, "limit", None)
+    available = torch.get_num_threads()
+    return available if limit is None else max(1, min(limit, available))
 
 
 def slot_error(slot: int, layer_set: LayerSet) -> ValueError:

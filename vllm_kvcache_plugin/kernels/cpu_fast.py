@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .copier import CopyGeometry, KVCopier, slot_error
+from .copier import CopyGeometry, KVCopier, host_threads, slot_error
 from .layouts import Packing, PagedKVSpec
 
 SOURCE = Path(__file__).with_name("cpu_copy.c")
@@ -152,7 +152,7 @@ class CpuCopier(KVCopier):
             *geo.layer_strides, chunk.data_ptr(), *geo.chunk_strides,
             geo.layer_set.num_blocks * spec.block_size, int(STREAMING),
         )
-        status = function(ctypes.byref(args), torch.get_num_threads())
+        status = function(ctypes.byref(args), host_threads())
         if status > 0:
             raise slot_error(int(slots[status - 1]), geo.layer_set)
         if status < 0:

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ...engine import KVCacheEngine
+from ...kernels import copy_threads
 from ...memory import MemoryObj
 from .metadata import ChunkRef, LoadSpec
 
@@ -92,7 +93,11 @@ class LoadPipeline:
         self._fetcher = ThreadPoolExecutor(max_workers=FETCH_DEPTH, thread_name_prefix="kvcache-fetch")
 
     def run(self, specs: Sequence[LoadSpec], cancelled: Callable[[str], bool] = lambda _: False,
-            times: StageTimes | None = None) -> list[LoadOutcome]:
+            times: StageTimes | None = None, exclusive: bool = False) -> list[LoadOutcome]:
+        """Load ``specs``; ``exclusive``: nothing else computes meanwhile (a load before the forward),
+        so a scatter may use every copier thread once no fetch is still receiving. Otherwise (a
+        background load beside vLLM's forward, or bytes still arriving) it copies on one thread:
+        the cores are taken, and a copy team sharing them stalls (``kernels.copy_threads``)."""
         started = time.perf_counter()
         times = times if times is not None else StageTimes()
         outcomes = {spec.req_id: LoadOutcome(spec, spec.start) for spec in specs}
@@ -120,12 +125,13 @@ class LoadPipeline:
             if k + FETCH_DEPTH < len(groups):
                 pending.append(self._fetch(live(groups[k + FETCH_DEPTH])))
             scatter_start = time.perf_counter()
+            alone = exclusive and all(f.done() for _, f in pending)
             try:
                 for (spec, item), obj in zip(group, objs, strict=True):
                     note_cancel(spec.req_id)  # aborted while its chunks arrived
                     if spec.req_id in broken:
                         continue
-                    if obj is None or not self._scatter_one(spec, item, obj, outcomes):
+                    if obj is None or not self._scatter_one(spec, item, obj, outcomes, alone):
                         broken.add(spec.req_id)
                         outcomes[spec.req_id].tail_missing = item.tail
             finally:
@@ -136,10 +142,12 @@ class LoadPipeline:
         times.total += time.perf_counter() - started
         return list(outcomes.values())
 
-    def _scatter_one(self, spec: LoadSpec, item: LoadItem, obj: MemoryObj, outcomes: dict[str, LoadOutcome]) -> bool:
+    def _scatter_one(self, spec: LoadSpec, item: LoadItem, obj: MemoryObj, outcomes: dict[str, LoadOutcome],
+                     alone: bool = False) -> bool:
         key = self.engine.key(item.ref, item.part)
         try:
-            nbytes = self._scatter(spec, item, obj)
+            with copy_threads(None if alone else 1):
+                nbytes = self._scatter(spec, item, obj)
         except Exception:
             logger.exception("Scatter of chunk %s failed; recomputing", key)
             return False

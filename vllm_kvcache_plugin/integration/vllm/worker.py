@@ -125,7 +125,8 @@ class WorkerSide:
         inline = [spec for spec in meta.loads if not spec.asynchronous]
         if inline:
             times = StageTimes()
-            self._record(self.pipeline.run(inline, times=times), times, asynchronous=False)
+            # Before the forward: nothing else computes, the copies may use every core.
+            self._record(self.pipeline.run(inline, times=times, exclusive=True), times, asynchronous=False)
         self.background.submit([spec for spec in meta.loads if spec.asynchronous and
                                 spec.req_id not in meta.cancelled])
         for spec in meta.loads:  # aborted before its load began: it ends at once
