@@ -125,9 +125,10 @@ class LoadPipeline:
             if k + FETCH_DEPTH < len(groups):
                 pending.append(self._fetch(live(groups[k + FETCH_DEPTH])))
             scatter_start = time.perf_counter()
-            alone = exclusive and all(f.done() for _, f in pending)
             try:
                 for (spec, item), obj in zip(group, objs, strict=True):
+                    # Asked per chunk: a quick fetch (shared memory) is over after the first one.
+                    alone = exclusive and all(f.done() for _, f in pending)
                     note_cancel(spec.req_id)  # aborted while its chunks arrived
                     if spec.req_id in broken:
                         continue
