@@ -28,5 +28,10 @@ class ConnectorError(KVCacheError):
     """The remote store failed (unreachable, timed out, protocol error): treat it as a miss."""
 
 
+class ConnectorTimeout(ConnectorError, TimeoutError):
+    """The store did not answer in time. It may be busy (serving other loads on a loaded host) or
+    frozen: the call is a miss, and a ping decides whether the store is down."""
+
+
 class ProtocolError(ConnectorError):
     """A peer sent a malformed frame on the lm:// protocol."""

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import KVCacheConfig
-from ..errors import ConnectorError
+from ..errors import ConnectorError, ConnectorTimeout
 from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .mooncake_client import (
     ALIGN,
@@ -98,7 +98,7 @@ class MooncakeStoreConnector(RemoteConnector):
         try:
             return await asyncio.wait_for(future, timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            raise ConnectorError(f"{self.url.redacted()}: no answer within {timeout:g}s") from None
+            raise ConnectorTimeout(f"{self.url.redacted()}: no answer within {timeout:g}s") from None
         except asyncio.CancelledError:
             if self.client.closed.is_set():
                 raise ConnectorError(f"{self.url.redacted()}: connector closed during the call") from None

@@ -24,7 +24,8 @@ Chosen by measurement here (2 cores, loopback, 5.9 MB values):
 * ``scan`` = SCAN MATCH COUNT (cluster: on each primary in turn), then every STRLEN of the page in one
   round trip; ``batched_size`` / ``batched_delete`` = STRLENs / DELs in one round trip (per node).
 Each value is ONE key (header and payload are one buffer), so no reader sees half a value. Every
-failure raises :class:`ConnectorError` in one line. Socket time-outs are half of
+failure raises :class:`ConnectorError` in one line (:class:`ConnectorTimeout` for a socket time-out,
+so the storage layer pings before it calls the store down). Socket time-outs are half of
 ``blocking_timeout_secs`` and only a broken connection is retried (once), so a call ends in time.
 """
 
@@ -44,7 +45,7 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
 
 from ..config import KVCacheConfig
-from ..errors import ConnectorError
+from ..errors import ConnectorError, ConnectorTimeout
 from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .redis_options import DEFAULT_PORTS, QUERY_OPTIONS, RedisOptions, mask_query_secrets
 from .redis_reader import CallState, Cancelled, ReplyError, receive, until_stopped
@@ -157,6 +158,10 @@ class _RedisFamilyConnector(RemoteConnector):
                         raise ConnectorError(f"{self.url.scheme} {self.url.redacted()}: {op} failed: no master "
                                              f"within {self.socket_timeout:.1f}s (a failover?)") from None
                     time.sleep(0.05)
+                except (redis.TimeoutError, TimeoutError) as exc:
+                    # No answer within the socket time-out: a busy or frozen store, not a dead one.
+                    where = f"{self.url.scheme} {self.url.redacted()}"
+                    raise ConnectorTimeout(f"{where}: {op} failed: {_one_line(exc)}") from None
                 except (RedisError, RedisClusterException, OSError) as exc:
                     where = f"{self.url.scheme} {self.url.redacted()}"
                     raise ConnectorError(f"{where}: {op} failed: {_one_line(exc)}") from None

@@ -1,10 +1,12 @@
 """The remote tier: serde + a connector, behind deadlines, a health flag and an existence cache.
 
-Every connector failure or time-out becomes a miss here (never an exception to the caller). After
-a failure the tier is marked unhealthy: lookups and loads miss at once and writes are skipped,
-while a background task pings the store with exponential back-off and restores the tier when it
-answers. Positive existence answers (and our own successful writes) are remembered for
-``existence_cache_ttl_secs``, so a repeated lookup costs no round trip at all.
+Every connector failure or time-out becomes a miss here (never an exception to the caller). A
+refused or dropped call marks the tier unhealthy at once; a time-out (or a failed load) starts a
+ping, and only a store that does not answer it is marked down. While unhealthy, lookups and loads
+miss at once and writes are skipped, while a background task pings the store with exponential
+back-off and restores the tier when it answers. Positive existence answers (and our own
+successful writes) are remembered for ``existence_cache_ttl_secs``, so a repeated lookup costs no
+round trip at all.
 
 A connector with shared memory (lm:// on the same host: ``shm_active``) hands values over as views
 of the server's memory under read leases instead of bytes received into pooled buffers.
@@ -135,37 +137,41 @@ class RemoteTier(Tier):
 
     def _call(self, coro, what: str, deadline: float | None = None, nbytes: int = 0) -> tuple[bool, object]:
         """Run a connector coroutine within ``deadline`` (default: the blocking time-out):
-        (True, result), or (False, None) on any failure, which marks the tier unhealthy. A load
-        (``nbytes`` > 0) that ran out of time or failed does not: the store may be slow or busy but
-        alive, so a ping decides in the background, and only a store that does not answer it is
-        marked down."""
+        (True, result), or (False, None) on any failure. A store that refuses or drops the call is
+        marked unhealthy at once. A call that ran out of time (any call: a lookup queued behind a
+        big load on a busy 2-core host times out as easily as the load), or a load that failed, is
+        a miss, and a ping decides in the background: only a store that does not answer it is
+        marked down, so one slow moment under load does not turn every following hit into a
+        recompute. A frozen store fails the ping too and is marked down a time-out later."""
         deadline = self.timeout if deadline is None else deadline
         try:
             return True, self.loop.run(asyncio.wait_for(coro, deadline), deadline + 1.0)
-        except (TimeoutError, asyncio.TimeoutError) as exc:
-            if not nbytes:
-                self._mark_failed(exc)
-                return False, None
+        except (TimeoutError, asyncio.TimeoutError) as exc:  # ConnectorTimeout too
             self.counters.add(timeouts=1)
-            logger.warning("Remote %s of %.1f MB took over %.1f s (slower than %.2f GB/s); a miss, and a ping "
-                           "decides whether the store is down", what, nbytes / 1e6, deadline,
-                           self.min_load_bytes_per_sec / 1e9)
-            if not self._closed:
-                self.loop.loop.call_soon_threadsafe(self._ensure_probe)
+            probing = self._probe_task is not None and not self._probe_task.done()
+            log = logger.debug if probing or not self.healthy else logger.warning
+            if nbytes:
+                log("Remote %s of %.1f MB took over %.1f s (slower than %.2f GB/s); a miss, and a ping decides "
+                    "whether the store is down", what, nbytes / 1e6, deadline, self.min_load_bytes_per_sec / 1e9)
+            else:
+                log("Remote %s got no answer in time (%s); a miss, and a ping decides whether the store is down",
+                    what, _reason(exc))
+            self._start_probe()
             return False, None
         except Exception as exc:
             if nbytes and not self._closed:
-                # A load that failed (a socket time-out while the store serves other loads, a
-                # dropped connection) is a miss; whether the store is down, a ping decides, so one
-                # slow moment under load does not turn every following hit into a recompute.
                 self.counters.add(errors=1)
                 logger.warning("Remote %s of %.1f MB failed (%s); a miss, and a ping decides whether the store "
                                "is down", what, nbytes / 1e6, _reason(exc))
-                self.loop.loop.call_soon_threadsafe(self._ensure_probe)
+                self._start_probe()
                 return False, None
             logger.debug("Remote %s failed: %s", what, _reason(exc))
             self._mark_failed(exc)
             return False, None
+
+    def _start_probe(self) -> None:
+        if not self._closed:
+            self.loop.loop.call_soon_threadsafe(self._ensure_probe)
 
     def _ensure_probe(self) -> None:
         if self._probe_task is None or self._probe_task.done():
@@ -381,6 +387,6 @@ class RemoteTier(Tier):
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    return str(exc) or type(exc).__name__
+    if str(exc):
+        return str(exc)
+    return "timed out" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else type(exc).__name__
