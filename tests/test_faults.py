@@ -324,6 +324,30 @@ def test_lookup_timing_out_on_a_busy_store_is_a_miss_not_a_store_down(tmp_path):
         store.stop()
 
 
+def test_a_connectors_own_time_out_keeps_its_message():
+    """The loop's wait and a connector's time-out are both TimeoutError (Python 3.11): the log must
+    name the store's failure, not a wait that never ran out."""
+    import asyncio
+
+    from vllm_kvcache_plugin.errors import ConnectorTimeout
+    from vllm_kvcache_plugin.storage.loop import EventLoopThread
+
+    loop = EventLoopThread()
+    try:
+        async def store_silent():
+            raise ConnectorTimeout("redis: batched_exists failed: Timeout reading from socket")
+
+        async def never_answers():
+            await asyncio.sleep(30)
+
+        with pytest.raises(ConnectorTimeout, match="Timeout reading from socket"):
+            loop.run(store_silent(), 5.0)
+        with pytest.raises(TimeoutError, match=r"no answer within 0\.20s"):
+            loop.run(never_answers(), 0.2)
+    finally:
+        loop.stop()
+
+
 def test_unreachable_store_at_start_up(tmp_path):
     start = time.monotonic()
     mgr = manager(f"redis://127.0.0.1:{free_port()}")  # nothing listens there

@@ -34,7 +34,9 @@ class EventLoopThread:
         future = self.submit(coro)
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except concurrent.futures.TimeoutError:  # the builtin TimeoutError since Python 3.11
+            if future.done():
+                raise  # the coroutine's own time-out (a ConnectorTimeout), with its message
             future.cancel()
             raise TimeoutError(f"no answer within {timeout:.2f}s") from None
 

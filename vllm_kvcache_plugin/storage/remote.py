@@ -183,7 +183,7 @@ class RemoteTier(Tier):
         except Exception:
             alive = False
         if not alive and self.healthy:
-            self._mark_failed(TimeoutError("no answer to a ping after a slow load"))
+            self._mark_failed(TimeoutError("no answer to a ping after a call timed out"))
 
     # -- data ------------------------------------------------------------------------------
     def batched_exists(self, keys: Sequence[str]) -> list[bool]:
