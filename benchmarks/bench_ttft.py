@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.error
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -144,7 +145,15 @@ def measure(server: VLLMServer, prompt: list[int]) -> float:
 def reset_prefix_cache(server: VLLMServer, timeout: float = 30.0) -> None:
     """Empty vLLM's own prefix cache (not the connector's store); retried while blocks are held."""
     deadline = time.monotonic() + timeout
-    while not server._post("/reset_prefix_cache", {}, 30).get("success"):
+
+    def reset() -> bool:
+        try:
+            return bool(server._post("/reset_prefix_cache", {}, 30).get("success"))
+        except urllib.error.HTTPError as exc:
+            raise SystemExit(f"POST /reset_prefix_cache answered {exc.code}: the restarted vLLM needs "
+                             "VLLM_SERVER_DEV_MODE=1 for that route") from None
+
+    while not reset():
         if time.monotonic() > deadline:
             raise RuntimeError("vLLM did not reset its prefix cache (blocks still held)")
         time.sleep(0.2)

@@ -24,7 +24,7 @@ from typing import Any
 from . import connectors
 from .config import KVCacheConfig
 from .connectors.base import DEFAULT_PAGE_SIZE, KeyPage, RemoteConnector
-from .errors import KVCacheError
+from .errors import ConnectorTimeout, KVCacheError
 from .keys import ChunkKey, model_prefix
 
 #: Throwaway values ``check`` writes, reads back and deletes (a few MB: enough for a bandwidth figure).
@@ -113,6 +113,8 @@ async def _check_remote(connector: RemoteConnector, config: KVCacheConfig) -> Re
     async def bounded(what: str, awaitable: Any, limit: float = timeout) -> Any:
         try:
             return await asyncio.wait_for(awaitable, limit)
+        except ConnectorTimeout as exc:  # the store's own time-out: its message says which call
+            raise CheckFailed(_failure(where, what, exc)) from None
         except (TimeoutError, asyncio.TimeoutError):
             raise CheckFailed(f"remote store {where}: no answer to {what} within {limit:g} s "
                               "(blocking_timeout_secs); is it frozen or overloaded?") from None
@@ -278,6 +280,8 @@ async def _bounded(connector: RemoteConnector, what: str, awaitable: Any) -> Any
     limit = connector.config.blocking_timeout_secs * 5 + 10.0
     try:
         return await asyncio.wait_for(awaitable, limit)
+    except ConnectorTimeout as exc:
+        raise CheckFailed(_failure(connector.url.redacted(), what, exc)) from None
     except (TimeoutError, asyncio.TimeoutError):
         raise CheckFailed(f"{connector.url.redacted()}: no answer to {what} within {limit:g} s") from None
     except CheckFailed:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..errors import ConnectorError, ProtocolError
+from ..errors import ConnectorError, ConnectorTimeout, ProtocolError
 from ..lm_protocol.framing import FrameReader, FrameWriter, ScratchPool
 from ..lm_protocol.wire import (
     KNOWN_STATUSES,
@@ -127,8 +127,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         oldest = next(iter(self.pending.values()))
         if time.monotonic() - oldest.sent_at > self.request_timeout:
-            self.abort(ConnectorError(f"{self.where}: no reply to {oldest.op.name} "
-                                      f"within {self.request_timeout:g}s"))
+            self.abort(ConnectorTimeout(f"{self.where}: no reply to {oldest.op.name} "
+                                        f"within {self.request_timeout:g}s"))
             return
         loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(min(1.0, self.request_timeout / 4), self._check_oldest)

@@ -25,7 +25,7 @@ Chosen by measurement here (2 cores, loopback, 5.9 MB values):
   round trip; ``batched_size`` / ``batched_delete`` = STRLENs / DELs in one round trip (per node).
 Each value is ONE key (header and payload are one buffer), so no reader sees half a value. Every
 failure raises :class:`ConnectorError` in one line (:class:`ConnectorTimeout` for a socket time-out,
-so the storage layer pings before it calls the store down). Socket time-outs are half of
+so the storage layer pings before it marks the store down). Socket time-outs are half of
 ``blocking_timeout_secs`` and only a broken connection is retried (once), so a call ends in time.
 """
 

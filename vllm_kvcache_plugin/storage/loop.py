@@ -35,8 +35,8 @@ class EventLoopThread:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:  # the builtin TimeoutError since Python 3.11
-            if future.done():
-                raise  # the coroutine's own time-out (a ConnectorTimeout), with its message
+            if future.done():  # the coroutine's own time-out (a ConnectorTimeout), or it just finished
+                return future.result()
             future.cancel()
             raise TimeoutError(f"no answer within {timeout:.2f}s") from None
 

@@ -1,8 +1,8 @@
 """The remote tier: serde + a connector, behind deadlines, a health flag and an existence cache.
 
 Every connector failure or time-out becomes a miss here (never an exception to the caller). A
-refused or dropped call marks the tier unhealthy at once; a time-out (or a failed load) starts a
-ping, and only a store that does not answer it is marked down. While unhealthy, lookups and loads
+refused or reset call marks the tier unhealthy at once; a time-out (or a failed load) starts
+pings, and only a store that answers none of them is marked down. While unhealthy, lookups and loads
 miss at once and writes are skipped, while a background task pings the store with exponential
 back-off and restores the tier when it answers. Positive existence answers (and our own
 successful writes) are remembered for ``existence_cache_ttl_secs``, so a repeated lookup costs no
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_START_SECS = 0.5
 BACKOFF_MAX_SECS = 30.0
+PROBE_PINGS = 2  # pings in a row a store must miss, after a time-out, to be marked down
+WARN_INTERVAL_SECS = 30.0  # at most one time-out warning this often
 HANDOFF_LEASE_FRACTION = 0.5  # a leased chunk goes to the caller only with this much of its lease left
 
 
@@ -83,6 +86,9 @@ class RemoteTier(Tier):
         self.min_load_bytes_per_sec = config.min_load_gb_per_sec * 1e9
         self._reconnect_task: asyncio.Future | None = None
         self._probe_task: asyncio.Future | None = None
+        self._warn_lock = threading.Lock()
+        self._last_warning = -WARN_INTERVAL_SECS
+        self._quiet_warnings = 0
         self._closed = False
 
     # -- health ----------------------------------------------------------------------------
@@ -137,37 +143,53 @@ class RemoteTier(Tier):
 
     def _call(self, coro, what: str, deadline: float | None = None, nbytes: int = 0) -> tuple[bool, object]:
         """Run a connector coroutine within ``deadline`` (default: the blocking time-out):
-        (True, result), or (False, None) on any failure. A store that refuses or drops the call is
+        (True, result), or (False, None) on any failure. A store that refuses or resets the call is
         marked unhealthy at once. A call that ran out of time (any call: a lookup queued behind a
         big load on a busy 2-core host times out as easily as the load), or a load that failed, is
-        a miss, and a ping decides in the background: only a store that does not answer it is
-        marked down, so one slow moment under load does not turn every following hit into a
-        recompute. A frozen store fails the ping too and is marked down a time-out later."""
+        a miss, and pings decide in the background: only a store that answers none of
+        ``PROBE_PINGS`` in a row is marked down, so one slow moment under load does not turn every
+        following hit into a recompute. A frozen store is marked down that many time-outs later."""
         deadline = self.timeout if deadline is None else deadline
         try:
             return True, self.loop.run(asyncio.wait_for(coro, deadline), deadline + 1.0)
         except (TimeoutError, asyncio.TimeoutError) as exc:  # ConnectorTimeout too
             self.counters.add(timeouts=1)
-            probing = self._probe_task is not None and not self._probe_task.done()
-            log = logger.debug if probing or not self.healthy else logger.warning
             if nbytes:
-                log("Remote %s of %.1f MB took over %.1f s (slower than %.2f GB/s); a miss, and a ping decides "
-                    "whether the store is down", what, nbytes / 1e6, deadline, self.min_load_bytes_per_sec / 1e9)
+                self._warn_slow("Remote %s of %.1f MB took over %.1f s (slower than %.2f GB/s); a miss, and a ping "
+                                "decides whether the store is down", what, nbytes / 1e6, deadline,
+                                self.min_load_bytes_per_sec / 1e9)
             else:
-                log("Remote %s got no answer in time (%s); a miss, and a ping decides whether the store is down",
-                    what, _reason(exc))
+                self._warn_slow("Remote %s got no answer in time (%s); a miss, and a ping decides whether the store "
+                                "is down", what, _reason(exc))
             self._start_probe()
             return False, None
         except Exception as exc:
             if nbytes and not self._closed:
                 self.counters.add(errors=1)
-                logger.warning("Remote %s of %.1f MB failed (%s); a miss, and a ping decides whether the store "
-                               "is down", what, nbytes / 1e6, _reason(exc))
+                self._warn_slow("Remote %s of %.1f MB failed (%s); a miss, and a ping decides whether the store "
+                                "is down", what, nbytes / 1e6, _reason(exc))
                 self._start_probe()
                 return False, None
             logger.debug("Remote %s failed: %s", what, _reason(exc))
             self._mark_failed(exc)
             return False, None
+
+    def _warn_slow(self, msg: str, *args: object) -> None:
+        """At most one warning per WARN_INTERVAL_SECS (a store that stays busy would log one per
+        request); the others go to debug and are counted in the next warning."""
+        now = time.monotonic()
+        with self._warn_lock:
+            due = now - self._last_warning >= WARN_INTERVAL_SECS
+            if due:
+                self._last_warning, quiet, self._quiet_warnings = now, self._quiet_warnings, 0
+            else:
+                self._quiet_warnings += 1
+        if not due or not self.healthy:
+            logger.debug(msg, *args)
+            return
+        if quiet:
+            msg += f" ({quiet} more like this in the last {WARN_INTERVAL_SECS:.0f} s)"
+        logger.warning(msg, *args)
 
     def _start_probe(self) -> None:
         if not self._closed:
@@ -178,12 +200,17 @@ class RemoteTier(Tier):
             self._probe_task = asyncio.ensure_future(self._probe())
 
     async def _probe(self) -> None:
-        try:
-            alive = await asyncio.wait_for(self.connector.ping(), self.timeout)
-        except Exception:
-            alive = False
-        if not alive and self.healthy:
-            self._mark_failed(TimeoutError("no answer to a ping after a call timed out"))
+        """Ping up to PROBE_PINGS times: the first ping may itself queue behind the loads that made
+        a call time out; only a store that answers none is marked down."""
+        for _ in range(PROBE_PINGS):
+            try:
+                if await asyncio.wait_for(self.connector.ping(), self.timeout):
+                    return
+            except Exception:
+                pass
+            if self._closed or not self.healthy:
+                return
+        self._mark_failed(TimeoutError(f"no answer to {PROBE_PINGS} pings after a call timed out"))
 
     # -- data ------------------------------------------------------------------------------
     def batched_exists(self, keys: Sequence[str]) -> list[bool]:
