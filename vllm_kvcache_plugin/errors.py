@@ -30,7 +30,7 @@ class ConnectorError(KVCacheError):
 
 class ConnectorTimeout(ConnectorError, TimeoutError):
     """The store did not answer in time. It may be busy (serving other loads on a loaded host) or
-    frozen: the call is a miss, and a ping decides whether the store is down."""
+    frozen: the call is a miss, and pings decide whether the store is down."""
 
 
 class ProtocolError(ConnectorError):
