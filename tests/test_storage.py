@@ -341,3 +341,23 @@ def test_counters_are_exact_under_concurrency():
     assert tier.snapshot()["hits"] == total and tier.bytes_read == 3 * total
     assert storage.lookups == total and storage.lookup_chunks_total == 2 * total
     assert hot.counters.hits == total // 20 and hot.counters.misses == total // 20
+
+
+def test_warning_throttle_warns_once_per_interval_and_counts_the_rest(caplog):
+    import logging
+
+    from vllm_kvcache_plugin.storage.throttle import WarningThrottle
+
+    log = logging.getLogger("vllm_kvcache_plugin.test_throttle")
+    throttle = WarningThrottle(log, interval_secs=3600.0)  # no second warning within this test
+    with caplog.at_level("DEBUG", logger="vllm_kvcache_plugin.test_throttle"):
+        throttle.warn("store slow: %s", "a")
+        throttle.warn("store slow: %s", "b")
+        throttle.warn("store down: %s", "c", enabled=False)
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert levels == [("WARNING", "store slow: a"), ("DEBUG", "store slow: b"), ("DEBUG", "store down: c")]
+    throttle._last -= 3600.0  # the interval has passed
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="vllm_kvcache_plugin.test_throttle"):
+        throttle.warn("store slow: %s", "d")
+    assert [r.getMessage() for r in caplog.records] == ["store slow: d (1 more like this since the last warning)"]

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Sequence
 
 from .. import events
@@ -23,12 +22,14 @@ from ..lru import ByteLRU
 from ..memory import ChunkMeta, MemoryObj
 from ..metrics import TierCounters
 from ..serde.base import Serde
+from .throttle import WarningThrottle
 from .tier import Tier, TierName
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".kv"
 STALE_TMP_SECS = 600.0
+WARN_INTERVAL_SECS = 10.0  # at most one warning this often
 
 
 def file_name(key: str) -> str:
@@ -45,7 +46,7 @@ class DiskTier(Tier):
         self.counters = counters or TierCounters("disk")
         self._index: ByteLRU[str, None] = ByteLRU(max_bytes)  # file name -> (None, file size)
         self._lock = threading.Lock()
-        self._last_warning = 0.0
+        self._warnings = WarningThrottle(logger, WARN_INTERVAL_SECS)
         os.makedirs(self.path, exist_ok=True)
         self._rebuild_index()
 
@@ -102,10 +103,7 @@ class DiskTier(Tier):
 
     def _warn(self, msg: str, *args: object) -> None:
         self.counters.add(errors=1)
-        now = time.monotonic()
-        if now - self._last_warning > 10.0:  # a failing disk must not flood the log
-            self._last_warning = now
-            logger.warning(msg, *args)
+        self._warnings.warn(msg, *args)  # a failing disk must not flood the log
 
     # -- Tier ------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[str]) -> list[bool]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Sequence
 
@@ -28,6 +27,7 @@ from ..memory import ChunkMeta, MemoryObj
 from ..metrics import StorageCounters, TierCounters
 from ..serde.base import Serde
 from .loop import EventLoopThread
+from .throttle import WarningThrottle
 from .tier import Tier, TierName
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,7 @@ class RemoteTier(Tier):
         self.min_load_bytes_per_sec = config.min_load_gb_per_sec * 1e9
         self._reconnect_task: asyncio.Future | None = None
         self._probe_task: asyncio.Future | None = None
-        self._warn_lock = threading.Lock()
-        self._last_warning = -WARN_INTERVAL_SECS
-        self._quiet_warnings = 0
+        self._slow_warnings = WarningThrottle(logger, WARN_INTERVAL_SECS)
         self._closed = False
 
     # -- health ----------------------------------------------------------------------------
@@ -175,21 +173,8 @@ class RemoteTier(Tier):
             return False, None
 
     def _warn_slow(self, msg: str, *args: object) -> None:
-        """At most one warning per WARN_INTERVAL_SECS (a store that stays busy would log one per
-        request); the others go to debug and are counted in the next warning."""
-        now = time.monotonic()
-        with self._warn_lock:
-            due = now - self._last_warning >= WARN_INTERVAL_SECS
-            if due:
-                self._last_warning, quiet, self._quiet_warnings = now, self._quiet_warnings, 0
-            else:
-                self._quiet_warnings += 1
-        if not due or not self.healthy:
-            logger.debug(msg, *args)
-            return
-        if quiet:
-            msg += f" ({quiet} more like this in the last {WARN_INTERVAL_SECS:.0f} s)"
-        logger.warning(msg, *args)
+        """A busy store would log one per request: at most one per WARN_INTERVAL_SECS, none while down."""
+        self._slow_warnings.warn(msg, *args, enabled=self.healthy)
 
     def _start_probe(self) -> None:
         if not self._closed:
