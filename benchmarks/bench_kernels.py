@@ -4,10 +4,13 @@
 For each model shape (SmolLM2-135M: 30 layers, 3 KV heads, head 64; Llama-8B: 32 layers, 8 KV heads,
 head 128; bf16, 256-token chunks) and each cache layout case, it times gather (cache -> chunk) and
 scatter (chunk -> cache) of every implementation that runs on the device, and a contiguous copy of
-the same number of bytes in the same run. Chunks rotate over a cache larger than the last-level
-cache; the copier and the plain copy are timed alternately, and each figure is the best of several
-trials (the machine may be shared: best-of is the least disturbed estimate). On CUDA it also reports
-GB/s of GPU busy time (profiler), free of host overhead. Writes a table (stdout and results.md),
+the same number of bytes in the same run. For the CPU fast path it also times a load's two ways to
+verify the payload checksum: xxh3 of the slabs on one thread, then the scatter; and
+``scatter_verified``, which hashes each slab on the copy threads as it copies it. Chunks rotate
+over a cache larger than the last-level cache; the copier and the plain copy are timed
+alternately, and each figure is the best of several trials (the machine may be shared: best-of is
+the least disturbed estimate). On CUDA it also reports GB/s of GPU busy time (profiler), free of
+host overhead. Writes a table (stdout and results.md),
 results.json and a PNG plot.
 
     python benchmarks/bench_kernels.py --quick --device cpu --out /tmp/bench
@@ -28,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_kvcache_plugin.kernels import PagedKVSpec, allocate_paged_layers, available_copiers
+from vllm_kvcache_plugin.serde.header import payload_checksum
 
 SHAPES = {"smollm2": (30, 3, 64), "llama8b": (32, 8, 128)}
 CHUNK_TOKENS = 256
@@ -124,6 +128,7 @@ def run_case(shape: str, case: tuple, device: torch.device, implementations: lis
         # Slots stay on the host, as the connector builds them: their range check then costs no device sync.
         slot_sets.append((blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1))
     sources = torch.ones(rotation, chunk_bytes // 2, dtype=spec.dtype, device=device)
+    slab_bytes = chunk_bytes // (2 * num_layers)  # the naive checksum's segment
 
     def plain_copy(i: int) -> None:
         chunks[i % rotation].view(-1).copy_(sources[(i + 1) % rotation], non_blocking=host)
@@ -148,8 +153,20 @@ def run_case(shape: str, case: tuple, device: torch.device, implementations: lis
         def scatter(i: int, copier=copier) -> None:
             copier.scatter(layers, spec, slot_sets[i % rotation], chunks[i % rotation])
 
-        for direction, step, baseline, baseline_dev in (("gather", gather, plain_copy, copy_in_dev),
-                                                        ("scatter", scatter, plain_copy_back, copy_out_dev)):
+        def check_then_scatter(i: int, copier=copier) -> None:
+            chunk = chunks[i % rotation]
+            payload_checksum(chunk.view(-1).view(torch.uint8).cpu().numpy(), slab_bytes)
+            copier.scatter(layers, spec, slot_sets[i % rotation], chunk)
+
+        def scatter_verified(i: int, copier=copier) -> None:
+            copier.scatter_verified(layers, spec, slot_sets[i % rotation], chunks[i % rotation])
+
+        directions = [("gather", gather, plain_copy, copy_in_dev), ("scatter", scatter, plain_copy_back, copy_out_dev)]
+        if not on_gpu and copier.scatter_verified(layers, spec, slot_sets[0], chunks[0]) is not None:
+            # A load's two ways to verify the naive checksum (serde/header.py) and scatter.
+            directions += [("checksum, then scatter", check_then_scatter, plain_copy_back, 0.0),
+                           ("scatter_verified", scatter_verified, plain_copy_back, 0.0)]
+        for direction, step, baseline, baseline_dev in directions:
             seconds, copy_seconds = paired_best_seconds(step, baseline, device, reps, iterations, trials)
             device_gbps = chunk_bytes / device_seconds(step, reps) / 1e9 if on_gpu else 0.0
             rows.append(Row(shape, layout, block_size, packing, chunk_memory, name, direction, chunk_bytes / 1e6,

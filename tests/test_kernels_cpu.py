@@ -170,3 +170,37 @@ def test_failed_build_falls_back_to_torch_and_is_not_retried(monkeypatch, tmp_pa
         cpu_fast.load_library()
     assert len(builds) == 1
     assert get_copier(make_spec(), "cpu").name == "torch"
+
+
+@pytest.mark.parametrize(("kind", "packing", "block_size"),
+                         [("mha", "cpu_vec", 128), ("mha", "plain", 16), ("mla", "plain", 32)], ids=str)
+def test_scatter_verified_writes_like_scatter_and_hashes_each_slab(fast, kind, packing, block_size):
+    """The verify-and-scatter pass: the same blocks as a plain scatter, and the xxh3 of every
+    (kv, layer) slab of the chunk, as the naive serde's segmented checksum defines them."""
+    from vllm_kvcache_plugin.serde.header import segment_digests
+
+    spec = make_spec(kind, block_size, torch.bfloat16, heads=3 if kind == "mha" else 1,
+                     head_size=64 if kind == "mha" else 24, packing=packing)
+    plain, verified = (build_layers(spec, "LBHNC" if packing == "cpu_vec" else "LBNHC", num_layers=4,
+                                    num_blocks=8, seed=2) for _ in range(2))
+    slots = torch.cat([torch.arange(2 * block_size, 4 * block_size), torch.arange(5, 5 + block_size // 2)])
+    src = random_chunk(spec, 4, slots.numel(), seed=11)
+    fast.scatter(plain, spec, slots, src)
+    digests = fast.scatter_verified(verified, spec, slots, src)
+    for ours, theirs in zip(verified, plain, strict=True):
+        assert_same_bits(storage_bits(ours), storage_bits(theirs), "verified scatter")
+    slab = src[0, 0].numel() * src.element_size()
+    assert digests == segment_digests(src.view(torch.uint8).reshape(-1).numpy(), slab)
+    assert len(digests) == 8 * src.shape[0] * src.shape[1]
+
+
+def test_scatter_verified_declines_a_strided_chunk(fast):
+    """Only a whole contiguous chunk has its slabs where the checksum expects them: anything else
+    is left to verify-then-scatter, and nothing is written."""
+    spec = make_spec("mha", 16, torch.bfloat16, heads=2, head_size=16)
+    layers = build_layers(spec, "LBNHC", num_layers=2, num_blocks=4, seed=1)
+    before = storage_bits(layers[0]).clone()
+    big = random_chunk(spec, 2, 20)
+    assert fast.scatter_verified(layers, spec, torch.arange(16), big[:, :, 4:]) is None
+    assert torch.equal(storage_bits(layers[0]), before)
+    assert TorchCopier().scatter_verified(layers, spec, torch.arange(20), big) is None

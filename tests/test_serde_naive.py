@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
+import xxhash
 
 from vllm_kvcache_plugin.errors import CorruptValueError
 from vllm_kvcache_plugin.memory import Allocator, ChunkMeta, KVFormat
 from vllm_kvcache_plugin.serde import create_serde
-from vllm_kvcache_plugin.serde.header import HEADER_SIZE
+from vllm_kvcache_plugin.serde.header import HEADER_SIZE, PayloadCheck, parse_header, segment_digests
 
 
 def _chunk(dtype=torch.bfloat16, shape=(2, 3, 16, 2, 8), fmt=KVFormat.KV):
@@ -77,3 +80,48 @@ def test_refcount_frees_once():
     assert (alloc.allocations, alloc.frees, alloc.live) == (1, 1, 0)
     with pytest.raises(RuntimeError):
         obj.ref_down()
+
+
+def _as_version_1(data: bytes) -> bytes:
+    """The same chunk as a build before the segmented checksum wrote it (version 1, whole-payload xxh3)."""
+    out = bytearray(data)
+    out[4] = 1
+    out[28:32] = b"\0\0\0\0"
+    out[40:48] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(out[HEADER_SIZE:])))
+    out[48:56] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(out[:48])))
+    return bytes(out)
+
+
+def test_naive_checksum_is_over_the_chunks_slabs_and_version_1_is_still_read():
+    serde = create_serde("naive")
+    obj = _chunk(shape=(2, 3, 16, 2, 8))
+    data = bytes(serde.serialize(obj))
+    header, payload = parse_header(data)
+    slab = obj.nbytes // 6
+    assert header.checksum_segment == slab
+    check = PayloadCheck(payload, header.payload_checksum, slab)
+    assert check() and check.matches(segment_digests(payload, slab))
+    assert not check.matches(segment_digests(payload, slab // 2))
+    old = _as_version_1(data)
+    assert parse_header(old)[0].checksum_segment == 0
+    assert torch.equal(serde.deserialize(old).tensor, obj.tensor)
+    deferred = serde.deserialize(old, defer_check=True)
+    assert deferred.deferred_check is not None and deferred.check()
+    # A version-1 header naming a segment was never written: refused, not guessed at.
+    forged = bytearray(old)
+    forged[28] = 1
+    forged[48:56] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(forged[:48])))
+    with pytest.raises(CorruptValueError, match="version 1 is not supported"):
+        serde.deserialize(bytes(forged))
+
+
+def test_deferred_segmented_check_catches_a_flip_in_any_slab():
+    serde = create_serde("naive")
+    obj = _chunk(shape=(2, 3, 16, 2, 8))
+    data = bytes(serde.serialize(obj))
+    for slab in range(6):
+        corrupt = bytearray(data)
+        corrupt[HEADER_SIZE + slab * (obj.nbytes // 6) + 5] ^= 1
+        hits: list[int] = []
+        back = serde.deserialize(bytes(corrupt), defer_check=True).on_corrupt(lambda seen=hits: seen.append(1))
+        assert not back.check() and hits == [1]

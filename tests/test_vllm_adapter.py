@@ -7,6 +7,7 @@ its storage, its lookup server on a unix socket, and the kernels on vLLM-shaped 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -447,3 +448,39 @@ def test_a_failed_background_load_reports_its_blocks_and_is_not_retried(disk_har
     # Had vLLM freed every block (nothing valid) and asked again, the answer is a miss, not a
     # second load that would fail the same way.
     assert h.sched.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+def test_a_flipped_bit_found_by_the_verify_and_scatter_pass_is_recomputed(disk_harness: Harness):
+    """The CPU copier hashes each slab as it copies it (one pass): a chunk whose bytes changed on
+    disk is written, found corrupt, reported as not loaded (vLLM recomputes its blocks), counted,
+    and forgotten by the disk tier; the chunks before it are exact."""
+    from vllm_kvcache_plugin.storage.disk import file_name
+
+    h = disk_harness
+    cache = h.worker.caches[""]
+    if type(cache.copier).scatter_verified is TorchCopier.scatter_verified:
+        pytest.skip(f"the {cache.copier.name} copier cannot hash as it copies (no C compiler for the CPU fast path)")
+    tokens = list(range(2700, 2800))
+    kv, saves = saved_prompt(h, tokens)
+    path = os.path.join(h.config.local_disk, file_name(h.engine.key(saves[1])))
+    with open(path, "r+b") as fh:  # one bit of chunk 1's V, layer 2
+        fh.seek(os.path.getsize(path) - 100)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x08]))
+    fused = []
+    real = cache.copier.scatter_verified
+    cache.copier.scatter_verified = lambda *args: fused.append(digests := real(*args)) or digests
+    try:
+        h.sched.build_meta(step())  # nothing else running: the load runs before the forward
+        req = make_request(tokens)
+        assert h.matched(req, 0) == (99, False)
+        blocks = h.blocks(7)
+        h.sched.update_state_after_alloc(req, (blocks,), 99)
+        h.worker.load(h.sched.build_meta(step(new=[(req, blocks, 99)], scheduled={req.request_id: 1})))
+    finally:
+        del cache.copier.scatter_verified
+    assert len(fused) == 2 and all(fused)  # chunks 0 and 1 went through the one-pass path
+    assert h.worker.take_load_errors() == set(blocks[CHUNK // BLOCK:(99 - 1) // BLOCK + 1])
+    assert torch.equal(h.read(blocks, 0, CHUNK), kv[:, :, :CHUNK])
+    assert h.engine.storage.tier_counters["disk"].corrupt == 1 and not os.path.exists(path)

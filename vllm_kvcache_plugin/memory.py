@@ -235,9 +235,17 @@ class MemoryObj:
         """Whether the bytes are intact: True when nothing is deferred, else the deferred checksum
         (computed once; a failure runs the :meth:`on_corrupt` callback). A False chunk is not used."""
         check = self._check
-        if check is None:
-            return True
-        if check():
+        return True if check is None else self.settle_check(check())
+
+    @property
+    def deferred_check(self) -> Callable[[], bool] | None:
+        """The checksum still to verify, for a reader that verifies as it copies (then it reports
+        the outcome with :meth:`settle_check`)."""
+        return self._check
+
+    def settle_check(self, intact: bool) -> bool:
+        """Record the deferred checksum's outcome, computed by the caller; returns ``intact``."""
+        if intact:
             self._check = None
             return True
         callback, self._on_corrupt = self._on_corrupt, None

@@ -248,6 +248,14 @@ class KVCopier(ABC):
             source.copy_(src)
         self._copy(geo.for_chunk(source), spec, slots, source, gather=False)
 
+    def scatter_verified(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+                         src: torch.Tensor) -> bytes | None:
+        """:meth:`scatter` that also hashes ``src`` as it reads it: the xxh3-64 digest of each
+        ``(kv, layer)`` slab of a contiguous ``src`` (little-endian u64, slabs in memory order), the
+        segments of a payload checksum (serde/header.py). None, with nothing written, where the back
+        end cannot (this default; a strided ``src``): then the caller verifies and scatters."""
+        return None
+
     def _reachable(self, chunk: torch.Tensor, geo: CopyGeometry) -> torch.Tensor:
         """``chunk`` itself when the kernel can address it (same device as the layers), else an
         empty staging tensor there (filled from ``chunk`` before a scatter, copied back after a gather)."""

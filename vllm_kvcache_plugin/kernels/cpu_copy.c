@@ -9,6 +9,11 @@
  * "vec" packing; K of "vec" is stored transposed ([D, N]) and is copied through small tiles; the
  * "amx" tiles are addressed element by element from their formulas. Arguments were validated in
  * Python (shapes, strides, slot range) before this is called.
+ *
+ * kv_scatter_verified also hashes the chunk as it copies it: a thread takes one layer, hashes its K
+ * and V slabs (the payload checksum's segments, serde/header.py) with the xxh3 function it is
+ * given, then copies that layer from its cache-hot bytes. Each byte is read from memory once, and
+ * the checksum runs on every copy thread instead of before the copy on one.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -282,9 +287,13 @@ static void copy_item(const KVArgs *a, int64_t layer, const Run *run, int gather
     else copy_amx_packed(a, block_base, chunk_first, run, gather);
 }
 
+/* The xxh3-64 function (XXH3_64bits), passed in so this library links nothing beyond libgomp. */
+typedef uint64_t (*HashFn)(const void *data, size_t length);
+
 /* Returns 0 on success, -1 if memory could not be allocated, 1 + t if slot t is out of range
- * (then nothing was written). */
-static int64_t run_copy(const KVArgs *a, int num_threads, int gather) {
+ * (then nothing was written). With ``hash``, a scatter of a whole contiguous chunk also writes the
+ * digest of each (kv, layer) slab to digests[kv * num_layers + layer], one layer per work item. */
+static int64_t run_copy(const KVArgs *a, int num_threads, int gather, HashFn hash, uint64_t *digests) {
     if (a->num_tokens == 0) return 0;
     Run *runs = (Run *)malloc(sizeof(Run) * (size_t)a->num_tokens);
     if (!runs) return -1;
@@ -293,7 +302,9 @@ static int64_t run_copy(const KVArgs *a, int num_threads, int gather) {
         free(runs);
         return -num_runs;
     }
-    const int64_t items = num_runs * a->num_layers;
+    /* Hashing: one item per layer (its slabs hashed, then all its runs copied from the cache). */
+    const int64_t items = hash ? a->num_layers : num_runs * a->num_layers;
+    const int64_t slab_bytes = a->chunk_stride_layer * a->elem_size;
     /* At least ~1 MiB per thread: waking a thread costs more than copying less. */
     const int64_t bytes = a->num_layers * a->num_tokens * a->num_heads * a->num_kv * a->head_size * a->elem_size;
     int64_t threads = bytes >> 20;
@@ -311,9 +322,18 @@ static int64_t run_copy(const KVArgs *a, int num_threads, int gather) {
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
-            if (!scratch_bytes || scratch)
-                copy_item(a, item / num_runs, &runs[item % num_runs], gather,
-                          scratch ? (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63) : NULL);
+            if (scratch_bytes && !scratch) continue;
+            char *aligned = scratch ? (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63) : NULL;
+            if (!hash) {
+                copy_item(a, item / num_runs, &runs[item % num_runs], gather, aligned);
+                continue;
+            }
+            for (int64_t kv = 0; kv < a->num_kv; kv++) {
+                const char *slab = (const char *)(intptr_t)a->chunk_addr +
+                                   (kv * a->chunk_stride_kv + item * a->chunk_stride_layer) * a->elem_size;
+                digests[kv * a->num_layers + item] = hash(slab, (size_t)slab_bytes);
+            }
+            for (int64_t r = 0; r < num_runs; r++) copy_item(a, item, &runs[r], gather, aligned);
         }
 #if HAVE_SSE2
         _mm_sfence(); /* streaming stores become visible before the caller reads the target */
@@ -324,8 +344,15 @@ static int64_t run_copy(const KVArgs *a, int num_threads, int gather) {
     return failed ? -1 : 0;
 }
 
-int64_t kv_gather(const KVArgs *args, int num_threads) { return run_copy(args, num_threads, 1); }
+int64_t kv_gather(const KVArgs *args, int num_threads) { return run_copy(args, num_threads, 1, NULL, NULL); }
 
-int64_t kv_scatter(const KVArgs *args, int num_threads) { return run_copy(args, num_threads, 0); }
+int64_t kv_scatter(const KVArgs *args, int num_threads) { return run_copy(args, num_threads, 0, NULL, NULL); }
 
-int kv_abi_version(void) { return 2; }
+/* The chunk must be contiguous ([num_kv, num_layers, tokens, heads, head_size], every token of it
+ * scattered): its slabs are then consecutive segments of chunk_stride_layer elements. */
+int64_t kv_scatter_verified(const KVArgs *args, int num_threads, HashFn hash, uint64_t *digests) {
+    if (!hash || !digests) return -1;
+    return run_copy(args, num_threads, 0, hash, digests);
+}
+
+int kv_abi_version(void) { return 3; }

@@ -17,18 +17,19 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .copier import CopyGeometry, KVCopier, host_threads, slot_error
+from .copier import CopyGeometry, KVCopier, check_copy_args, host_threads, slot_error
 from .layouts import Packing, PagedKVSpec
 
 SOURCE = Path(__file__).with_name("cpu_copy.c")
 CACHE_ENV = "VLLM_KVCACHE_KERNEL_CACHE"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _PACKING_CODES = {Packing.PLAIN: 0, Packing.CPU_VEC: 1, Packing.CPU_AMX: 2}
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _BUILD_TIMEOUT_S = 120
 STREAMING = os.environ.get("VLLM_KVCACHE_CPU_STREAMING", "1") != "0"
 
@@ -111,8 +112,22 @@ def load_library() -> ctypes.CDLL:
                 function = getattr(library, name)
                 function.argtypes = [ctypes.POINTER(_KVArgs), ctypes.c_int]
                 function.restype = ctypes.c_int64
+            library.kv_scatter_verified.argtypes = [ctypes.POINTER(_KVArgs), ctypes.c_int, ctypes.c_void_p,
+                                                    ctypes.c_void_p]
+            library.kv_scatter_verified.restype = ctypes.c_int64
             _library = library
         return _library
+
+
+def _xxh3_function() -> int | None:
+    """The address of ``XXH3_64bits`` in the xxhash module's own library (the checksum's one
+    implementation, already loaded), or None when it does not export it: then no fused verify."""
+    try:
+        import xxhash._xxhash as module
+
+        return ctypes.cast(ctypes.CDLL(module.__file__).XXH3_64bits, ctypes.c_void_p).value
+    except (ImportError, OSError, AttributeError):
+        return None
 
 
 class CpuCopier(KVCopier):
@@ -122,6 +137,7 @@ class CpuCopier(KVCopier):
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._library = library
+        self._xxh3 = _xxh3_function()
 
     @classmethod
     def create(cls) -> CpuCopier:
@@ -138,6 +154,18 @@ class CpuCopier(KVCopier):
               gather: bool) -> None:
         function = self._library.kv_gather if gather else self._library.kv_scatter
         self._call(function, spec, slots, chunk, geo, "gather" if gather else "scatter")
+
+    def scatter_verified(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+                         src: torch.Tensor) -> bytes | None:
+        if self._xxh3 is None or not src.is_contiguous() or src.device.type != "cpu" or src.numel() == 0:
+            return None
+        geo = check_copy_args(layers, spec, slots, src, "src", check_slots=False)
+        if geo.layer_set.device.type != "cpu":
+            return None
+        digests = (ctypes.c_uint64 * (src.shape[0] * src.shape[1]))()
+        self._call(lambda args, threads: self._library.kv_scatter_verified(args, threads, self._xxh3, digests),
+                   spec, slots, src, geo, "scatter")
+        return bytes(digests)
 
     @staticmethod
     def _call(function, spec: PagedKVSpec, slots: torch.Tensor, chunk: torch.Tensor, geo: CopyGeometry,

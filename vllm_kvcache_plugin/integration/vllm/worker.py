@@ -26,6 +26,7 @@ from ...engine import ChunkShape, KVCacheEngine, TierName
 from ...kernels import AttentionKind, KVCopier, PagedKVSpec, get_copier
 from ...keys import ChunkRef
 from ...memory import KVFormat, MemoryObj, chunk_checksum
+from ...serde.header import PayloadCheck
 from .layout import CacheLayout, PartLayout, plain_layout
 from .loads import IDLE_WAIT_SECS, BackgroundLoads, LoadItem, LoadOutcome, LoadPipeline, StageTimes
 from .lookup import LookupReply, LookupServer
@@ -158,12 +159,10 @@ class WorkerSide:
         """Write the tokens of ``[spec.start, spec.end)`` the value holds into each group's real
         blocks (never the null block); None when a window part does not reach back to the first
         block vLLM holds for the request in that group (it would stay unwritten)."""
-        if not obj.check():  # corrupt: the tier that returned it has said so and forgotten it
-            return None
         cache = self.caches[item.part]
         first, last = cache.part.tokens(item.ref, self.block_size)
         a, b = max(first, spec.start), min(last, spec.end)
-        nbytes = 0
+        copies = []  # (layers, slots, src) per KV-cache group, checked before anything is written
         for group, lo, hi in cache.segments:
             if a >= b:
                 break
@@ -175,13 +174,36 @@ class WorkerSide:
             start = held_from(ids, self.block_size, a, b)
             if start >= b:
                 continue
-            src = obj.tensor[:, lo:hi, start - first:b - first]
-            # Host chunks go to the copier as they are: the CUDA copier reads pinned ones directly,
-            # the others stage them (KVCopier._reachable).
-            cache.copier.scatter(cache.layers[lo:hi], cache.spec, slots_for(ids, self.block_size, start, b), src)
-            nbytes += src.numel() * src.element_size()
+            copies.append((cache.layers[lo:hi], slots_for(ids, self.block_size, start, b),
+                           obj.tensor[:, lo:hi, start - first:b - first]))
+        if not self._verified_scatter(cache, obj, copies):
+            if not obj.check():  # corrupt: the tier that returned it has said so and forgotten it
+                return None
+            for layers, slots, src in copies:
+                # Host chunks go to the copier as they are: the CUDA copier reads pinned ones
+                # directly, the others stage them (KVCopier._reachable).
+                cache.copier.scatter(layers, cache.spec, slots, src)
+        elif not obj.checked:
+            return None  # corrupt: written blocks are recomputed; the tier has forgotten the value
         self._chunk_event("loaded", item.ref, obj.tensor, item.part)
-        return nbytes
+        return sum(src.numel() * src.element_size() for _, _, src in copies)
+
+    @staticmethod
+    def _verified_scatter(cache: RegisteredCache, obj: MemoryObj, copies: list) -> bool:
+        """Verify-and-scatter in one pass where it applies: the whole chunk goes to one group and
+        its checksum is over the chunk's slabs (the naive serde), so the copier hashes each slab as
+        it copies it. False, with nothing written, where it does not. Corrupt bytes are then in
+        the blocks already; the caller reports them as not loaded, so vLLM recomputes them."""
+        check = obj.deferred_check
+        if not (isinstance(check, PayloadCheck) and len(copies) == 1 and copies[0][2].shape == obj.tensor.shape
+                and check.segment * obj.tensor.shape[0] * obj.tensor.shape[1] == obj.nbytes):
+            return False
+        layers, slots, src = copies[0]
+        digests = cache.copier.scatter_verified(layers, cache.spec, slots, src)
+        if digests is None:
+            return False
+        obj.settle_check(check.matches(digests))
+        return True
 
     def _record(self, outcomes: list[LoadOutcome], times: StageTimes, asynchronous: bool) -> list[LoadOutcome]:
         """Log and count finished loads; a synchronous load's failed blocks are reported at once."""
