@@ -25,13 +25,19 @@ def test_bench_kernels_quick_cpu_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "results.json").read_text())
     rows = report["rows"]
-    # two CPU layout cases x two directions for each implementation that could run here
+    # two CPU layout cases x two directions for each implementation that could run here, and for
+    # the CPU fast path also its two ways to verify a load's checksum (one pass, or xxh3 then copy)
     implementations = {row["implementation"] for row in rows}
     assert "torch" in implementations
-    assert len(rows) == 4 * len(implementations)
+    directions = {name: sorted({row["direction"] for row in rows if row["implementation"] == name})
+                  for name in implementations}
+    assert directions["torch"] == ["gather", "scatter"]
+    if "cpu" in implementations:
+        assert directions["cpu"] == ["checksum, then scatter", "gather", "scatter", "scatter_verified"]
+    assert len(rows) == 2 * sum(len(d) for d in directions.values())
     assert all(row["gbps"] > 0 and row["copy_gbps"] > 0 for row in rows)
-    assert {row["direction"] for row in rows} == {"gather", "scatter"}
-    assert "Bar: cpu >= 70%" in (out / "results.md").read_text()
+    report_md = (out / "results.md").read_text()
+    assert "Bar: cpu >= 70%" in report_md and "scatter_verified:" not in report_md.split("Bar:")[1]
     if "cpu" not in implementations:
         assert "did not run" in result.stdout
     pytest.importorskip("matplotlib")
