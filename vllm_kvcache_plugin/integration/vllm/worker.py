@@ -27,6 +27,7 @@ from ...kernels import AttentionKind, KVCopier, PagedKVSpec, get_copier
 from ...keys import ChunkRef
 from ...memory import KVFormat, MemoryObj, chunk_checksum
 from ...serde.header import PayloadCheck
+from ...serde.naive import slab_bytes
 from .layout import CacheLayout, PartLayout, plain_layout
 from .loads import IDLE_WAIT_SECS, BackgroundLoads, LoadItem, LoadOutcome, LoadPipeline, StageTimes
 from .lookup import LookupReply, LookupServer
@@ -195,8 +196,8 @@ class WorkerSide:
         it copies it. False, with nothing written, where it does not. Corrupt bytes are then in
         the blocks already; the caller reports them as not loaded, so vLLM recomputes them."""
         check = obj.deferred_check
-        if not (isinstance(check, PayloadCheck) and len(copies) == 1 and copies[0][2].shape == obj.tensor.shape
-                and check.segment * obj.tensor.shape[0] * obj.tensor.shape[1] == obj.nbytes):
+        if not (isinstance(check, PayloadCheck) and check.segment and check.segment == slab_bytes(obj.meta)
+                and len(copies) == 1 and copies[0][2].shape == obj.tensor.shape):
             return False
         layers, slots, src = copies[0]
         digests = cache.copier.scatter_verified(layers, cache.spec, slots, src)
