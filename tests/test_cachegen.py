@@ -86,21 +86,34 @@ def test_every_element_within_half_a_step_of_its_token_scale(dtype, backend, cpp
     assert (err > 0).any()  # lossy: the check above is not vacuous
 
 
-def test_cpu_coders_write_identical_bytes(cpp_lib):
-    shapes = [(2, 3, 17, 3, 20), (2, 2, 1, 1, 8), (1, 3, 33, 1, 72), (2, 1, 65, 2, 64)]
-    for shape in shapes:
+@pytest.fixture(scope="module")
+def portable_lib(cpp_lib):
+    """The coder built without -march=native: on an AVX2 machine, the scalar decoder the default build
+    replaces with its eight-lane one."""
+    return cpp.build_library(tuple(cpp.PORTABLE))
+
+
+# Groups of one row and of several, lane counts that are and are not multiples of 8, MLA, SmolLM2's 192.
+CODER_SHAPES = [(2, 3, 17, 3, 20), (2, 2, 1, 1, 8), (1, 3, 33, 1, 72), (2, 1, 65, 2, 64), (2, 2, 30, 3, 64),
+                (2, 1, 9, 1, 13)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_coders_write_identical_bytes(dtype, cpp_lib, portable_lib):
+    for shape in CODER_SHAPES:
         fmt = KVFormat.MLA if shape[0] == 1 else KVFormat.KV
-        x = synthetic_kv(*shape, seed=sum(shape))
+        x = synthetic_kv(*shape, dtype=dtype, seed=sum(shape))
         for locality in (0, 4):
             settings = codec.EncodeSettings("32:1,16", "16", locality)
             payloads = {name: bytes(codec.encode(x, settings, c)) for name, c in coders(cpp_lib).items()}
             assert len(set(payloads.values())) == 1, (shape, locality, {k: len(v) for k, v in payloads.items()})
-            decoded = []
-            for c in coders(cpp_lib).values():
+            decoded = {}
+            for name, c in [*coders(cpp_lib).items(), ("portable", cpp.CppCoder(portable_lib, 2))]:
                 out = torch.empty_like(x)
                 codec.decode(payloads["numpy"], x.shape, out, c)
-                decoded.append(out)
-            assert all(torch.equal(decoded[0], d) for d in decoded[1:]), (shape, fmt, locality)
+                decoded[name] = out
+            for name, out in decoded.items():
+                assert torch.equal(decoded["numpy"], out), (name, shape, fmt, locality, dtype)
 
 
 def test_cpp_quantiser_matches_the_torch_reference(cpp_lib):
@@ -188,10 +201,13 @@ def _forge(data, mutate) -> bytearray:
     return bytearray(pack_header(1, header.meta, body)) + body
 
 
-def test_corrupt_and_truncated_values_raise_corrupt_value_error(cpp_lib):
+def test_corrupt_and_truncated_values_raise_corrupt_value_error(cpp_lib, portable_lib, monkeypatch):
     x = synthetic_kv(tokens=24, seed=10)
-    for backend in ("cpp", "numpy"):
-        serde = CacheGenSerde(backend=backend)
+    with monkeypatch.context() as patch:
+        patch.setattr(cpp, "load_library", lambda: portable_lib)
+        portable = CacheGenSerde(backend="cpp")
+        assert portable.coder.lib is portable_lib
+    for serde in (CacheGenSerde(backend="cpp"), portable, CacheGenSerde(backend="numpy")):
         data, _ = roundtrip(serde, x)
         meta = ChunkMeta(KVFormat.KV, x.dtype, tuple(x.shape))
         for cut in (0, 10, HEADER_SIZE, HEADER_SIZE + 3, len(data) // 2, len(data) - 1):

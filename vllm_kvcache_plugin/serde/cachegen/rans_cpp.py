@@ -51,34 +51,42 @@ def _cpu_tag() -> str:
     return platform.machine() + flags
 
 
-# -ffp-contract=off: no fused multiply-adds, so float results match torch's bit for bit.
+# -ffp-contract=off: no fused multiply-adds, so float results match torch's bit for bit. The first set
+# is native (AVX2 where the CPU has it: the decoder's eight-lane path); the second, portable, is the
+# fallback where -march=native is refused, and builds the scalar code only.
 _FLAGS = (["-O3", "-funroll-loops", "-fno-math-errno", "-ffp-contract=off", "-march=native"],
           ["-O3", "-fno-math-errno", "-ffp-contract=off"])
+NATIVE, PORTABLE = _FLAGS
 
 
 @functools.lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL | None:
     """Build (once per source version and CPU) and load the coder; None if it cannot be built here."""
+    errors = []
+    for flags in _FLAGS:
+        try:
+            return build_library(tuple(flags))
+        except Exception as exc:  # no compiler, no ninja, read-only home, flags refused...
+            errors.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+    logger.warning("CacheGen C++ coder unavailable (%s); using the slower numpy coder", "; ".join(errors))
+    return None
+
+
+@functools.lru_cache(maxsize=len(_FLAGS))
+def build_library(flags: tuple[str, ...]) -> ctypes.CDLL:
+    """The coder built with ``flags`` (cached on disk per source version, flags and CPU), loaded."""
     with _build_lock:
         from torch.utils import cpp_extension
 
-        errors = []
-        for flags in _FLAGS:
-            try:
-                tag = hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + _cpu_tag().encode()).hexdigest()[:12]
-                name = f"cachegen_rans_{tag}"
-                build = _build_dir(tag)
-                library = build / f"{name}.so"
-                if not library.exists():
-                    cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, build_directory=str(build),
-                                       is_python_module=False, verbose=False)
-                lib = ctypes.CDLL(str(library))
-                break
-            except Exception as exc:  # no compiler, no ninja, read-only home, flags refused...
-                errors.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
-        else:
-            logger.warning("CacheGen C++ coder unavailable (%s); using the slower numpy coder", "; ".join(errors))
-            return None
+        flags = list(flags)
+        tag = hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + _cpu_tag().encode()).hexdigest()[:12]
+        name = f"cachegen_rans_{tag}"
+        build = _build_dir(tag)
+        library = build / f"{name}.so"
+        if not library.exists():
+            cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, build_directory=str(build),
+                               is_python_module=False, verbose=False)
+        lib = ctypes.CDLL(str(library))
     _C = ctypes.c_int
     lib.cg_scales.argtypes = [_P, _C, _I, _I, _P]
     lib.cg_scales.restype = _C
@@ -180,8 +188,9 @@ class CppCoder:
         target = out if kind is not None and out.is_contiguous() and out.device.type == "cpu" else \
             torch.empty(out.shape, dtype=torch.float32)
         kind = 0 if target is not out else kind
-        # Padded by 64 words a token: the decoder reads one word per lane and token unconditionally.
-        words = np.zeros(len(coded.words) + LANE_GROUP * plan.tokens, np.uint16)
+        # Padded by 64 words a token and 8 more: the decoder reads one word per lane and token
+        # unconditionally, eight at a time where it decodes eight lanes at once.
+        words = np.zeros(len(coded.words) + LANE_GROUP * plan.tokens + 8, np.uint16)
         words[: len(coded.words)] = coded.words
         states = np.ascontiguousarray(coded.states)
         ts = plan.tables
