@@ -1,6 +1,7 @@
 """CacheGen serde: size, error, speed and model quality on real SmolLM2-135M KV.
 
     python benchmarks/bench_cachegen.py [--quick] [--out DIR]   # codec + transformers quality, CPU
+    python benchmarks/bench_cachegen.py --speed                 # the CPU speed table only (~2 min)
     python benchmarks/bench_cachegen.py --gpu-only              # Triton on CUDA, synthetic KV, no transformers
     python benchmarks/bench_cachegen.py --e2e                   # vLLM restart hits through redis (~20 min):
                                                                 # naive, cachegen, cachegen 256/96 bins
@@ -137,15 +138,32 @@ def best_of(fn, reps: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def cpp_coders() -> dict:
+    """The default (native) C++ coder on 1 and 2 threads, and the portable build beside it: on an AVX2
+    machine that is the scalar decoder the native build's eight-lane decoder replaced, so each run
+    shows the baseline."""
+    from vllm_kvcache_plugin.serde.cachegen.rans_cpp import PORTABLE, CppCoder, build_library, load_library
+
+    coders = {f"cpp, {t} thread{'s' if t > 1 else ''}": CppCoder(load_library(), t) for t in (1, 2)}
+    try:
+        portable = build_library(tuple(PORTABLE))
+    except Exception as exc:  # a compiler that builds only one of the two: say so, measure the rest
+        print(f"(portable build unavailable: {exc})")
+        return coders
+    if portable is not load_library():
+        coders.update({f"cpp scalar (portable build), {t} thread{'s' if t > 1 else ''}": CppCoder(portable, t)
+                       for t in (1, 2)})
+    return coders
+
+
 def speed_table(kv, quick: bool) -> dict:
-    from vllm_kvcache_plugin.serde.cachegen.rans_cpp import CppCoder, load_library
 
     part = kv[:, :, :256].contiguous()
     mb = part.numel() * 2 / 1e6
     settings = codec.EncodeSettings()
     reps = 3 if quick else 7
     rows, results = [], {}
-    coders = {f"cpp, {t} thread{'s' if t > 1 else ''}": CppCoder(load_library(), t) for t in (1, 2)}
+    coders = cpp_coders()
     coders["numpy"] = codec.NumpyCoder()
     for name, coder in coders.items():
         torch.set_num_threads(1)
@@ -305,20 +323,40 @@ def save_plot(results: dict, out: Path) -> None:
     ax4.set(xlabel="compression ratio vs bf16 (chunk 256)", ylabel="identical 32-token continuations (%)",
             ylim=(-5, 105))
     ax4.legend(fontsize=8)
-    names = [n for n in results["speed"] if n != "naive"]
-    xs = np.arange(len(names))
-    ax3.bar(xs - 0.2, [results["speed"][n]["encode_mb_s"] for n in names], 0.4, label="encode")
-    ax3.bar(xs + 0.2, [results["speed"][n]["decode_mb_s"] for n in names], 0.4, label="decode")
-    ax3.axhline(200, color="r", linestyle="--", linewidth=1, label="decode bar 200 MB/s")
-    ax3.set_xticks(xs)
-    ax3.set_xticklabels(names, fontsize=8)
-    ax3.set_ylabel("MB/s of bf16 (wall clock, shared machine)")
-    ax3.legend(fontsize=8)
+    speed_panel(ax3, results["speed"])
     for ax in (ax1, ax2, ax3, ax4):
         ax.grid(alpha=0.3)
     fig.suptitle("CacheGen serde on SmolLM2-135M KV (licence text)")
     fig.tight_layout()
     fig.savefig(out / "cachegen.png", dpi=110)
+    plt.close(fig)
+
+
+def speed_panel(ax, speed: dict) -> None:
+    names = [n for n in speed if n != "naive"]
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [speed[n]["encode_mb_s"] for n in names], 0.4, label="encode")
+    ax.bar(xs + 0.2, [speed[n]["decode_mb_s"] for n in names], 0.4, label="decode")
+    ax.axhline(200, color="r", linestyle="--", linewidth=1, label="decode bar 200 MB/s")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([n.replace(" (portable build)", "\n(portable)") for n in names], fontsize=7)
+    ax.set_ylabel("MB/s of bf16 (wall clock, shared machine)")
+    ax.legend(fontsize=8)
+
+
+def save_speed_plot(speed: dict, out: Path) -> None:
+    """The ``--speed`` run's one panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    speed_panel(ax, speed)
+    ax.grid(alpha=0.3)
+    ax.set_title("CacheGen CPU coders, one 256-token chunk of SmolLM2-135M KV")
+    fig.tight_layout()
+    fig.savefig(out / "speed.png", dpi=110)
     plt.close(fig)
 
 
@@ -328,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer tokens, prompts and repetitions (~2 min)")
     parser.add_argument("--gpu-only", action="store_true", help="Triton throughput on CUDA with synthetic KV")
     parser.add_argument("--e2e", action="store_true", help="vLLM restart hits through redis, naive vs cachegen")
+    parser.add_argument("--speed", action="store_true",
+                        help="only the CPU speed table (real KV, no size or quality tables; ~2 min)")
     parser.add_argument("--sensitivity", action="store_true", help="also: KL by K/V and by layer (~1 min)")
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2-135m")
     parser.add_argument("--tokens", type=int, default=None, help="KV tokens for the codec tables (2048; quick 512)")
@@ -384,6 +424,12 @@ def _run(args: argparse.Namespace) -> int:
         text, held_out = natural_text()
         kv = real_kv(model, tokenizer, text, args.tokens or (512 if args.quick else 2048), args.out)
         print(f"\nKV: {tuple(kv.shape)} bf16 from {kv.shape[2]} tokens of licence text")
+        if args.speed:
+            results = {"speed": speed_table(kv, args.quick)}
+            save_speed_plot(results["speed"], args.out)
+            print(f"\nplot: {args.out / 'speed.png'}")
+            (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            return 0
         results = {"size": size_quality_tables(kv, coder, args.quick), "speed": speed_table(kv, args.quick)}
         results["crossover_mb_s"] = crossover(results["speed"], results["size"]["configs"][DEFAULT]["ratio"])
         ratios = {name: r["ratio"] for name, r in results["size"]["configs"].items()}

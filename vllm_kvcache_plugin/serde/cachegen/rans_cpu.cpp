@@ -6,9 +6,6 @@
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX2__)
-#include <algorithm>
-#include <vector>
-
 #include <immintrin.h>
 #endif
 
@@ -127,44 +124,10 @@ inline void store_row8(const int32_t* sym, int64_t n, float st, float limit, voi
 #endif
 
 #if defined(__AVX2__)
-// The rows one decode call's lanes use, fused into one lookup per slot: symbol (8 bits), frequency
-// (12 bits) and slot - cumulative frequency (11 bits), so that a symbol costs one table read, not
-// two dependent ones. A chunk's lanes share a few dozen rows, so this table stays in L2.
-class FusedRows {
- public:
-  FusedRows(const uint8_t* sym_lut, const uint32_t* freq_cum, const int64_t* sym_base, const int64_t* rows_a,
-            const int64_t* rows_d, int64_t lanes, bool any_delta) {
-    int64_t top = 0;
-    for (int64_t i = 0; i < lanes; ++i) top = std::max({top, rows_a[i], any_delta ? rows_d[i] : 0});
-    slot_of_.assign(static_cast<size_t>(top + 1), -1);
-    for (int64_t i = 0; i < lanes; ++i) {
-      add(rows_a[i], sym_lut, freq_cum, sym_base);
-      if (any_delta) add(rows_d[i], sym_lut, freq_cum, sym_base);
-    }
-  }
-  // Offset of `row`'s 2**kProbBits entries in table().
-  int32_t offset(int64_t row) const { return slot_of_[static_cast<size_t>(row)] << kProbBits; }
-  const uint32_t* table() const { return table_.data(); }
-
- private:
-  void add(int64_t row, const uint8_t* sym_lut, const uint32_t* freq_cum, const int64_t* sym_base) {
-    int32_t& slot = slot_of_[static_cast<size_t>(row)];
-    if (slot >= 0) return;
-    slot = static_cast<int32_t>(table_.size() >> kProbBits);
-    const uint8_t* lut = sym_lut + (row << kProbBits);
-    const uint32_t* fc = freq_cum + sym_base[row];
-    for (uint32_t i = 0; i <= kMask; ++i) {
-      const uint32_t s = lut[i], fcv = fc[s];
-      table_.push_back(s | (fcv & 0xFFFF) << 8 | (i - (fcv >> 16)) << 20);
-    }
-  }
-  std::vector<int32_t> slot_of_;
-  std::vector<uint32_t> table_;
-};
-
-// Eight 32-bit table reads by index. Scalar loads: on the AVX2-only AMD EPYC measured here they
-// were as fast as AVX2's gather instruction, whose cost differs much between CPU models.
-inline __m256i gather(const uint32_t* base, __m256i idx) {
+// Eight table reads by index, as scalar loads: on the AVX2-only AMD EPYC measured here they were as
+// fast as AVX2's gather instruction, whose cost differs much between CPU models.
+template <typename T>
+inline __m256i gather(const T* base, __m256i idx) {
   alignas(32) int32_t i[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(i), idx);
   return _mm256_setr_epi32(base[i[0]], base[i[1]], base[i[2]], base[i[3]], base[i[4]], base[i[5]], base[i[6]],
@@ -190,31 +153,38 @@ const Rank8 kRank;
 // lanes that renormalise take the next words of the group's stream in lane order, so a lane's word
 // is the one at its rank among them, a permutation (by kRank) of eight words loaded from `ptr`.
 struct Simd8 {
-  __m256i x, centre, anchor, row_a, row_d;
+  // States; each lane's centre and last anchor symbol; its symbol-table rows (byte offsets into sym_lut)
+  // and frequency rows (offsets into freq_cum), for anchor and delta tokens.
+  __m256i x, centre, anchor, lut_a, lut_d, fc_a, fc_d;
 
   void init(const uint32_t* states, const int32_t* centres, const int64_t* rows_anchor, const int64_t* rows_delta,
-            const FusedRows& fused, bool any_delta) {
-    alignas(32) int32_t a[8], d[8];
+            const int64_t* sym_base) {
+    alignas(32) int32_t la[8], ld[8], fa[8], fd[8];
     for (int i = 0; i < 8; ++i) {
-      a[i] = fused.offset(rows_anchor[i]);
-      d[i] = any_delta ? fused.offset(rows_delta[i]) : 0;
+      la[i] = static_cast<int32_t>(rows_anchor[i] << kProbBits);
+      ld[i] = static_cast<int32_t>(rows_delta[i] << kProbBits);
+      fa[i] = static_cast<int32_t>(sym_base[rows_anchor[i]]);
+      fd[i] = static_cast<int32_t>(sym_base[rows_delta[i]]);
     }
     x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(states));
     centre = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(centres));
     anchor = _mm256_setzero_si256();
-    row_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
-    row_d = _mm256_load_si256(reinterpret_cast<const __m256i*>(d));
+    lut_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(la));
+    lut_d = _mm256_load_si256(reinterpret_cast<const __m256i*>(ld));
+    fc_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(fa));
+    fc_d = _mm256_load_si256(reinterpret_cast<const __m256i*>(fd));
   }
 
   // One token: decode eight symbols (centred, into sym[0..8)) and return the stream position after them.
   template <bool LOCALITY>
-  int64_t step(bool delta, const uint32_t* table, const uint16_t* words, int64_t ptr, int32_t* sym) {
+  int64_t step(bool delta, const uint8_t* sym_lut, const uint32_t* freq_cum, const uint16_t* words, int64_t ptr,
+               int32_t* sym) {
     const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32(kMask));
-    const __m256i e = gather(table, _mm256_add_epi32(delta ? row_d : row_a, slot));
-    __m256i s = _mm256_and_si256(e, _mm256_set1_epi32(0xFF));
-    const __m256i freq = _mm256_and_si256(_mm256_srli_epi32(e, 8), _mm256_set1_epi32(0xFFF));
-    const __m256i st = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(x, kProbBits)),
-                                        _mm256_srli_epi32(e, 20));
+    __m256i s = gather(sym_lut, _mm256_add_epi32(delta ? lut_d : lut_a, slot));
+    const __m256i fcv = gather(freq_cum, _mm256_add_epi32(delta ? fc_d : fc_a, s));
+    const __m256i freq = _mm256_and_si256(fcv, _mm256_set1_epi32(0xFFFF));
+    const __m256i st = _mm256_sub_epi32(
+        _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(x, kProbBits)), slot), _mm256_srli_epi32(fcv, 16));
     const __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(st, 16), _mm256_setzero_si256());
     const int m = _mm256_movemask_ps(_mm256_castsi256_ps(need));
     const __m256i next = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + ptr)));
@@ -254,13 +224,6 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
   const uint8_t* lut_d[kGroup];
   const uint32_t* fc_a[kGroup];
   const uint32_t* fc_d[kGroup];
-#if defined(__AVX2__)
-  bool any_delta = false;
-  for (int64_t t = 0; t < T; ++t) any_delta |= sel[t] != 0;
-  const int64_t first = g0 * kGroup, last = std::min(g1 * kGroup, lanes);
-  const FusedRows fused(sym_lut, freq_cum, sym_base, rows_anchor + first, rows_delta + first, last - first,
-                        any_delta);
-#endif
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t lane0 = g * kGroup;
     const int64_t nl = lanes - lane0 < kGroup ? lanes - lane0 : kGroup;
@@ -285,7 +248,7 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
     const int64_t blocks = nl / 8;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t lane = lane0 + 8 * b;
-      simd[b].init(x + 8 * b, centre + 8 * b, rows_anchor + lane, rows_delta + lane, fused, any_delta);
+      simd[b].init(x + 8 * b, centre + 8 * b, rows_anchor + lane, rows_delta + lane, sym_base);
     }
 #else
     constexpr int64_t blocks = 0;
@@ -296,7 +259,7 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
       const uint32_t* const* fc = delta ? fc_d : fc_a;
 #if defined(__AVX2__)
       for (int64_t b = 0; b < blocks; ++b)
-        ptr = simd[b].step<LOCALITY>(delta, fused.table(), words, ptr, sym + 8 * b);
+        ptr = simd[b].step<LOCALITY>(delta, sym_lut, freq_cum, words, ptr, sym + 8 * b);
 #endif
       for (int64_t i = 8 * blocks; i < nl; ++i) {
         const uint32_t slot = x[i] & kMask;
