@@ -146,7 +146,7 @@ def cpp_coders() -> dict:
 
     coders = {f"cpp, {t} thread{'s' if t > 1 else ''}": CppCoder(load_library(), t) for t in (1, 2)}
     try:
-        portable = build_library(tuple(PORTABLE))
+        portable = build_library(PORTABLE)
     except Exception as exc:  # a compiler that builds only one of the two: say so, measure the rest
         print(f"(portable build unavailable: {exc})")
         return coders

@@ -90,7 +90,7 @@ def test_every_element_within_half_a_step_of_its_token_scale(dtype, backend, cpp
 def portable_lib(cpp_lib):
     """The coder built without -march=native: on an AVX2 machine, the scalar decoder the default build
     replaces with its eight-lane one."""
-    return cpp.build_library(tuple(cpp.PORTABLE))
+    return cpp.build_library(cpp.PORTABLE)
 
 
 # Groups of one row and of several, lane counts that are and are not multiples of 8, MLA, SmolLM2's 192.

@@ -54,9 +54,9 @@ def _cpu_tag() -> str:
 # -ffp-contract=off: no fused multiply-adds, so float results match torch's bit for bit. The first set
 # is native (AVX2 where the CPU has it: the decoder's eight-lane path); the second, portable, is the
 # fallback where -march=native is refused, and builds the scalar code only.
-_FLAGS = (["-O3", "-funroll-loops", "-fno-math-errno", "-ffp-contract=off", "-march=native"],
-          ["-O3", "-fno-math-errno", "-ffp-contract=off"])
-NATIVE, PORTABLE = _FLAGS
+NATIVE = ("-O3", "-funroll-loops", "-fno-math-errno", "-ffp-contract=off", "-march=native")
+PORTABLE = ("-O3", "-fno-math-errno", "-ffp-contract=off")
+_FLAGS = (NATIVE, PORTABLE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,7 +65,7 @@ def load_library() -> ctypes.CDLL | None:
     errors = []
     for flags in _FLAGS:
         try:
-            return build_library(tuple(flags))
+            return build_library(flags)
         except Exception as exc:  # no compiler, no ninja, read-only home, flags refused...
             errors.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
     logger.warning("CacheGen C++ coder unavailable (%s); using the slower numpy coder", "; ".join(errors))
