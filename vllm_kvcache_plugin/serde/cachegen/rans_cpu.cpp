@@ -1,7 +1,8 @@
 // CacheGen rANS lanes on the CPU: the same stream layout as rans_numpy.py (the reference) and
 // triton_coder.py, one lane group at a time, the 64 lanes of a group interleaved so that their
-// independent table lookups overlap. Plain C ABI (called through ctypes, which releases the GIL, so
-// callers split groups across threads). No torch headers: it compiles in about a second.
+// independent table lookups overlap (eight at once in vector registers where the build has AVX2).
+// Plain C ABI (called through ctypes, which releases the GIL, so callers split groups across
+// threads). No torch headers: it compiles in about a second.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -121,9 +122,7 @@ inline void store_row8(const int32_t* sym, int64_t n, float st, float limit, voi
   }
   store_row<OUT_KIND>(sym + i, n - i, st, limit, out, base + i);
 }
-#endif
 
-#if defined(__AVX2__)
 // Eight table reads by index, as scalar loads: on the AVX2-only AMD EPYC measured here they were as
 // fast as AVX2's gather instruction, whose cost differs much between CPU models.
 template <typename T>
