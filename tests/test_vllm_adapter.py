@@ -372,6 +372,46 @@ def test_a_frozen_lookup_never_holds_a_step(harness: Harness):
     assert harness.matched(req, 0) == (0, False)
 
 
+def test_a_step_after_one_that_computed_never_waits_for_a_lookup(harness: Harness):
+    tokens = list(range(3200, 3300))
+    saved_prompt(harness, tokens)
+    asked, release = threading.Event(), threading.Event()
+    real_lookup = harness.worker.engine.lookup
+
+    def held(hashes, *parts):  # the answer comes only once the test lets it
+        asked.set()
+        release.wait(30)
+        return real_lookup(hashes, *parts)
+
+    harness.worker.engine.lookup = held
+    req = make_request(tokens)
+    others_running(harness)  # a decode step ran: the next step's newcomers find others running
+    assert harness.sched.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert asked.wait(30)  # the question went out; the scheduler did not stay for it
+    release.set()
+    deadline = time.monotonic() + 30
+    while not harness.sched.lookups._replies and time.monotonic() < deadline:
+        time.sleep(0.001)  # the answer is in before the next step asks
+    others_running(harness)
+    assert harness.sched.get_num_new_matched_tokens(req, 0) == (99, False)  # taken at once, no wait
+    waited_before = harness.sched.lookups.wait_summary()["steps"]
+    harness.sched.build_meta(step())
+    waits = harness.sched.lookups.wait_summary()
+    assert waits["busy_steps_asked"] == 1 and waits["steps"] == waited_before  # neither busy step waited
+
+
+def test_an_idle_step_waits_for_a_quick_lookup_within_the_step(harness: Harness):
+    tokens = list(range(3300, 3400))
+    saved_prompt(harness, tokens)
+    harness.sched.build_meta(step())  # the last step computed nothing: a wait costs no one
+    harness.sched.lookups.step_budget = 30.0  # a generous budget, so a loaded machine cannot miss it
+    harness.sched.lookups.new_step(busy=False)
+    waited_before = harness.sched.lookups.wait_summary()["steps"]
+    assert harness.sched.get_num_new_matched_tokens(make_request(tokens), 0) == (99, False)  # first ask
+    harness.sched.build_meta(step())
+    assert harness.sched.lookups.wait_summary()["steps"] == waited_before + 1
+
+
 def test_cancelling_a_load_mid_way_stops_writing_and_releases_everything(disk_harness: Harness):
     from vllm_kvcache_plugin.integration.vllm.loads import FETCH_DEPTH, GROUP_CHUNKS
 

@@ -249,9 +249,10 @@ class LMCacheConnector(KVConnectorBase_V1, SupportsHMA):
         if self.scheduler_side is not None:
             lookups = self.scheduler_side.lookups
             waits = lookups.wait_summary()
-            logger.info("vllm-kvcache-plugin: %d scheduler steps waited for lookup answers (p50 %.3f ms, p99 %.3f ms, "
-                        "max %.3f ms; budget %.1f ms a step)", waits["steps"], waits["p50_ms"], waits["p99_ms"],
-                        waits["max_ms"], 1e3 * lookups.step_budget)
+            logger.info("vllm-kvcache-plugin: %d idle scheduler steps waited for lookup answers (p50 %.3f ms, p99 "
+                        "%.3f ms, max %.3f ms; budget %.1f ms a step); %d busy steps asked and did not wait",
+                        waits["steps"], waits["p50_ms"], waits["p99_ms"], waits["max_ms"], 1e3 * lookups.step_budget,
+                        waits["busy_steps_asked"])
             events.emit("lookup_waits", **waits)
             lookups.close()
 

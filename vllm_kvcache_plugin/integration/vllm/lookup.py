@@ -180,32 +180,47 @@ class AsyncLookups:
     """Lookups off the scheduler's thread.
 
     ``reply(req_id, hashes)`` hands a request's hashes to one background thread the first time and
-    returns the answer once it has come, else None ("ask again next step", which vLLM does). It waits
-    for answers at most ``step_budget`` seconds per scheduler step in all (``new_step`` resets it):
-    a quick store answers within the same step, while a slow or frozen one (a worker waiting on a
-    store that accepts connections and answers nothing) holds no step, so running requests keep
-    their pace while the new ones wait or time out into misses.
+    returns the answer once it has come, else None ("ask again next step", which vLLM does). How long
+    it may wait for answers depends on the step (``new_step(busy)`` starts one):
+
+    * after a step that computed something (others are running), not at all: the answer is taken
+      next step if it has come by then. Even a short wait would cost the running requests more than
+      it says, because the waiting thread wakes up only when it gets the GIL back, up to Python's
+      switch interval (5 ms) later while the lookup or loader threads run Python code.
+    * in an idle step, at most ``step_budget`` seconds in all: that wait costs no one, and a quick
+      store answers within the step, which saves the newcomer the extra step.
+
+    So a slow or frozen store (a worker waiting on a store that accepts connections and answers
+    nothing) holds no step: running requests keep their pace while the new ones wait or time out
+    into misses.
     """
 
     def __init__(self, client: LookupClient, step_budget: float = 0.001) -> None:
         self.client = client
         self.step_budget = step_budget
         self._budget_left = step_budget
+        self._busy = False
+        self._asked_in_step = False
+        self._spent = 0.0
         self._cond = threading.Condition()
         self._queue: collections.deque[tuple[str, object, list[str]]] = collections.deque()
         self._asked: dict[str, object] = {}  # req_id -> token of its newest job
         self._replies: dict[str, LookupReply] = {}
         self._closed = False
-        self.waited_seconds: list[float] = []  # per step, for the interference benchmark's p99
+        self.waited_seconds: list[float] = []  # per idle step that waited, for the interference benchmark
+        self.busy_steps_asked = 0  # busy steps that asked while an answer was pending (and did not wait)
         self._thread = threading.Thread(target=self._run, name="kvcache-lookup-client", daemon=True)
         self._thread.start()
 
-    def new_step(self) -> None:
-        spent = self.step_budget - self._budget_left
-        if spent > 0:
-            self.waited_seconds.append(spent)
+    def new_step(self, busy: bool = False) -> None:
+        """A scheduler step begins; ``busy``: the last one computed something (others are running)."""
+        if self._busy and self._asked_in_step:
+            self.busy_steps_asked += 1
+        if self._spent > 0:
+            self.waited_seconds.append(self._spent)
             del self.waited_seconds[:-4096]
-        self._budget_left = self.step_budget
+        self._busy, self._asked_in_step, self._spent = busy, False, 0.0
+        self._budget_left = 0.0 if busy else self.step_budget
 
     def reply(self, req_id: str, hashes: Sequence[str]) -> LookupReply | None:
         with self._cond:
@@ -217,22 +232,28 @@ class AsyncLookups:
             if req_id not in self._replies and self._budget_left > 0:
                 start = time.perf_counter()
                 self._cond.wait_for(lambda: req_id in self._replies, self._budget_left)
-                self._budget_left -= time.perf_counter() - start
+                waited = time.perf_counter() - start
+                self._budget_left -= waited
+                self._spent += waited
             reply = self._replies.pop(req_id, None)
             if reply is not None:
                 del self._asked[req_id]
+            else:
+                self._asked_in_step = True
             return reply
 
     def wait_summary(self) -> dict[str, float]:
-        """How long steps waited for lookup answers (steps that waited at all; the last 4096)."""
+        """How long idle steps waited for lookup answers (those that waited at all; the last 4096),
+        and how many busy steps asked without waiting."""
         waits = sorted(self.waited_seconds)
+        summary = {"busy_steps_asked": self.busy_steps_asked, "steps": len(waits)}
         if not waits:
-            return {"steps": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+            return {**summary, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
 
         def ms(q: float) -> float:
             return round(1e3 * waits[min(len(waits) - 1, int(q * len(waits)))], 3)
 
-        return {"steps": len(waits), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": round(1e3 * waits[-1], 3)}
+        return {**summary, "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": round(1e3 * waits[-1], 3)}
 
     def discard(self, req_id: str) -> None:
         """Forget a request's lookup (finished or aborted while it was pending)."""

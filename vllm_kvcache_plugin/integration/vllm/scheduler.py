@@ -177,9 +177,9 @@ class SchedulerSide:
 
     # -- per-step plan -------------------------------------------------------------------------
     def build_meta(self, output: SchedulerOutput) -> StepMetadata:
-        self.lookups.new_step()
         idle = output.total_num_scheduled_tokens == 0
         self._others_running = not idle  # what the next step's newcomers find
+        self.lookups.new_step(busy=not idle)
         meta = StepMetadata(loads=self._loads_to_start, cancelled=self._cancelled, idle=idle)
         self._loads_to_start, self._cancelled = [], set()
         for new in output.scheduled_new_reqs:
