@@ -49,9 +49,13 @@ class Backend:
 
 
 def start_vllm(backend: Backend, tmp_path_factory, name: str) -> VLLMServer:
+    return vllm_for(backend, tmp_path_factory, name).start()
+
+
+def vllm_for(backend: Backend, tmp_path_factory, name: str) -> VLLMServer:
     env = clean_env(LMCACHE_LOG_LEVEL="DEBUG", **backend.env)
     log_dir = str(tmp_path_factory.mktemp(f"{backend.name}-{name}"))
-    return VLLMServer(env, dtype="float32", name=f"vllm-{name}", log_dir=log_dir).start()
+    return VLLMServer(env, dtype="float32", name=f"vllm-{name}", log_dir=log_dir)
 
 
 def greedy_margins(result: dict) -> list[float]:
@@ -72,9 +76,13 @@ class ColdRun:
 
 
 @pytest.fixture(scope="module")
-def cold(backend: Backend, reference, tmp_path_factory) -> ColdRun:
-    server = start_vllm(backend, tmp_path_factory, "cold")
+def cold(backend: Backend, request, tmp_path_factory) -> ColdRun:
+    server = vllm_for(backend, tmp_path_factory, "cold").launch()
     try:
+        # The session's reference outputs (computed by the first module that gets here) while
+        # this engine starts: the two need nothing from each other.
+        request.getfixturevalue("reference")
+        server.wait_healthy()
         texts = {LONG: server.text(LONG, MAX_TOKENS), LATE: server.text(LATE, MAX_TOKENS)}
         with ThreadPoolExecutor(16) as pool:
             texts.update(zip(FAMILY, pool.map(lambda p: server.text(p, MAX_TOKENS), FAMILY), strict=True))

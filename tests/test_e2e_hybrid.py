@@ -26,7 +26,7 @@ from testbed import prompts
 from testbed.events import events, hits_for, requests
 from testbed.lm_server import LMServerProcess
 from testbed.processes import free_port
-from testbed.vllm_process import VLLMServer, clean_env, hybrid_manager_turned_off, kv_cache_tokens
+from testbed.vllm_process import VLLMServer, clean_env, hybrid_manager_turned_off, kv_cache_tokens, started_together
 from tests.tiny_models import gemma3_tiny, granite_hybrid_tiny
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -91,14 +91,15 @@ def gemma(tmp_path_factory):
                           log_dir=str(tmp), connector=connector, extra_args=args)
 
     try:
-        with engine("vllm-gemma3-reference", False, "--no-enable-prefix-caching") as ref:
+        # The reference (no connector) and the cold instance need nothing from each other.
+        with started_together(engine("vllm-gemma3-reference", False, "--no-enable-prefix-caching"),
+                              engine("vllm-gemma3-cold", True)) as (ref, cold):
             p1 = ref.tokenize(prompts.text(1000, offset=61000))  # ~1200 tokens: 9+ windows
             p2 = ref.tokenize(prompts.text(1100, offset=64000))
             p3 = p1[:SHARED] + p2[-500:]
             out["prompts"] = {"P1": p1, "P2": p2, "P3": p3}
             out["reference"] = {name: ask(ref, p) for name, p in out["prompts"].items()}
             out["reference_capacity"] = ref.kv_cache_tokens()
-        with engine("vllm-gemma3-cold", True) as cold:
             out["cold"] = {name: ask(cold, out["prompts"][name]) for name in ("P1", "P2")}
             out["cold_log"] = cold.log()
         # Prefix caching off: P3's shared prefix must come from the store, not from P1 in vLLM's cache.
@@ -165,18 +166,20 @@ def granite(tmp_path_factory):
     env = clean_env(LMCACHE_REMOTE_URL=server.url, LMCACHE_LOCAL_CPU="False")
     out: dict = {}
     try:
-        with VLLMServer(clean_env(), dtype="float32", model=model, name="vllm-granite-reference", log_dir=str(tmp),
-                        connector=False) as ref:
-            out["prompt"] = ref.tokenize(SSM_PROMPT)
-            out["reference"] = ask(ref, out["prompt"])
-            out["reference_capacity"] = ref.kv_cache_tokens()
-        engine = VLLMServer(env, dtype="float32", model=model, name="vllm-granite-connector", log_dir=str(tmp))
+        # The reference (no connector) starts while the connector's engine does.
+        engine = VLLMServer(env, dtype="float32", model=model, name="vllm-granite-connector",
+                            log_dir=str(tmp)).launch()
         try:
-            engine.start()
-        except RuntimeError as exc:  # start-up failed: what the tests report
-            out["start_error"] = str(exc)[-3000:]
-            return out
-        try:
+            with VLLMServer(clean_env(), dtype="float32", model=model, name="vllm-granite-reference",
+                            log_dir=str(tmp), connector=False) as ref:
+                out["prompt"] = ref.tokenize(SSM_PROMPT)
+                out["reference"] = ask(ref, out["prompt"])
+                out["reference_capacity"] = ref.kv_cache_tokens()
+            try:
+                engine.wait_healthy()
+            except RuntimeError as exc:  # start-up failed: what the tests report
+                out["start_error"] = str(exc)[-3000:]
+                return out
             out["replies"] = [ask(engine, out["prompt"]) for _ in range(2)]
             out["log"] = engine.log()
         finally:

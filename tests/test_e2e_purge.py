@@ -22,7 +22,7 @@ from testbed import prompts
 from testbed.events import requests
 from testbed.lm_server import LMServerProcess
 from testbed.processes import free_port
-from testbed.vllm_process import VLLMServer, clean_env
+from testbed.vllm_process import VLLMServer, clean_env, started_together
 from tests.e2e_scenario import greedy_margins
 from tests.fixtures.vllm_server import FLOAT32_NEAR_TIE
 from vllm_kvcache_plugin.connectors import create_connector
@@ -98,10 +98,9 @@ def test_purge_then_restart_misses_the_purged_model_and_hits_the_other(tmp_path)
         assert f"deleted {copied} chunks" in purge.stdout
         assert set(inspect(store.url)["models"]) == {"smol-b"}
 
-        with serve(store, "smol-a", tmp_path) as purged:
+        with started_together(serve(store, "smol-a", tmp_path), serve(store, "smol-b", tmp_path)) as (purged, other):
             again = purged.complete(PROMPT, TOKENS)
             assert loaded(purged, again) == 0, "the purged model's prompt was loaded from the store"
-        with serve(store, "smol-b", tmp_path) as other:
             hit = other.complete(PROMPT, TOKENS)
             assert loaded(other, hit) == prompt_tokens - 1, "the other model's chunks were not loaded"
         text = first["choices"][0]["text"]
