@@ -198,7 +198,6 @@ class AsyncLookups:
     def __init__(self, client: LookupClient, step_budget: float = 0.001) -> None:
         self.client = client
         self.step_budget = step_budget
-        self._budget_left = step_budget
         self._busy = False
         self._asked_in_step = False
         self._spent = 0.0
@@ -220,7 +219,6 @@ class AsyncLookups:
             self.waited_seconds.append(self._spent)
             del self.waited_seconds[:-4096]
         self._busy, self._asked_in_step, self._spent = busy, False, 0.0
-        self._budget_left = 0.0 if busy else self.step_budget
 
     def reply(self, req_id: str, hashes: Sequence[str]) -> LookupReply | None:
         with self._cond:
@@ -229,12 +227,11 @@ class AsyncLookups:
                 self._asked[req_id] = token
                 self._queue.append((req_id, token, list(hashes)))
                 self._cond.notify_all()
-            if req_id not in self._replies and self._budget_left > 0:
+            budget_left = 0.0 if self._busy else self.step_budget - self._spent
+            if req_id not in self._replies and budget_left > 0:
                 start = time.perf_counter()
-                self._cond.wait_for(lambda: req_id in self._replies, self._budget_left)
-                waited = time.perf_counter() - start
-                self._budget_left -= waited
-                self._spent += waited
+                self._cond.wait_for(lambda: req_id in self._replies, budget_left)
+                self._spent += time.perf_counter() - start
             reply = self._replies.pop(req_id, None)
             if reply is not None:
                 del self._asked[req_id]
