@@ -186,6 +186,41 @@ def speed_table(kv, quick: bool) -> dict:
     return results
 
 
+def load_decode_table(kv, quick: bool) -> dict:
+    """A load's decode: every 256-token chunk of ``kv`` through ``CacheGenSerde.deserialize`` (header,
+    checksum, decode into a pooled buffer), split over fetch threads the way a load's pipeline runs
+    it. It is the least a cachegen load can take here, before any network or scatter."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_kvcache_plugin.integration.vllm.loads import FETCH_DEPTH, GROUP_CHUNKS
+    from vllm_kvcache_plugin.serde.cachegen import CacheGenSerde
+
+    allocator = Allocator()
+    chunks = [kv[:, :, i:i + 256].contiguous() for i in range(0, kv.shape[2] - 255, 256)]
+    mb = sum(c.numel() for c in chunks) * 2 / 1e6
+    reps = 2 if quick else 5
+    rows, results = [], {}
+    for fetchers, coder_threads in ((1, 1), (1, 2), (FETCH_DEPTH, 1), (FETCH_DEPTH, 2)):
+        serde = CacheGenSerde(allocator, threads=coder_threads)
+        payloads = [bytes(serde.serialize(allocator.wrap(c))) for c in chunks]
+        groups = [payloads[i:i + GROUP_CHUNKS] for i in range(0, len(payloads), GROUP_CHUNKS)]
+
+        def decode_group(group: list[bytes], s=serde) -> None:
+            for payload in group:
+                s.deserialize(payload).ref_down()
+
+        with ThreadPoolExecutor(fetchers) as pool:
+            wall, _ = best_of(lambda p=pool, g=groups: list(p.map(decode_group, g)), reps)
+        name = f"{fetchers} fetch thread{'s' if fetchers > 1 else ''} x {coder_threads} coder thread" + \
+            ("s" if coder_threads > 1 else "")
+        results[name] = {"ms": 1e3 * wall, "mb_s": mb / wall}
+        rows.append([name, fmt(1e3 * wall, 1), fmt(mb / wall, 0)])
+    print(f"\n## A load's decode: {len(chunks)} chunks ({mb:.0f} MB of bf16) through CacheGenSerde.deserialize, "
+          f"{GROUP_CHUNKS} chunks a fetch (wall time, median of {reps})\n")
+    print(markdown_table(["threads", "ms", "MB/s"], rows))
+    return results
+
+
 def crossover(speeds: dict, ratio: float) -> dict:
     """Link bandwidth below which a cachegen hit (fewer bytes, then decode) beats a naive hit."""
     naive = speeds["naive"]["decode_mb_s"]
@@ -425,7 +460,7 @@ def _run(args: argparse.Namespace) -> int:
         kv = real_kv(model, tokenizer, text, args.tokens or (512 if args.quick else 2048), args.out)
         print(f"\nKV: {tuple(kv.shape)} bf16 from {kv.shape[2]} tokens of licence text")
         if args.speed:
-            results = {"speed": speed_table(kv, args.quick)}
+            results = {"speed": speed_table(kv, args.quick), "load_decode": load_decode_table(kv, args.quick)}
             save_speed_plot(results["speed"], args.out)
             print(f"\nplot: {args.out / 'speed.png'}")
             (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
