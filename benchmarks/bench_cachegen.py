@@ -1,7 +1,7 @@
 """CacheGen serde: size, error, speed and model quality on real SmolLM2-135M KV.
 
     python benchmarks/bench_cachegen.py [--quick] [--out DIR]   # codec + transformers quality, CPU
-    python benchmarks/bench_cachegen.py --speed                 # the CPU speed table only (~2 min)
+    python benchmarks/bench_cachegen.py --speed                 # the CPU speed tables only (~2 min)
     python benchmarks/bench_cachegen.py --gpu-only              # Triton on CUDA, synthetic KV, no transformers
     python benchmarks/bench_cachegen.py --e2e                   # vLLM restart hits through redis (~20 min):
                                                                 # naive, cachegen, cachegen 256/96 bins
@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-only", action="store_true", help="Triton throughput on CUDA with synthetic KV")
     parser.add_argument("--e2e", action="store_true", help="vLLM restart hits through redis, naive vs cachegen")
     parser.add_argument("--speed", action="store_true",
-                        help="only the CPU speed table (real KV, no size or quality tables; ~2 min)")
+                        help="only the CPU speed tables: one chunk, and a whole load's decode "
+                             "(real KV, no size or quality tables; ~2 min)")
     parser.add_argument("--sensitivity", action="store_true", help="also: KL by K/V and by layer (~1 min)")
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2-135m")
     parser.add_argument("--tokens", type=int, default=None, help="KV tokens for the codec tables (2048; quick 512)")
