@@ -138,21 +138,25 @@ def best_of(fn, reps: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def _threads(count: int, kind: str = "") -> str:
+    """"1 thread", "2 fetch threads": a table row's thread count."""
+    return f"{count} {kind + ' ' if kind else ''}thread{'s' if count > 1 else ''}"
+
+
 def cpp_coders() -> dict:
     """The default (native) C++ coder on 1 and 2 threads, and the portable build beside it: on an AVX2
     machine that is the scalar decoder the native build's eight-lane decoder replaced, so each run
     shows the baseline."""
     from vllm_kvcache_plugin.serde.cachegen.rans_cpp import PORTABLE, CppCoder, build_library, load_library
 
-    coders = {f"cpp, {t} thread{'s' if t > 1 else ''}": CppCoder(load_library(), t) for t in (1, 2)}
+    coders = {f"cpp, {_threads(t)}": CppCoder(load_library(), t) for t in (1, 2)}
     try:
         portable = build_library(PORTABLE)
     except Exception as exc:  # a compiler that builds only one of the two: say so, measure the rest
         print(f"(portable build unavailable: {exc})")
         return coders
     if portable is not load_library():
-        coders.update({f"cpp scalar (portable build), {t} thread{'s' if t > 1 else ''}": CppCoder(portable, t)
-                       for t in (1, 2)})
+        coders.update({f"cpp scalar (portable build), {_threads(t)}": CppCoder(portable, t) for t in (1, 2)})
     return coders
 
 
@@ -211,8 +215,7 @@ def load_decode_table(kv, quick: bool) -> dict:
 
         with ThreadPoolExecutor(fetchers) as pool:
             wall, _ = best_of(lambda p=pool, g=groups: list(p.map(decode_group, g)), reps)
-        name = f"{fetchers} fetch thread{'s' if fetchers > 1 else ''} x {coder_threads} coder thread" + \
-            ("s" if coder_threads > 1 else "")
+        name = f"{_threads(fetchers, 'fetch')} x {_threads(coder_threads, 'coder')}"
         results[name] = {"ms": 1e3 * wall, "mb_s": mb / wall}
         rows.append([name, fmt(1e3 * wall, 1), fmt(mb / wall, 0)])
     print(f"\n## A load's decode: {len(chunks)} chunks ({mb:.0f} MB of bf16) through CacheGenSerde.deserialize, "
