@@ -16,7 +16,8 @@ from vllm_kvcache_plugin.config import load_config
 from vllm_kvcache_plugin.memory import Allocator, ChunkMeta, KVFormat, tensor_bytes
 from vllm_kvcache_plugin.serde.naive import NaiveSerde
 from vllm_kvcache_plugin.storage import StorageManager
-from vllm_kvcache_plugin.storage.disk import DiskTier, file_name
+from vllm_kvcache_plugin.storage import disk as disk_module
+from vllm_kvcache_plugin.storage.disk import DiskTier, file_name, map_file
 from vllm_kvcache_plugin.storage.hot import HotCache
 
 
@@ -92,13 +93,55 @@ def test_disk_corrupt_and_vanished_files_are_misses(tmp_path):
 FULL = ChunkMeta(KVFormat.KV, torch.float32, (2, 2, 16, 1, 8))  # what _obj(alloc, 16) makes
 
 
-def test_disk_reads_each_chunk_into_one_pooled_receive_buffer(tmp_path):
-    """Full and partial chunks are read straight into the pool's receive-size buffer (one copy,
-    one pool bucket), byte-exact, and the buffer goes back to the pool when the chunk is freed."""
+def test_disk_maps_each_file_and_lends_the_chunk_over_the_mapping(tmp_path):
+    """A read maps the file: the chunk is a view of the page cache (no pooled buffer taken), lent,
+    so a holder that keeps it (the hot cache) gets a copy; a chunk mapped before its file is
+    replaced or removed keeps its own bytes; corrupt bytes under the mapping are still caught."""
+    alloc = Allocator()
+    serde = NaiveSerde(alloc)
+    disk = DiskTier(str(tmp_path), 10**8, serde)
+    assert disk.map_reads
+    for tokens in (1, 5, 16):
+        src = _obj(alloc, tokens)
+        disk.put(f"t{tokens}", src)
+        back = disk.get(f"t{tokens}", FULL)
+        assert back is not None and back.meta == src.meta and back.lent and back._block is None
+        assert bytes(tensor_bytes(back.tensor)) == bytes(tensor_bytes(src.tensor))
+        kept = back.ref_up()  # what the hot cache does with a promoted chunk
+        assert kept is not back and kept.tensor.data_ptr() != back.tensor.data_ptr()
+        back.ref_down()  # the mapping goes; the copy stays
+        assert bytes(tensor_bytes(kept.tensor)) == bytes(tensor_bytes(src.tensor))
+        kept.ref_down()
+        src.ref_down()
+    assert serde.max_value_size(FULL) not in alloc._pool  # no receive buffer taken (the copies' are there)
+    old, new = _obj(alloc, 16, fill=1), _obj(alloc, 16, fill=2)
+    disk.put("replaced", old)
+    mapped = disk.get("replaced", FULL)
+    disk.put("replaced", new)  # written to a temp file, renamed over the mapped one
+    assert torch.equal(mapped.tensor, old.tensor)
+    assert torch.equal(disk.get("replaced", FULL).tensor, new.tensor)
+    assert disk.remove("replaced") and torch.equal(mapped.tensor, old.tensor)  # unlinked, still mapped
+    mapped.ref_down()
+    disk.put("flipped", old)
+    path = tmp_path / file_name("flipped")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    deferred = disk.get("flipped", FULL, defer_check=True)
+    assert deferred is not None and deferred.lent and not deferred.check()
+    assert not path.exists() and disk.counters.corrupt == 1
+    deferred.ref_down()
+
+
+def test_disk_reads_each_chunk_into_one_pooled_receive_buffer_where_it_does_not_map(tmp_path):
+    """Without a mapping (VLLM_KVCACHE_DISK_MMAP=0, or a file system that cannot map), full and
+    partial chunks are read straight into the pool's receive-size buffer (one copy, one pool
+    bucket), byte-exact, and the buffer goes back to the pool when the chunk is freed."""
     alloc = Allocator()
     serde = NaiveSerde(alloc)
     capacity = serde.max_value_size(FULL)
     disk = DiskTier(str(tmp_path), 10**8, serde)
+    disk.map_reads = False
     for _ in range(2):
         for tokens in (1, 5, 15, 16):
             src = _obj(alloc, tokens)
@@ -149,12 +192,31 @@ def test_disk_corrupt_truncated_and_foreign_files_are_misses(tmp_path, monkeypat
     assert disk.counters.corrupt == len(cases) and disk.counters.hits == 0
     disk.put("eio", _obj(alloc, 16))  # a read error mid-file: a miss, the buffer back in the pool
 
-    def failing_readv(fd, buffers):
+    def failing_read(*args):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "readv", failing_readv)
+    # Injected: an unreadable disk block cannot be made here. Mapped, the error comes from
+    # entering the pages (map_file); read, from readv.
+    monkeypatch.setattr(disk_module, "map_file", failing_read)
     assert disk.get("eio", FULL) is None and alloc.pool_bytes == capacity
-    assert disk.counters.errors >= 1
+    disk.map_reads = False
+    monkeypatch.setattr(os, "readv", failing_read)
+    assert disk.get("eio", FULL) is None and alloc.pool_bytes == capacity
+    assert disk.counters.errors >= 2
+
+
+def test_map_file_maps_whole_files_and_leaves_empty_ones_to_a_read(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc" * 5000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = map_file(fd, os.fstat(fd).st_size)
+        assert mapping is not None and mapping[:] == b"abc" * 5000
+        mapping.close()
+        path.write_bytes(b"")
+        assert map_file(fd, 0) is None
+    finally:
+        os.close(fd)
 
 
 def test_disk_read_only_folder_is_a_warning_not_a_crash(tmp_path):

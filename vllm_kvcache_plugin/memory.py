@@ -70,6 +70,10 @@ class ChunkMeta:
 
 DEFAULT_POOL_BYTES = 512 << 20
 
+#: madvise advice (Linux 5.14+): enter a mapped range's pages into the page tables in one call, no
+#: fault per page (shared-memory values, mapped disk files); a failed read is an error, not a SIGBUS.
+MADV_POPULATE_READ = 22
+
 #: Called with (address, size) of each buffer an Allocator lets go of (the pool is full), before
 #: its memory can be freed and reused: a connector that registered pooled buffers with a transport
 #: (Mooncake) forgets that registration. Listeners must be cheap and must not raise.

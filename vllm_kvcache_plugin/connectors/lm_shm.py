@@ -35,12 +35,12 @@ import numpy as np
 
 from ..errors import ConnectorError, ProtocolError
 from ..lm_protocol import MISSING, SHM_MAGIC, Op, Status, decode_leases, encode_ids, encode_keys
+from ..memory import MADV_POPULATE_READ
 
 logger = logging.getLogger("vllm_kvcache_plugin.connectors.lm")
 
 MODES = ("auto", "on", "off")
 RELEASE_DELAY_SECS = 0.005  # releases queued within this window share one frame (a scatter group's chunks)
-MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages in one call, without a fault per page
 POPULATE_SLICE = 256 << 20  # bytes examined per mincore / madvise round of the background walk
 
 

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""A restart hit's load outside vLLM, split into its stages: where the load path itself spends its time.
+
+Inside vLLM a restart hit's load is one figure per request (``bench_ttft.py``'s split: fetch wait,
+scatter). This runs the same load through the real engine, tiers and worker (``WorkerSide.load``:
+the fetch threads, the verify-and-scatter pass), into a zeroed paged cache laid out as vLLM's CPU
+attention lays out SmolLM2-135M's (30 layers, 3 KV heads, head 64, bf16, block 128, ``cpu_vec``
+packing, LBHNC), in a fresh process each time, as after a restart. Then it times the stages one
+after another on the same chunks: fetch (``engine.retrieve``, checksum deferred), verify (the xxh3
+checksum), scatter (into the blocks), so a slow stage shows even where the load overlaps them.
+
+Stores: ``disk`` (the disk tier, files mapped: the default), ``disk-read`` (read into pooled buffers,
+``VLLM_KVCACHE_DISK_MMAP=0``, the path before), ``lm`` (lm:// on this host: shared memory), and
+``lm-tcp`` (lm:// with ``?shm=off``). The chunks are random bf16, stored once by another process.
+Prints a table (and writes it with a PNG plot to ``--out``).
+
+    python benchmarks/bench_load.py [--tokens 4096] [--stores disk,disk-read,lm,lm-tcp] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import environment_line, markdown_table, save_bar_plot
+
+STORES = ("disk", "disk-read", "lm", "lm-tcp")
+LAYERS, HEADS, HEAD_SIZE, BLOCK, CHUNK = 30, 3, 64, 128, 256
+CACHE_BLOCKS = 1300  # ~3.8 GB of cache, about what VLLM_CPU_KVCACHE_SPACE=4 gives this model
+LOADS = 4  # whole loads per fresh process; the first is the restart's own
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One process: store the chunks (``--child store``) or load them (``--child load``), printing JSON."""
+    import uuid
+
+    import torch
+
+    from vllm_kvcache_plugin.config import load_config
+    from vllm_kvcache_plugin.engine import KVCacheEngine
+    from vllm_kvcache_plugin.integration.vllm.metadata import LoadSpec, StepMetadata
+    from vllm_kvcache_plugin.integration.vllm.worker import WorkerSide, build_registered_cache, slots_for
+    from vllm_kvcache_plugin.kernels import PagedKVSpec, allocate_paged_layers
+    from vllm_kvcache_plugin.keys import ChunkRef
+
+    spec = PagedKVSpec(kind="mha", block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_SIZE, dtype=torch.bfloat16,
+                       packing="cpu_vec")
+    settings = {"chunk_size": CHUNK, "local_cpu": False}
+    if args.url:
+        settings["remote_url"] = args.url
+    else:
+        settings.update(local_disk=args.dir, max_local_disk_size=10)
+    engine = KVCacheEngine(load_config(settings, env={}), "bench-load-model")
+    worker = WorkerSide(engine, BLOCK, None)
+    layers = allocate_paged_layers(spec, "LBHNC", LAYERS, num_blocks=CACHE_BLOCKS if args.child == "load" else 64)
+    for layer in layers:
+        layer.zero_()  # as vLLM's torch.zeros: every destination page touched before the first load
+    cache = build_registered_cache([f"layers.{i}.attn" for i in range(LAYERS)], layers, spec)
+    worker.register([cache])  # pre-warms the chunk buffers, as at vLLM's start
+    refs = tuple(ChunkRef(i, min(i + CHUNK, args.tokens), f"{i:064x}") for i in range(0, args.tokens, CHUNK))
+    blocks = tuple(range(1, 1 + -(-args.tokens // BLOCK)))  # block 0 is vLLM's null block
+    out: dict[str, object] = {}
+    if args.child == "store":
+        generator = torch.Generator().manual_seed(0)
+        for ref in refs:
+            obj = engine.allocate(cache.shape, ref.num_tokens)
+            obj.tensor.copy_(torch.randn(obj.tensor.shape, generator=generator).to(torch.bfloat16))
+            engine.store([ref], [obj])
+            obj.ref_down()
+        out["stored"] = engine.storage.flush(60)
+    else:
+        loads = []
+        for _ in range(LOADS):
+            load = LoadSpec(uuid.uuid4().hex, 0, args.tokens, refs, (blocks,))
+            start = time.perf_counter()
+            worker.load(StepMetadata(loads=[load]))
+            loads.append(time.perf_counter() - start)
+            if worker.take_load_errors():
+                raise SystemExit("a load reported failed blocks: the chunks did not all load")
+        out["loads_ms"] = [1e3 * s for s in loads]
+        stages = {"fetch": [], "verify": [], "scatter": []}
+        for _ in range(3):
+            start = time.perf_counter()
+            objs = engine.retrieve(refs, cache.shape, defer_check=True)
+            fetched = time.perf_counter()
+            intact = all(obj is not None and obj.check() for obj in objs)
+            verified = time.perf_counter()
+            for ref, obj in zip(refs, objs, strict=True):
+                cache.copier.scatter(layers, spec, slots_for(blocks, BLOCK, ref.start, ref.end), obj.tensor)
+            scattered = time.perf_counter()
+            for obj in objs:
+                obj.ref_down()
+            if not intact:
+                raise SystemExit("a stored chunk came back missing or corrupt")
+            stages["fetch"].append(fetched - start)
+            stages["verify"].append(verified - fetched)
+            stages["scatter"].append(scattered - verified)
+        out["stages_ms"] = {name: 1e3 * min(values) for name, values in stages.items()}
+        out["bytes"] = sum(2 * LAYERS * ref.num_tokens * HEADS * HEAD_SIZE * 2 for ref in refs)
+    worker.close()
+    engine.close()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run_child(role: str, store: str, where: str, url: str | None, tokens: int) -> dict:
+    env = dict(os.environ)
+    env["VLLM_KVCACHE_DISK_MMAP"] = "0" if store == "disk-read" else "1"
+    argv = [sys.executable, __file__, "--child", role, "--tokens", str(tokens), "--dir", where]
+    if url:
+        argv += ["--url", url]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise SystemExit(f"{store} {role} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def _measure(store: str, tokens: int, runs: int, scratch: str) -> dict:
+    """Store once, then ``runs`` fresh load processes; each figure the best of the runs."""
+    server = None
+    url = None
+    try:
+        if store.startswith("lm"):
+            from testbed.lm_server import LMServerProcess
+            from testbed.processes import free_port
+
+            server = LMServerProcess(free_port()).start()
+            url = server.url + ("?shm=off" if store == "lm-tcp" else "")
+        where = os.path.join(scratch, store)
+        _run_child("store", store, where, url, tokens)
+        results = [_run_child("load", store, where, url, tokens) for _ in range(runs)]
+    finally:
+        if server is not None:
+            server.stop()
+    return {
+        "first_ms": min(r["loads_ms"][0] for r in results),
+        "best_ms": min(min(r["loads_ms"]) for r in results),
+        "stages_ms": {k: min(r["stages_ms"][k] for r in results) for k in ("fetch", "verify", "scatter")},
+        "bytes": results[0]["bytes"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--tokens", type=int, default=4096, help="prompt tokens a load brings (default 4096)")
+    parser.add_argument("--stores", default=",".join(STORES), help="comma-separated subset of: " + ", ".join(STORES))
+    parser.add_argument("--runs", type=int, default=3, help="fresh load processes per store (default 3)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for load.md and load.png")
+    parser.add_argument("--child", choices=("store", "load"), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args)
+        return 0
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    unknown = sorted(set(stores) - set(STORES))
+    if unknown:
+        parser.error(f"unknown store(s) {', '.join(unknown)}; choose from {', '.join(STORES)}")
+    if args.tokens < CHUNK:
+        parser.error(f"--tokens must be at least one chunk ({CHUNK})")
+    header = environment_line()
+    print(header, flush=True)
+    measured = {}
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as scratch:
+        for store in stores:
+            measured[store] = _measure(store, args.tokens, args.runs, scratch)
+            m = measured[store]
+            print(f"  {store}: first load {m['first_ms']:.1f} ms, best {m['best_ms']:.1f} ms; stages "
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in m["stages_ms"].items()), flush=True)
+    rows = []
+    for store, m in measured.items():
+        stages = m["stages_ms"]
+        rows.append([store, f"{m['bytes'] / 1e6:.0f}", f"{m['first_ms']:.1f}", f"{m['best_ms']:.1f}",
+                     f"{m['bytes'] / 1e6 / m['best_ms']:.2f}", f"{stages['fetch']:.1f}", f"{stages['verify']:.1f}",
+                     f"{stages['scatter']:.1f}", f"{sum(stages.values()):.1f}"])
+    table = markdown_table(["store", "MB", "first load ms", "best load ms", "load GB/s", "stage: fetch ms",
+                            "stage: verify ms", "stage: scatter ms", "stages one after another ms"], rows)
+    notes = (f"{args.tokens} tokens of SmolLM2-135M's KV (bf16) into a cpu_vec, block-128 cache; a load is "
+             "WorkerSide.load before a forward (fetch threads, one verify-and-scatter pass); first load: the "
+             f"first in a fresh process, best: of {LOADS} loads x {args.runs} processes; the stages run one "
+             "after another on the same chunks (best of 3 x the processes).")
+    print("\n" + table + "\n\n" + notes)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "load.md").write_text(f"{header}\n\n{table}\n\n{notes}\n", encoding="utf-8")
+        names = list(measured)
+        series = {"best load": [measured[s]["best_ms"] for s in names],
+                  **{f"stage: {k}": [measured[s]["stages_ms"][k] for s in names] for k in ("fetch", "verify",
+                                                                                          "scatter")}}
+        plot = save_bar_plot(args.out / "load.png", f"A {args.tokens}-token restart load outside vLLM", names,
+                             series, "ms")
+        print(f"wrote {args.out / 'load.md'} and {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
