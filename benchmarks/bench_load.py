@@ -10,8 +10,10 @@ after another on the same chunks: fetch (``engine.retrieve``, checksum deferred)
 checksum), scatter (into the blocks), so a slow stage shows even where the load overlaps them.
 
 Stores: ``disk`` (the disk tier, files mapped: the default), ``disk-read`` (read into pooled buffers,
-``VLLM_KVCACHE_DISK_MMAP=0``, the path before), ``lm`` (lm:// on this host: shared memory), and
-``lm-tcp`` (lm:// with ``?shm=off``). The chunks are random bf16, stored once by another process.
+``VLLM_KVCACHE_DISK_MMAP=0``, the path before), ``lm`` (lm:// on this host: shared memory),
+``lm-tcp`` (lm:// with ``?shm=off``), ``redis`` (a real redis-server over loopback TCP) and
+``redis-unix`` (the same server over its unix socket, ``unix://``). The chunks are random bf16,
+stored once by another process.
 Prints a table (and writes it with a PNG plot to ``--out``).
 
     python benchmarks/bench_load.py [--tokens 4096] [--stores disk,disk-read,lm,lm-tcp] [--out DIR]
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import environment_line, markdown_table, save_bar_plot
 
-STORES = ("disk", "disk-read", "lm", "lm-tcp")
+STORES = ("disk", "disk-read", "lm", "lm-tcp", "redis", "redis-unix")
 LAYERS, HEADS, HEAD_SIZE, BLOCK, CHUNK = 30, 3, 64, 128, 256
 CACHE_BLOCKS = 1300  # ~3.8 GB of cache, about what VLLM_CPU_KVCACHE_SPACE=4 gives this model
 LOADS = 4  # whole loads per fresh process; the first is the restart's own
@@ -135,6 +137,12 @@ def _measure(store: str, tokens: int, runs: int, scratch: str) -> dict:
 
             server = LMServerProcess(free_port()).start()
             url = server.url + ("?shm=off" if store == "lm-tcp" else "")
+        elif store.startswith("redis"):
+            from testbed.redis_servers import start_redis
+
+            os.makedirs(home := os.path.join(scratch, store + "-server"), exist_ok=True)
+            server = start_redis("redis-bench-load", home)
+            url = server.unix_url if store == "redis-unix" else server.url
         where = os.path.join(scratch, store)
         _run_child("store", store, where, url, tokens)
         results = [_run_child("load", store, where, url, tokens) for _ in range(runs)]

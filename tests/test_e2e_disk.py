@@ -27,4 +27,5 @@ def backend(tmp_path_factory):
         shutil.rmtree(folder)
         folder.mkdir()
 
-    yield Backend("disk", {"LMCACHE_CONFIG_FILE": str(conf)}, None, read_value, break_store)
+    yield Backend("disk", {"LMCACHE_CONFIG_FILE": str(conf)}, None, read_value, break_store,
+                  sees_later_writes=False)

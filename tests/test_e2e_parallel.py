@@ -17,7 +17,7 @@ import pytest
 from testbed import prompts
 from testbed.events import chunk_checksums, chunk_events, hits_for
 from testbed.redis_servers import start_redis
-from testbed.vllm_process import VLLMServer, clean_env
+from testbed.vllm_process import VLLMServer, clean_env, started_together
 from tests.tiny_models import tiny_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -45,9 +45,10 @@ def runs(tmp_path_factory):
     env = clean_env(LMCACHE_REMOTE_URL=redis.url, LMCACHE_LOCAL_CPU="False", LMCACHE_LOG_LEVEL="DEBUG")
     out = {"model": str(model)}
     try:
-        with tp2(clean_env(), model, "vllm-tp2-reference", tmp, connector=False) as ref:
+        # The reference (no connector) and the cold instance need nothing from each other.
+        with started_together(tp2(clean_env(), model, "vllm-tp2-reference", tmp, connector=False),
+                              tp2(env, model, "vllm-tp2-cold", tmp)) as (ref, cold):
             out["reference"] = first_logprobs(ref)
-        with tp2(env, model, "vllm-tp2-cold", tmp) as cold:
             out["cold"] = first_logprobs(cold)
             out["cold_log"] = cold.log()
         client = redis.client()
