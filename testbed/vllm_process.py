@@ -197,16 +197,26 @@ class VLLMServer:
 
 
 @contextlib.contextmanager
-def started_together(*servers: VLLMServer, timeout: float = 600.0) -> Iterator[tuple[VLLMServer, ...]]:
-    """Start independent engines at the same time and stop them all on exit. Most of a start-up is
-    three processes importing vLLM one after another on one core (~40 s here), so two engines that
-    need nothing from each other start in about the time of one."""
+def launched_together(*servers: VLLMServer) -> Iterator[tuple[VLLMServer, ...]]:
+    """Launch engines at the same time, each awaited (``wait_healthy``) where it is first needed, and
+    stop them all on exit. Most of a start-up is three processes importing vLLM one after another on
+    one core (~40 s here), so engines launched together start in about the time of one. A restarted
+    instance may start beside the one whose writes it reads (a remote store), as long as it is asked
+    nothing before that one has stopped and flushed."""
     try:
         for server in servers:
             server.launch()
-        for server in servers:
-            server.wait_healthy(timeout)
         yield servers
     finally:
         for server in servers:
             server.stop()
+
+
+@contextlib.contextmanager
+def started_together(*servers: VLLMServer, timeout: float = 600.0) -> Iterator[tuple[VLLMServer, ...]]:
+    """Start engines that need nothing from each other at the same time (:func:`launched_together`),
+    all serving on entry, and stop them all on exit."""
+    with launched_together(*servers):
+        for server in servers:
+            server.wait_healthy(timeout)
+        yield servers

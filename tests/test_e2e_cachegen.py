@@ -19,7 +19,7 @@ import pytest
 from testbed import prompts
 from testbed.events import events, hits_for
 from testbed.redis_servers import start_redis
-from testbed.vllm_process import VLLMServer, clean_env
+from testbed.vllm_process import VLLMServer, clean_env, launched_together
 from vllm_kvcache_plugin.serde.header import parse_header
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -47,10 +47,14 @@ def test_cachegen_restart_hit_size_and_logprobs(tmp_path):
     env = clean_env(LMCACHE_REMOTE_URL=redis.url, LMCACHE_REMOTE_SERDE="cachegen", LMCACHE_LOCAL_CPU="False")
     runs = []
     try:
-        for name in ("cold", "warm"):
-            with VLLMServer(env, dtype="float32", name=f"vllm-cachegen-{name}", log_dir=str(tmp_path)) as server, \
-                    ThreadPoolExecutor(3) as pool:
-                results = list(pool.map(lambda p, s=server: s.complete(p, TOKENS, logprobs=TOP), PROMPTS))
+        # The restarted instance starts beside the cold one and is asked nothing before it stopped.
+        with launched_together(*(VLLMServer(env, dtype="float32", name=f"vllm-cachegen-{name}",
+                                            log_dir=str(tmp_path)) for name in ("cold", "warm"))) as servers:
+            for server in servers:
+                server.wait_healthy()
+                with ThreadPoolExecutor(3) as pool:
+                    results = list(pool.map(lambda p, s=server: s.complete(p, TOKENS, logprobs=TOP), PROMPTS))
+                server.stop()  # a clean stop flushes pending writes
                 runs.append((results, server.log()))
         client = redis.client()
         values = [client.get(k) for k in client.scan_iter(match="vllm@*")]

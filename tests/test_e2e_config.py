@@ -7,7 +7,7 @@ import pytest
 from testbed import prompts
 from testbed.events import all_loaded_tokens, chunk_checksums
 from testbed.redis_servers import start_redis
-from testbed.vllm_process import VLLMServer, clean_env, ensure_model
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model, launched_together
 
 pytestmark = [pytest.mark.vllm]
 
@@ -70,13 +70,16 @@ def test_seed_settings_cold_then_restart_hit_bf16(tmp_path):
     long_prompt = prompts.text(600, offset=700)
     results, logs = [], []
     try:
-        for name in ("cold", "warm"):
-            server = VLLMServer(clean_env(**env), name=f"vllm-seed-{name}", log_dir=str(tmp_path),
-                                extra_args=("--served-model-name", "smollm2-seed"))
-            with server:
+        # The restarted instance starts beside the cold one and is asked nothing before it stopped.
+        with launched_together(*(VLLMServer(clean_env(**env), name=f"vllm-seed-{name}", log_dir=str(tmp_path),
+                                            extra_args=("--served-model-name", "smollm2-seed"))
+                                 for name in ("cold", "warm"))) as servers:
+            for server in servers:
+                server.wait_healthy()
                 server.model = "smollm2-seed"
                 results.append([server.complete(p, 10, logprobs=5) for p in (SEED_PROMPT, long_prompt)])
-            logs.append(server.log())
+                server.stop()  # a clean stop flushes pending writes
+                logs.append(server.log())
         keys = [k.decode() for k in redis.client().scan_iter(match="vllm@*")]
     finally:
         redis.stop()

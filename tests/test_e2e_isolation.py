@@ -18,7 +18,7 @@ import torch
 from testbed import prompts
 from testbed.events import requests
 from testbed.redis_servers import start_redis
-from testbed.vllm_process import VLLMServer, clean_env, ensure_model, started_together
+from testbed.vllm_process import VLLMServer, clean_env, ensure_model, launched_together, started_together
 from tests.tiny_models import lora_adapter
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -88,20 +88,23 @@ def runs(tmp_path_factory):
     env = clean_env(LMCACHE_REMOTE_URL=redis.url, LMCACHE_LOCAL_CPU="False")
     out = {}
     try:
-        # The reference (no connector) and the cold instance need nothing from each other.
-        with started_together(
-                VLLMServer(clean_env(), dtype="float32", connector=False, name="vllm-iso-reference", log_dir=str(tmp),
-                           extra_args=(*args, "--no-enable-prefix-caching")),
-                VLLMServer(env, dtype="float32", name="vllm-iso-cold", log_dir=str(tmp), extra_args=args),
-        ) as (ref, cold):
-            out["reference"] = {v: ask(ref, v)["text"] for v in VARIANTS}
-            out["prompt_tokens"] = len(ref.tokenize(PROMPT))
-            # Stored in this order: each later variant finds the earlier ones' chunks in the store
-            # (and in vLLM's own cache) under other keys, and must miss them.
-            out["cold"] = {v: ask(cold, v) for v in ("base", "lora", "salt-a", "embeds-1")}
-            out["cold_log"] = cold.log()
-        out["cold_keys"] = {k.decode() for k in redis.client().scan_iter(match="vllm@*")}
-        with VLLMServer(env, dtype="float32", name="vllm-iso-warm", log_dir=str(tmp), extra_args=args) as warm:
+        # The reference (no connector) and the cold instance need nothing from each other; the
+        # restarted instance starts beside them and is asked nothing before the cold one stopped.
+        with launched_together(VLLMServer(env, dtype="float32", name="vllm-iso-warm", log_dir=str(tmp),
+                                          extra_args=args)) as (warm,):
+            with started_together(
+                    VLLMServer(clean_env(), dtype="float32", connector=False, name="vllm-iso-reference",
+                               log_dir=str(tmp), extra_args=(*args, "--no-enable-prefix-caching")),
+                    VLLMServer(env, dtype="float32", name="vllm-iso-cold", log_dir=str(tmp), extra_args=args),
+            ) as (ref, cold):
+                out["reference"] = {v: ask(ref, v)["text"] for v in VARIANTS}
+                out["prompt_tokens"] = len(ref.tokenize(PROMPT))
+                # Stored in this order: each later variant finds the earlier ones' chunks in the store
+                # (and in vLLM's own cache) under other keys, and must miss them.
+                out["cold"] = {v: ask(cold, v) for v in ("base", "lora", "salt-a", "embeds-1")}
+                out["cold_log"] = cold.log()
+            out["cold_keys"] = {k.decode() for k in redis.client().scan_iter(match="vllm@*")}
+            warm.wait_healthy()
             out["warm"] = {v: ask(warm, v) for v in ("salt-b", "base", "lora", "salt-a", "embeds-2", "embeds-1")}
             out["warm_log"] = warm.log()
         out["keys"] = {k.decode() for k in redis.client().scan_iter(match="vllm@*")}
