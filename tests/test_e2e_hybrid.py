@@ -26,7 +26,14 @@ from testbed import prompts
 from testbed.events import events, hits_for, requests
 from testbed.lm_server import LMServerProcess
 from testbed.processes import free_port
-from testbed.vllm_process import VLLMServer, clean_env, hybrid_manager_turned_off, kv_cache_tokens, started_together
+from testbed.vllm_process import (
+    VLLMServer,
+    clean_env,
+    hybrid_manager_turned_off,
+    kv_cache_tokens,
+    launched_together,
+    started_together,
+)
 from tests.tiny_models import gemma3_tiny, granite_hybrid_tiny
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -91,19 +98,22 @@ def gemma(tmp_path_factory):
                           log_dir=str(tmp), connector=connector, extra_args=args)
 
     try:
-        # The reference (no connector) and the cold instance need nothing from each other.
-        with started_together(engine("vllm-gemma3-reference", False, "--no-enable-prefix-caching"),
-                              engine("vllm-gemma3-cold", True)) as (ref, cold):
-            p1 = ref.tokenize(prompts.text(1000, offset=61000))  # ~1200 tokens: 9+ windows
-            p2 = ref.tokenize(prompts.text(1100, offset=64000))
-            p3 = p1[:SHARED] + p2[-500:]
-            out["prompts"] = {"P1": p1, "P2": p2, "P3": p3}
-            out["reference"] = {name: ask(ref, p) for name, p in out["prompts"].items()}
-            out["reference_capacity"] = ref.kv_cache_tokens()
-            out["cold"] = {name: ask(cold, out["prompts"][name]) for name in ("P1", "P2")}
-            out["cold_log"] = cold.log()
-        # Prefix caching off: P3's shared prefix must come from the store, not from P1 in vLLM's cache.
-        with engine("vllm-gemma3-restart", True, "--no-enable-prefix-caching") as warm:
+        # The reference (no connector) and the cold instance need nothing from each other; the
+        # restarted instance starts beside them and is asked nothing before the cold one stopped.
+        # Prefix caching off there: P3's shared prefix must come from the store, not from P1 in
+        # vLLM's cache.
+        with launched_together(engine("vllm-gemma3-restart", True, "--no-enable-prefix-caching")) as (warm,):
+            with started_together(engine("vllm-gemma3-reference", False, "--no-enable-prefix-caching"),
+                                  engine("vllm-gemma3-cold", True)) as (ref, cold):
+                p1 = ref.tokenize(prompts.text(1000, offset=61000))  # ~1200 tokens: 9+ windows
+                p2 = ref.tokenize(prompts.text(1100, offset=64000))
+                p3 = p1[:SHARED] + p2[-500:]
+                out["prompts"] = {"P1": p1, "P2": p2, "P3": p3}
+                out["reference"] = {name: ask(ref, p) for name, p in out["prompts"].items()}
+                out["reference_capacity"] = ref.kv_cache_tokens()
+                out["cold"] = {name: ask(cold, out["prompts"][name]) for name in ("P1", "P2")}
+                out["cold_log"] = cold.log()
+            warm.wait_healthy()
             out["restart"] = {name: ask(warm, p) for name, p in out["prompts"].items()}
             out["restart_log"] = warm.log()
     finally:

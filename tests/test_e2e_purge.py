@@ -22,7 +22,7 @@ from testbed import prompts
 from testbed.events import requests
 from testbed.lm_server import LMServerProcess
 from testbed.processes import free_port
-from testbed.vllm_process import VLLMServer, clean_env, started_together
+from testbed.vllm_process import VLLMServer, clean_env, launched_together
 from tests.e2e_scenario import greedy_margins
 from tests.fixtures.vllm_server import FLOAT32_NEAR_TIE
 from vllm_kvcache_plugin.connectors import create_connector
@@ -81,27 +81,31 @@ def test_purge_then_restart_misses_the_purged_model_and_hits_the_other(tmp_path)
     assert SCRIPT, "the vllm-kvcache console script is not installed next to this Python"
     store = LMServerProcess(free_port(), ("--max-size-gb", "1")).start()
     try:
-        with serve(store, "smol-a", tmp_path) as cold:
+        # The two restarted instances start beside the cold one; they are asked nothing before the
+        # purge (they keep no answer from before their first request).
+        with launched_together(serve(store, "smol-a", tmp_path), serve(store, "smol-a", tmp_path),
+                               serve(store, "smol-b", tmp_path)) as (cold, purged, other):
+            cold.wait_healthy()
             first = cold.complete(PROMPT, TOKENS, logprobs=2)
             assert loaded(cold, first) == 0
-        assert min(greedy_margins(first)) > FLOAT32_NEAR_TIE, "the prompt has a greedy near-tie; pick another"
-        prompt_tokens = first["usage"]["prompt_tokens"]
-        copied = copy_model(store.url, "smol-a", "smol-b")
-        assert copied == -(-prompt_tokens // 256), "the cold run stored one chunk per 256 tokens"
-        before = inspect(store.url)
-        assert {m: sum(g["chunks"] for g in groups) for m, groups in before["models"].items()} == \
-            {"smol-a": copied, "smol-b": copied}
+            cold.stop()  # a clean stop flushes pending writes
+            assert min(greedy_margins(first)) > FLOAT32_NEAR_TIE, "the prompt has a greedy near-tie; pick another"
+            prompt_tokens = first["usage"]["prompt_tokens"]
+            copied = copy_model(store.url, "smol-a", "smol-b")
+            assert copied == -(-prompt_tokens // 256), "the cold run stored one chunk per 256 tokens"
+            before = inspect(store.url)
+            assert {m: sum(g["chunks"] for g in groups) for m, groups in before["models"].items()} == \
+                {"smol-a": copied, "smol-b": copied}
 
-        purge = subprocess.run([SCRIPT, "purge", store.url, "--model", "smol-a"], capture_output=True, text=True,
-                               timeout=60)
-        assert purge.returncode == 0, purge.stderr
-        assert f"deleted {copied} chunks" in purge.stdout
-        assert set(inspect(store.url)["models"]) == {"smol-b"}
+            purge = subprocess.run([SCRIPT, "purge", store.url, "--model", "smol-a"], capture_output=True,
+                                   text=True, timeout=60)
+            assert purge.returncode == 0, purge.stderr
+            assert f"deleted {copied} chunks" in purge.stdout
+            assert set(inspect(store.url)["models"]) == {"smol-b"}
 
-        with started_together(serve(store, "smol-a", tmp_path), serve(store, "smol-b", tmp_path)) as (purged, other):
-            again = purged.complete(PROMPT, TOKENS)
+            again = purged.wait_healthy().complete(PROMPT, TOKENS)
             assert loaded(purged, again) == 0, "the purged model's prompt was loaded from the store"
-            hit = other.complete(PROMPT, TOKENS)
+            hit = other.wait_healthy().complete(PROMPT, TOKENS)
             assert loaded(other, hit) == prompt_tokens - 1, "the other model's chunks were not loaded"
         text = first["choices"][0]["text"]
         assert again["choices"][0]["text"] == text and hit["choices"][0]["text"] == text
