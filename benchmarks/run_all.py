@@ -45,6 +45,7 @@ BENCHES = (
           ("benchmarks/bench_cachegen.py", "--e2e")),
     Bench("ttft", "Time to first token on vLLM's CPU build",
           ("benchmarks/bench_ttft.py", "--stores", "lm,redis,disk,mooncake,peer", "--lengths", "1000,4000")),
+    Bench("load", "A restart load outside vLLM, stage by stage", ("benchmarks/bench_load.py",), ("--runs", "1")),
     Bench("hybrid", "A hybrid (sliding-window) model: KV capacity and TTFT with the connector",
           ("benchmarks/bench_hybrid.py",)),
     Bench("interference", "Decode interference: running streams while hits load, and a frozen store",
