@@ -9,6 +9,7 @@ modification first), so the LRU order survives a restart.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -150,11 +151,12 @@ class DiskTier(Tier):
         One copy: the file is mapped (:func:`map_file`: its page-cache pages enter this process's
         page tables in one call) and the naive serde's chunk is a view of the mapping, so the load's
         verify-and-scatter reads the page cache directly. Reading into a pooled buffer first, as
-        before, was a second copy: 16-19 ms of a 4k-token load's 36-49 ms on an AVX2 machine
-        (issue 14). The chunk is lent (``MemoryObj.lend``): the mapping goes with its last
-        reference, and a tier that keeps it (the hot cache) gets a copy of its own. Where the file
-        cannot be mapped, it is read into a pooled buffer (the serde's receive size for
-        ``expected``, the one the pool is pre-warmed with). A file larger than that size cannot hold
+        before, was a second copy: 15-17 ms of a 4k-token load's 27-36 ms on an AVX2 machine, where
+        the mapped load takes 16-21 ms (``benchmarks/bench_load.py``, issue 14). The chunk is lent
+        (``MemoryObj.lend``): the mapping goes with its last reference, and a tier that keeps it
+        (the hot cache) gets a copy of its own. Where the file cannot be mapped, it is read into a
+        pooled buffer (the serde's receive size for ``expected``, the one the pool is pre-warmed
+        with). A file larger than that size cannot hold
         a chunk of this geometry: it is dropped as foreign without being read.
 
         The tier's files are replaced by rename and removed by unlink, never truncated, and either
@@ -207,7 +209,8 @@ class DiskTier(Tier):
                 obj = self.serde.deserialize_block(data, block, expected, defer_check)
         except CorruptValueError as exc:
             if mapping is not None:
-                data.release()
+                with contextlib.suppress(BufferError):  # a view of it may still be alive (the traceback's)
+                    data.release()
                 unmap(mapping)
             return self._reject(key, name, path, str(exc))
         if not obj.checked:
