@@ -16,7 +16,7 @@ Stores: ``disk`` (the disk tier, files mapped: the default), ``disk-read`` (read
 stored once by another process.
 Prints a table (and writes it with a PNG plot to ``--out``).
 
-    python benchmarks/bench_load.py [--tokens 4096] [--stores disk,disk-read,lm,lm-tcp] [--out DIR]
+    python benchmarks/bench_load.py [--tokens 4096] [--stores disk,disk-read,lm,lm-tcp,redis,redis-unix] [--out DIR]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _child(args: argparse.Namespace) -> None:
             stages["verify"].append(verified - fetched)
             stages["scatter"].append(scattered - verified)
         out["stages_ms"] = {name: 1e3 * min(values) for name, values in stages.items()}
-        out["bytes"] = sum(2 * LAYERS * ref.num_tokens * HEADS * HEAD_SIZE * 2 for ref in refs)
+        out["bytes"] = sum(cache.shape.meta(ref.num_tokens).nbytes for ref in refs)
     worker.close()
     engine.close()
     print("RESULT " + json.dumps(out), flush=True)

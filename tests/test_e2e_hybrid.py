@@ -177,9 +177,8 @@ def granite(tmp_path_factory):
     out: dict = {}
     try:
         # The reference (no connector) starts while the connector's engine does.
-        engine = VLLMServer(env, dtype="float32", model=model, name="vllm-granite-connector",
-                            log_dir=str(tmp)).launch()
-        try:
+        with launched_together(VLLMServer(env, dtype="float32", model=model, name="vllm-granite-connector",
+                                          log_dir=str(tmp))) as (engine,):
             with VLLMServer(clean_env(), dtype="float32", model=model, name="vllm-granite-reference",
                             log_dir=str(tmp), connector=False) as ref:
                 out["prompt"] = ref.tokenize(SSM_PROMPT)
@@ -192,8 +191,7 @@ def granite(tmp_path_factory):
                 return out
             out["replies"] = [ask(engine, out["prompt"]) for _ in range(2)]
             out["log"] = engine.log()
-        finally:
-            engine.stop()  # after its queued writes, if any
+        # Stopped by now, after its queued writes, if any.
         out["keys"] = stored_keys(server.url)
     finally:
         server.stop()
