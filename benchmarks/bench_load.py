@@ -12,11 +12,18 @@ checksum), scatter (into the blocks), so a slow stage shows even where the load 
 Stores: ``disk`` (the disk tier, files mapped: the default), ``disk-read`` (read into pooled buffers,
 ``VLLM_KVCACHE_DISK_MMAP=0``, the path before), ``lm`` (lm:// on this host: shared memory),
 ``lm-tcp`` (lm:// with ``?shm=off``), ``redis`` (a real redis-server over loopback TCP) and
-``redis-unix`` (the same server over its unix socket, ``unix://``). The chunks are random bf16,
-stored once by another process.
+``redis-unix`` (the same server over its unix socket, ``unix://``) and ``mooncake``
+(mooncakestore:// through a master and a standalone ``mooncake_client`` that owns the segment, as in
+``bench_ttft.py``). The chunks are random bf16, stored once by another process.
+
+Beside the times it counts CPU: the loading process's own (every thread) and the store's server
+processes' (redis-server; the lm server; mooncake_client and the master), per load, from
+``/proc/<pid>/stat`` (10 ms ticks, so averaged over every load of the run). On a host whose cores
+the store shares, the two together bound the load: it cannot take less than their sum divided by
+the cores.
 Prints a table (and writes it with a PNG plot to ``--out``).
 
-    python benchmarks/bench_load.py [--tokens 4096] [--stores disk,disk-read,lm,lm-tcp,redis,redis-unix] [--out DIR]
+    python benchmarks/bench_load.py [--tokens 4096] [--stores disk,lm,redis,mooncake,...] [--runs 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,10 +43,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import environment_line, markdown_table, save_bar_plot
 
-STORES = ("disk", "disk-read", "lm", "lm-tcp", "redis", "redis-unix")
+STORES = ("disk", "disk-read", "lm", "lm-tcp", "redis", "redis-unix", "mooncake")
 LAYERS, HEADS, HEAD_SIZE, BLOCK, CHUNK = 30, 3, 64, 128, 256
 CACHE_BLOCKS = 1300  # ~3.8 GB of cache, about what VLLM_CPU_KVCACHE_SPACE=4 gives this model
 LOADS = 4  # whole loads per fresh process; the first is the restart's own
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time the processes have used, every thread (``/proc/<pid>/stat``)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -81,6 +98,9 @@ def _child(args: argparse.Namespace) -> None:
         out["stored"] = engine.storage.flush(60)
     else:
         loads = []
+        server_pids = [int(p) for p in args.server_pids.split(",") if p]
+        worker.lookup([ref.chunk_hash for ref in refs])  # as in vLLM: the scheduler asks before it loads
+        own_cpu, server_cpu = time.process_time(), _cpu_seconds(server_pids)
         for _ in range(LOADS):
             load = LoadSpec(uuid.uuid4().hex, 0, args.tokens, refs, (blocks,))
             start = time.perf_counter()
@@ -89,6 +109,8 @@ def _child(args: argparse.Namespace) -> None:
             if worker.take_load_errors():
                 raise SystemExit("a load reported failed blocks: the chunks did not all load")
         out["loads_ms"] = [1e3 * s for s in loads]
+        out["cpu_ms"] = {"loader": 1e3 * (time.process_time() - own_cpu) / LOADS,
+                         "store": 1e3 * (_cpu_seconds(server_pids) - server_cpu) / LOADS}
         stages = {"fetch": [], "verify": [], "scatter": []}
         for _ in range(3):
             start = time.perf_counter()
@@ -113,10 +135,12 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _run_child(role: str, store: str, where: str, url: str | None, tokens: int) -> dict:
-    env = dict(os.environ)
+def _run_child(role: str, store: str, where: str, url: str | None, tokens: int, server_pids: Sequence[int] = (),
+               extra_env: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, **(extra_env or {})}
     env["VLLM_KVCACHE_DISK_MMAP"] = "0" if store == "disk-read" else "1"
-    argv = [sys.executable, __file__, "--child", role, "--tokens", str(tokens), "--dir", where]
+    argv = [sys.executable, __file__, "--child", role, "--tokens", str(tokens), "--dir", where,
+            "--server-pids", ",".join(str(p) for p in server_pids)]
     if url:
         argv += ["--url", url]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
@@ -130,6 +154,8 @@ def _measure(store: str, tokens: int, runs: int, scratch: str) -> dict:
     """Store once, then ``runs`` fresh load processes; each figure the best of the runs."""
     server = None
     url = None
+    pids: list[int | None] = []
+    env: dict[str, str] = {}
     try:
         if store.startswith("lm"):
             from testbed.lm_server import LMServerProcess
@@ -137,15 +163,25 @@ def _measure(store: str, tokens: int, runs: int, scratch: str) -> dict:
 
             server = LMServerProcess(free_port()).start()
             url = server.url + ("?shm=off" if store == "lm-tcp" else "")
+            pids = [server.pid]
         elif store.startswith("redis"):
             from testbed.redis_servers import start_redis
 
             os.makedirs(home := os.path.join(scratch, store + "-server"), exist_ok=True)
             server = start_redis("redis-bench-load", home)
             url = server.unix_url if store == "redis-unix" else server.url
+            pids = [server.node.pid]
+        elif store == "mooncake":
+            from testbed.mooncake_servers import MooncakeDeployment
+
+            os.makedirs(home := os.path.join(scratch, "mooncake-config"), exist_ok=True)
+            server = MooncakeDeployment(Path(home), segment="1GB")  # a master + a standalone segment owner
+            url, env = server.master.url, {"MOONCAKE_CONFIG_PATH": str(server.config_path)}
+            pids = [server.owner.pid, server.master.process.pid]
         where = os.path.join(scratch, store)
-        _run_child("store", store, where, url, tokens)
-        results = [_run_child("load", store, where, url, tokens) for _ in range(runs)]
+        server_pids = [p for p in pids if p is not None]
+        _run_child("store", store, where, url, tokens, server_pids, env)
+        results = [_run_child("load", store, where, url, tokens, server_pids, env) for _ in range(runs)]
     finally:
         if server is not None:
             server.stop()
@@ -153,6 +189,7 @@ def _measure(store: str, tokens: int, runs: int, scratch: str) -> dict:
         "first_ms": min(r["loads_ms"][0] for r in results),
         "best_ms": min(min(r["loads_ms"]) for r in results),
         "stages_ms": {k: min(r["stages_ms"][k] for r in results) for k in ("fetch", "verify", "scatter")},
+        "cpu_ms": {k: sum(r["cpu_ms"][k] for r in results) / len(results) for k in ("loader", "store")},
         "bytes": results[0]["bytes"],
     }
 
@@ -167,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=("store", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--server-pids", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
@@ -185,19 +223,28 @@ def main(argv: list[str] | None = None) -> int:
             measured[store] = _measure(store, args.tokens, args.runs, scratch)
             m = measured[store]
             print(f"  {store}: first load {m['first_ms']:.1f} ms, best {m['best_ms']:.1f} ms; stages "
-                  + ", ".join(f"{k} {v:.1f} ms" for k, v in m["stages_ms"].items()), flush=True)
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in m["stages_ms"].items())
+                  + f"; CPU a load: loader {m['cpu_ms']['loader']:.0f} ms, store {m['cpu_ms']['store']:.0f} ms",
+                  flush=True)
     rows = []
     for store, m in measured.items():
         stages = m["stages_ms"]
         rows.append([store, f"{m['bytes'] / 1e6:.0f}", f"{m['first_ms']:.1f}", f"{m['best_ms']:.1f}",
                      f"{m['bytes'] / 1e6 / m['best_ms']:.2f}", f"{stages['fetch']:.1f}", f"{stages['verify']:.1f}",
-                     f"{stages['scatter']:.1f}", f"{sum(stages.values()):.1f}"])
+                     f"{stages['scatter']:.1f}", f"{sum(stages.values()):.1f}", f"{m['cpu_ms']['loader']:.0f}",
+                     f"{m['cpu_ms']['store']:.0f}",
+                     f"{(m['cpu_ms']['loader'] + m['cpu_ms']['store']) / (os.cpu_count() or 1):.0f}"])
     table = markdown_table(["store", "MB", "first load ms", "best load ms", "load GB/s", "stage: fetch ms",
-                            "stage: verify ms", "stage: scatter ms", "stages one after another ms"], rows)
+                            "stage: verify ms", "stage: scatter ms", "stages one after another ms",
+                            "CPU a load: loader ms", "CPU a load: store's servers ms",
+                            f"CPU floor on {os.cpu_count()} cores ms"], rows)
     notes = (f"{args.tokens} tokens of SmolLM2-135M's KV (bf16) into a cpu_vec, block-128 cache; a load is "
              "WorkerSide.load before a forward (fetch threads, one verify-and-scatter pass); first load: the "
              f"first in a fresh process, best: of {LOADS} loads x {args.runs} processes; the stages run one "
-             "after another on the same chunks (best of 3 x the processes).")
+             "after another on the same chunks (best of 3 x the processes). CPU a load: the mean over every load "
+             "of the run (the loads only, not the stages), for the loading process (all its threads) and the "
+             "store's server processes; the CPU floor is their sum over the cores: no load on this host can "
+             "be shorter while the store shares its cores.")
     print("\n" + table + "\n\n" + notes)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
