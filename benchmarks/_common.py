@@ -80,8 +80,26 @@ def vector_isa() -> str:
     return "+".join(have) if have else "no AVX2"
 
 
+def add_engine_env_option(parser: Any) -> None:
+    """``--engine-env KEY=VALUE`` (repeatable): set for every vLLM the benchmark starts, e.g.
+    VLLM_CPU_OMP_THREADS_BIND=auto (vLLM's default; the testbed's is nobind) or LMCACHE_THREAD_CPUS."""
+    parser.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for every vLLM started (repeatable), e.g. VLLM_CPU_OMP_THREADS_BIND=auto")
+
+
+def apply_engine_env(pairs: Sequence[str]) -> None:
+    from testbed.vllm_process import ENGINE_ENV
+
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-env {pair!r}: give KEY=VALUE")
+        ENGINE_ENV[key] = value
+
+
 def environment_line() -> str:
-    """The command line and the machine, printed at the top of every benchmark output."""
+    """The command line and the machine, printed at the top of every benchmark output (and, for
+    the benchmarks that start vLLM, how its threads are bound)."""
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     # glibc malloc settings change large-buffer costs a lot here (page faults): record them.
@@ -92,7 +110,14 @@ def environment_line() -> str:
         f"Python {platform.python_version()}, "
         f"load average {load} (at start), {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
         + (f"\nmalloc: {malloc}" if malloc else "")
+        + (f"\nengines: {_engine_env_line()}" if "testbed.vllm_process" in sys.modules else "")
     )
+
+
+def _engine_env_line() -> str:
+    from testbed.vllm_process import engine_env_line
+
+    return engine_env_line()
 
 
 def fmt(value: float | str | None, digits: int = 2) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
+from benchmarks._common import add_engine_env_option, apply_engine_env, environment_line, fmt, markdown_table  # noqa: E402
 from testbed import prompts  # noqa: E402
 from testbed.events import events  # noqa: E402
 from testbed.redis_servers import start_redis  # noqa: E402
@@ -162,7 +162,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=3700)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
+    add_engine_env_option(parser)
     args = parser.parse_args()
+    apply_engine_env(args.engine_env)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_model()

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import environment_line, fmt, markdown_table  # noqa: E402
+from benchmarks._common import add_engine_env_option, apply_engine_env, environment_line, fmt, markdown_table  # noqa: E402
 from benchmarks.ttft_stages import HEADERS as STAGE_HEADERS  # noqa: E402
 from benchmarks.ttft_stages import StageSplit, stage_split  # noqa: E402
 from testbed import prompts  # noqa: E402
@@ -255,7 +255,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions for the miss-overhead columns")
     parser.add_argument("--quick", action="store_true", help="one 1k and one 4k prompt, lm only")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="folder for the table and PNG")
+    add_engine_env_option(parser)
     args = parser.parse_args()
+    apply_engine_env(args.engine_env)
     lengths = [1000, 4000] if args.quick else [int(x) for x in args.lengths.split(",")]
     stores = ["lm"] if args.quick else [s.strip() for s in args.stores.split(",") if s.strip()]
     out_dir = Path(args.out)

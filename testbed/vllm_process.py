@@ -52,8 +52,13 @@ def ensure_model(path: Path = MODEL_DIR) -> Path:
     return path
 
 
+# Set by a benchmark's --engine-env: applied to every engine after everything else.
+ENGINE_ENV: dict[str, str] = {}
+
+
 def clean_env(**overrides: str) -> dict[str, str]:
-    """This process's environment without any LMCACHE_* / MOONCAKE_* setting, plus ``overrides``."""
+    """This process's environment without any LMCACHE_* / MOONCAKE_* setting, plus ``overrides``
+    (then ``ENGINE_ENV``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCACHE_", "MOONCAKE_"))}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -64,7 +69,18 @@ def clean_env(**overrides: str) -> dict[str, str]:
     env["LMCACHE_LOG_EVENTS"] = "true"  # the tests and benchmarks read the connector's structured events
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
+    env.update(ENGINE_ENV)
     return env
+
+
+def engine_env_line() -> str:
+    """How the engines' threads are bound, and what --engine-env set: for a benchmark's header."""
+    env = clean_env()
+    line = (f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']} "
+            f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+    extra = " ".join(f"{k}={v}" for k, v in sorted(ENGINE_ENV.items())
+                     if k not in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"))
+    return line + (f" {extra}" if extra else "")
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,9 @@ def test_unknown_key_names_key_source_and_suggestion(tmp_path):
     ({"LMCACHE_MIN_LOAD_GB_PER_SEC": "0"}, ["min_load_gb_per_sec", "> 0"]),
     ({"LMCACHE_PUT_QUEUE_MAX_GB": "-1"}, ["put_queue_max_gb", "> 0"]),
     ({"LMCACHE_CACHEGEN_KEY_BINS": "32:x"}, ["cachegen_key_bins", "BINS[:LAYERS]"]),
+    ({"LMCACHE_THREAD_CPUS": "0-x"}, ["thread_cpus", "LMCACHE_THREAD_CPUS", "'0-x'", "0-3,8", "inherit"]),
+    ({"LMCACHE_THREAD_CPUS": "3-1"}, ["thread_cpus", "empty range"]),
+    ({"LMCACHE_THREAD_CPUS": "4096"}, ["thread_cpus", "CPU 4096 does not exist"]),
 ])
 def test_every_bad_value_gets_one_line(env, needles):
     msg = _error(env=env)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ from testbed.vllm_process import VLLMServer, clean_env
 from tests.e2e_scenario import greedy_margins
 from tests.fixtures.vllm_server import FLOAT32_NEAR_TIE
 from tests.proxy import DelayProxy
+from vllm_kvcache_plugin.threads import format_cpu_list, parse_cpu_list
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -43,12 +46,26 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
     _, proxy = store
+    # vLLM's own default thread binding (the testbed's is nobind): the loads run as deployed.
     env = clean_env(LMCACHE_REMOTE_URL=f"redis://127.0.0.1:{proxy.port}", LMCACHE_LOCAL_CPU="False",
-                    LMCACHE_BLOCKING_TIMEOUT_SECS="10")
+                    LMCACHE_BLOCKING_TIMEOUT_SECS="10", VLLM_CPU_OMP_THREADS_BIND="auto")
     vllm = VLLMServer(env, dtype="float32", name="vllm-async", log_dir=str(tmp_path_factory.mktemp("async-vllm")),
                       extra_args=("--no-enable-prefix-caching",))
     with vllm:
         yield vllm
+
+
+def pids_of_group(pgid: int) -> list[int]:
+    """The processes of a process group (vLLM's API server, engine core and worker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    pids.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return pids
 
 
 def wait_stored(redis, keys_at_least: int, timeout: float = 60) -> None:
@@ -120,6 +137,44 @@ def test_a_hit_beside_a_running_request_loads_asynchronously_with_the_same_text(
     assert event["asynchronous"] and event["loaded_tokens"] == hit["usage"]["prompt_tokens"] - 1
     done = [e for e in events(server.log(), "loads_done") if event["request_id"] in e["requests"]]
     assert len(done) == 1 and done[0]["asynchronous"] and done[0]["tokens"] == event["loaded_tokens"]
+
+
+def _threads(pid: int) -> dict[str, list[frozenset[int]]]:
+    """Kernel thread name -> the CPUs each thread of that name may run on."""
+    found: dict[str, list[frozenset[int]]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:  # the thread ended
+            continue
+        allowed = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+        found.setdefault(name, []).append(parse_cpu_list(allowed))
+    return found
+
+
+def test_connector_threads_use_every_core_vllm_bound_not_the_model_runners_one(server: VLLMServer):
+    """vLLM (auto binding) pins the model runner to the first core of its OpenMP team; the threads
+    the connector starts would inherit that one core. They run on all of the team's cores instead
+    (those that run an OpenMP region themselves, a scatter, are placed by OpenMP like vLLM's team)."""
+    workers = [pid for pid in pids_of_group(server.process.pid)
+               if b"GOMP_CPU_AFFINITY=" in Path(f"/proc/{pid}/environ").read_bytes()]
+    assert len(workers) == 1, "vLLM's auto binding set GOMP_CPU_AFFINITY for its one worker"
+    (pid,) = workers
+    (gomp,) = [item for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+               if item.startswith(b"GOMP_CPU_AFFINITY=")]
+    team = parse_cpu_list(gomp.split(b"=", 1)[1].decode())
+    if len(team) < 2:
+        pytest.skip(f"vLLM bound its team to one CPU ({sorted(team)}): no other core to use")
+    main = parse_cpu_list(Path(f"/proc/{pid}/task/{pid}/status").read_text().split("Cpus_allowed_list:")[1]
+                          .split()[0])
+    assert len(main) == 1 and main <= team, "vLLM pins its model runner to one core of the team"
+    threads = _threads(pid)
+    for name in ("kvcache-io", "kvcache-writer", "kvcache-lookup"):
+        assert name in threads, (name, sorted(threads))
+        assert all(cpus == team for cpus in threads[name]), (name, threads[name], team)
+    assert (f"connector threads run on CPUs {format_cpu_list(team)} (this worker's OpenMP binding, "
+            "GOMP_CPU_AFFINITY)") in server.log()
 
 
 def test_a_client_that_leaves_mid_load_releases_its_blocks(server: VLLMServer, store):

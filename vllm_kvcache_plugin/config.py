@@ -71,6 +71,10 @@ class KVCacheConfig:
     decode never waits for it (vLLM's asynchronous KV loads). Hot-cache hits, and hits while nothing
     else runs, load before the step's forward (no one waits, and it saves a step). false: every
     load stops the step until it is done."""
+    thread_cpus: str | None = None
+    """CPUs the connector's threads run on in a worker (fetch, loader, writer, I/O), e.g. "0-3,8";
+    unset: every CPU vLLM bound the worker's OpenMP team to (VLLM_CPU_OMP_THREADS_BIND), not just the
+    model runner's first core that a new thread would inherit; inherit: leave them where they start."""
     existence_cache_ttl_secs: float = 10.0
     """How long a positive existence answer from the remote is trusted without asking again
     (0 disables the existence cache)."""
@@ -142,6 +146,7 @@ FIELD_TYPES: dict[str, str] = {
     "blocking_timeout_secs": "float",
     "min_load_gb_per_sec": "float",
     "async_loading": "bool",
+    "thread_cpus": "optional_str",
     "existence_cache_ttl_secs": "float",
     "put_queue_size": "int",
     "put_queue_max_gb": "float",

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import connectors, serde
 from .config import KVCacheConfig, load_config
+from .threads import check_thread_cpus
 
 
 def load_settings(extra_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
@@ -23,5 +24,6 @@ def load_settings(extra_config: Mapping[str, Any] | None = None, env: Mapping[st
 
 
 def check_settings(config: KVCacheConfig) -> None:
+    check_thread_cpus(config.thread_cpus, config.invalid)
     serde.check_settings(config)
     connectors.check_settings(config)

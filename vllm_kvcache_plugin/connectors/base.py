@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from ..config import KVCacheConfig
+from ..threads import thread_pool
 from .url import RemoteURL
 
 Buffer = bytes | bytearray | memoryview
@@ -132,9 +133,7 @@ class RemoteConnector(ABC):
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking client call on this connector's thread pool."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=max(1, self.blocking_threads), thread_name_prefix=f"kv-{self.url.scheme}"
-            )
+            self._executor = thread_pool(max(1, self.blocking_threads), f"kv-{self.url.scheme}")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 

@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import ConnectorError, ProtocolError
 from ..lm_protocol import MISSING, SHM_MAGIC, Op, Status, decode_leases, encode_ids, encode_keys
 from ..memory import MADV_POPULATE_READ
+from ..threads import start_thread
 
 logger = logging.getLogger("vllm_kvcache_plugin.connectors.lm")
 
@@ -68,7 +69,7 @@ class ShmMapping:
             raise ConnectorError("the mapped memory is not the server's arena")
         self.address = int(np.frombuffer(self.view, dtype=np.uint8, count=1).ctypes.data)
         self.populated = 0  # bytes of stored values mapped ahead of the first read
-        threading.Thread(target=self._populate, name="kvcache-shm-populate", daemon=True).start()
+        start_thread(self._populate, "kvcache-shm-populate")
 
     def holds(self, address: int) -> bool:
         return self.address <= address < self.address + self.size

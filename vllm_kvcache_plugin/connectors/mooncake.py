@@ -25,11 +25,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import KVCacheConfig
 from ..errors import ConnectorError, ConnectorTimeout
+from ..threads import thread_pool
 from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .mooncake_client import (
     ALIGN,
@@ -93,7 +93,7 @@ class MooncakeStoreConnector(RemoteConnector):
     async def _call(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the pool, bounded by ``timeout``; every failure becomes a ConnectorError."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.blocking_threads, thread_name_prefix="kv-mooncake")
+            self._executor = thread_pool(self.blocking_threads, "kv-mooncake")
         future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         try:
             return await asyncio.wait_for(future, timeout)
@@ -114,7 +114,7 @@ class MooncakeStoreConnector(RemoteConnector):
         reuses them. A cancellation (the storage layer's deadline) is re-raised after the call
         ends; until then the caller's wait is bounded by that layer, not by this coroutine."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.blocking_threads, thread_name_prefix="kv-mooncake")
+            self._executor = thread_pool(self.blocking_threads, "kv-mooncake")
         try:
             future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except RuntimeError:  # the pool is shut down: close() ran

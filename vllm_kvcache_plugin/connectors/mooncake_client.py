@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import memory
 from ..errors import ConnectorError, MissingDependencyError
+from ..threads import start_thread
 from .mooncake_settings import MooncakeSettings
 
 logger = logging.getLogger("vllm_kvcache_plugin.connectors.mooncake")
@@ -163,8 +164,7 @@ class MooncakeClient:
         if self._setup_thread is None and not self.closed.is_set():
             # One attempt per setup() call (Mooncake's default is ~20 x 4 s); we retry with back-off.
             os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", "1")
-            self._setup_thread = threading.Thread(target=self._setup_loop, name="kv-mooncake-setup", daemon=True)
-            self._setup_thread.start()
+            self._setup_thread = start_thread(self._setup_loop, "kv-mooncake-setup")
 
     def _setup_loop(self) -> None:
         delay = 0.5

@@ -19,6 +19,8 @@ import struct
 import threading
 import time
 
+from ..threads import start_thread
+
 logger = logging.getLogger("vllm_kvcache_plugin.server")
 
 NONCE_BYTES = 16
@@ -36,8 +38,7 @@ class FdServer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.bind("\0" + self.name)
         self._sock.listen(64)
-        self._thread = threading.Thread(target=self._serve, name="lm-shm-fd", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._serve, "lm-shm-fd")
 
     def issue_nonce(self) -> bytes:
         now = time.monotonic()
@@ -62,7 +63,7 @@ class FdServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return  # closed
-            threading.Thread(target=self._exchange, args=(conn,), daemon=True).start()
+            start_thread(self._exchange, "lm-shm-exchange", args=(conn,))
 
     def _exchange(self, conn: socket.socket) -> None:
         with conn:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from ..threads import start_thread
 
 T = TypeVar("T")
 
@@ -19,8 +20,7 @@ T = TypeVar("T")
 class EventLoopThread:
     def __init__(self, name: str = "kvcache-io") -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, name)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -21,6 +21,7 @@ from ..connectors import RemoteConnector, create_connector
 from ..memory import Allocator, ChunkMeta, MemoryObj
 from ..metrics import StorageCounters, TierCounters
 from ..serde import create_serde
+from ..threads import start_thread
 from .disk import DiskTier
 from .hot import HotCache
 from .loop import EventLoopThread
@@ -69,8 +70,7 @@ class StorageManager:
         self._closed = False
         self._writer: threading.Thread | None = None
         if self._queued:
-            self._writer = threading.Thread(target=self._write_loop, name="kvcache-writer", daemon=True)
-            self._writer.start()
+            self._writer = start_thread(self._write_loop, "kvcache-writer")
 
     def _build_tiers(self, connector: RemoteConnector | None, serde_options: dict) -> list[Tier]:
         """The enabled tiers, in search order: hot, disk, remote."""

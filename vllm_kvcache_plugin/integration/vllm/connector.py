@@ -26,6 +26,7 @@ from ...engine import KVCacheEngine, TierName, describe_remote
 from ...errors import ConfigError
 from ...kernels import AttentionKind, Packing, PagedKVSpec
 from ...settings import load_settings
+from .cpus import place_connector_threads
 from .layout import CacheLayout, cache_layout, plain_layout
 from .lookup import AsyncLookups, LookupClient, lookup_address
 from .metadata import StepMetadata
@@ -137,6 +138,7 @@ class LMCacheConnector(KVConnectorBase_V1, SupportsHMA):
             from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
             rank = worker_rank(get_tensor_model_parallel_rank(), get_pp_group().rank_in_group, self.tp_size)
+            place_connector_threads(self.config)  # before the engine starts its threads
             engine = KVCacheEngine(self.config, model_name_for_keys(vllm_config, self.config), self.world_size, rank)
             self.worker_side = WorkerSide(engine, self.block_size, lookup_address(engine_id, dp_rank, rank),
                                           self.layout)

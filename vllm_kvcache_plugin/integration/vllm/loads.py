@@ -17,12 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ...engine import KVCacheEngine
 from ...kernels import copy_threads
 from ...memory import MemoryObj
+from ...threads import start_thread, thread_pool
 from .metadata import ChunkRef, LoadSpec
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class LoadPipeline:
         self._retrieve = retrieve
         self._scatter = scatter
         self._items = items
-        self._fetcher = ThreadPoolExecutor(max_workers=FETCH_DEPTH, thread_name_prefix="kvcache-fetch")
+        self._fetcher = thread_pool(FETCH_DEPTH, "kvcache-fetch")
 
     def run(self, specs: Sequence[LoadSpec], cancelled: Callable[[str], bool] = lambda _: False,
             times: StageTimes | None = None, exclusive: bool = False) -> list[LoadOutcome]:
@@ -194,8 +195,7 @@ class BackgroundLoads:
         self._cancelled: set[str] = set()
         self._finished: list[LoadOutcome] = []
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kvcache-loader", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, "kvcache-loader")
 
     def submit(self, specs: Sequence[LoadSpec]) -> None:
         if not specs:

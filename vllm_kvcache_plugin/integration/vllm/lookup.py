@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ...engine import TierName
+from ...threads import start_thread
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,7 @@ class LookupServer:
         self._sock.bind(address)
         self._sock.listen(16)
         self._closed = False
-        self._thread = threading.Thread(target=self._accept_loop, name="kvcache-lookup", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._accept_loop, "kvcache-lookup")
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -80,7 +80,7 @@ class LookupServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="kvcache-lookup-conn", daemon=True).start()
+            start_thread(self._serve, "kvcache-lookup-conn", args=(conn,))
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -208,8 +208,7 @@ class AsyncLookups:
         self._closed = False
         self.waited_seconds: list[float] = []  # per idle step that waited, for the interference benchmark
         self.busy_steps_asked = 0  # busy steps that asked while an answer was pending (and did not wait)
-        self._thread = threading.Thread(target=self._run, name="kvcache-lookup-client", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, "kvcache-lookup-client")
 
     def new_step(self, busy: bool = False) -> None:
         """A scheduler step begins; ``busy``: the last one computed something (others are running)."""

@@ -16,13 +16,13 @@ import logging
 import os
 import platform
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ...errors import CorruptValueError
+from ...threads import thread_pool
 from .lanes import LANE_GROUP, CodedLanes, LanePlan, group_offsets
 from .quant import UnsupportedValueError
 
@@ -118,7 +118,7 @@ class CppCoder:
     def __init__(self, lib: ctypes.CDLL, threads: int = 1) -> None:
         self.lib = lib
         self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads, "cachegen") if self.threads > 1 else None
+        self._pool = thread_pool(self.threads, "cachegen") if self.threads > 1 else None
 
     def _run(self, groups: int, fn) -> list:
         return self._run_rows(groups, fn)
