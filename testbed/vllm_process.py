@@ -76,8 +76,9 @@ def clean_env(**overrides: str) -> dict[str, str]:
 def engine_env_line() -> str:
     """How the engines' threads are bound, and what --engine-env set: for a benchmark's header."""
     env = clean_env()
-    line = (f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']} "
-            f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+    bind = env["VLLM_CPU_OMP_THREADS_BIND"]
+    line = (f"VLLM_CPU_OMP_THREADS_BIND={bind} OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+            + ("" if bind == "nobind" else " (a bound worker gets one thread per CPU of its binding)"))
     extra = " ".join(f"{k}={v}" for k, v in sorted(ENGINE_ENV.items())
                      if k not in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"))
     return line + (f" {extra}" if extra else "")

@@ -139,6 +139,13 @@ def test_a_hit_beside_a_running_request_loads_asynchronously_with_the_same_text(
     assert len(done) == 1 and done[0]["asynchronous"] and done[0]["tokens"] == event["loaded_tokens"]
 
 
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # the process ended
+        return b""
+
+
 def _threads(pid: int) -> dict[str, list[frozenset[int]]]:
     """Kernel thread name -> the CPUs each thread of that name may run on."""
     found: dict[str, list[frozenset[int]]] = {}
@@ -157,8 +164,7 @@ def test_connector_threads_use_every_core_vllm_bound_not_the_model_runners_one(s
     """vLLM (auto binding) pins the model runner to the first core of its OpenMP team; the threads
     the connector starts would inherit that one core. They run on all of the team's cores instead
     (those that run an OpenMP region themselves, a scatter, are placed by OpenMP like vLLM's team)."""
-    workers = [pid for pid in pids_of_group(server.process.pid)
-               if b"GOMP_CPU_AFFINITY=" in Path(f"/proc/{pid}/environ").read_bytes()]
+    workers = [pid for pid in pids_of_group(server.process.pid) if b"GOMP_CPU_AFFINITY=" in _environ(pid)]
     assert len(workers) == 1, "vLLM's auto binding set GOMP_CPU_AFFINITY for its one worker"
     (pid,) = workers
     (gomp,) = [item for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

@@ -33,7 +33,7 @@ def test_format_joins_runs():
     assert threads.format_cpu_list({5, 0, 1, 2, 9, 10}) == "0-2,5,9-10"
 
 
-@pytest.mark.parametrize("text", ["", "a", "1-", "3-1", "0-4:0", "1;2"])
+@pytest.mark.parametrize("text", ["", "a", "1-", "3-1", "0-4:0", "1;2", "0-40000000"])
 def test_bad_cpu_lists(text):
     with pytest.raises(ValueError):
         threads.parse_cpu_list(text)
@@ -122,9 +122,10 @@ def test_place_connector_threads_logs_its_choice(caplog):
            "GOMP_CPU_AFFINITY)" in caplog.text
 
 
-def test_a_cpuset_without_those_cpus_warns_and_keeps_the_thread_where_it_is(caplog, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(22, "Invalid argument"), OverflowError("cpu number too large")])
+def test_a_cpuset_without_those_cpus_warns_and_keeps_the_thread_where_it_is(caplog, monkeypatch, error):
     def refuse(pid, cpus):
-        raise OSError(22, "Invalid argument")
+        raise error
 
     monkeypatch.setattr(os, "sched_setaffinity", refuse)  # a cpuset narrower than the setting: not made here
     monkeypatch.setattr(threads, "_warned", False)
@@ -133,3 +134,21 @@ def test_a_cpuset_without_those_cpus_warns_and_keeps_the_thread_where_it_is(capl
         cpus, _ = _where(lambda p: threads.start_thread(p, "kvcache-writer").join())
     assert cpus == set(CPUS)
     assert "cannot move the connector's threads to CPUs 0" in caplog.text
+
+
+def test_the_io_loops_own_pool_runs_on_the_background_cpus():
+    """asyncio.to_thread / run_in_executor(None) on the I/O loop: threads started here too."""
+    import asyncio
+
+    from vllm_kvcache_plugin.storage.loop import EventLoopThread
+
+    threads.set_background_cpus(CPUS[:1])
+    loop = EventLoopThread("kvcache-io")
+    try:
+        async def where():
+            return await asyncio.to_thread(_where, lambda p: p())
+
+        cpus, name = loop.run(where(), timeout=30)
+    finally:
+        loop.stop()
+    assert cpus == set(CPUS[:1]) and name == "kvcache-io-pool"

@@ -23,6 +23,7 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 INHERIT = "inherit"
+MAX_CPU = 65535  # above any CPU number Linux hands out (NR_CPUS <= 8192): a typo fails, not a huge set
 _background_cpus: frozenset[int] | None = None
 _warned = False
 
@@ -42,6 +43,8 @@ def parse_cpu_list(text: str) -> frozenset[int]:
         stride = int(match.group(3)) if match.group(3) else 1
         if last < first or stride < 1:
             raise ValueError(f"{item!r} is an empty range")
+        if last > MAX_CPU:
+            raise ValueError(f"{item!r} names CPU {last}, above any CPU number ({MAX_CPU})")
         cpus.update(range(first, last + 1, stride))
     if not cpus:
         raise ValueError("no CPU named")
@@ -118,7 +121,7 @@ def enter_background() -> None:
         return
     try:
         os.sched_setaffinity(0, cpus)  # 0: the calling thread, on Linux
-    except OSError as exc:  # a cpuset narrower than the CPUs named: keep the inherited ones
+    except Exception as exc:  # e.g. a cpuset narrower than the CPUs named: keep the inherited ones
         if not _warned:
             _warned = True
             logger.warning("cannot move the connector's threads to CPUs %s (%s); they keep the CPUs they "

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from ..threads import start_thread
+from ..threads import start_thread, thread_pool
 
 T = TypeVar("T")
 
@@ -20,6 +21,9 @@ T = TypeVar("T")
 class EventLoopThread:
     def __init__(self, name: str = "kvcache-io") -> None:
         self.loop = asyncio.new_event_loop()
+        # run_in_executor(None, ...) and asyncio.to_thread: on threads started like every other
+        # (the worker's CPUs, a name of their own), asyncio's default pool size.
+        self.loop.set_default_executor(thread_pool(min(32, (os.cpu_count() or 1) + 4), f"{name}-pool"))
         self._thread = start_thread(self._run, name)
 
     def _run(self) -> None:
