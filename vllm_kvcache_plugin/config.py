@@ -74,7 +74,8 @@ class KVCacheConfig:
     thread_cpus: str | None = None
     """CPUs the connector's threads run on in a worker (fetch, loader, writer, I/O), e.g. "0-3,8";
     unset: every CPU vLLM bound the worker's OpenMP team to (VLLM_CPU_OMP_THREADS_BIND), not just the
-    model runner's first core that a new thread would inherit; inherit: leave them where they start."""
+    model runner's first core that a new thread would inherit; inherit: leave them where they start.
+    One list serves every worker of the host (with TP > 1 their threads share it)."""
     existence_cache_ttl_secs: float = 10.0
     """How long a positive existence answer from the remote is trusted without asking again
     (0 disables the existence cache)."""
