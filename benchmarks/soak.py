@@ -22,24 +22,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, markdown_table  # noqa: E402
 from testbed import prompts  # noqa: E402
+from testbed.processes import descendants  # noqa: E402
 from testbed.redis_servers import start_redis  # noqa: E402
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 
 M = "vllm:kvcache_plugin_"
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as fh:
-                kids = [int(x) for x in fh.read().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
 
 
 def worker_rss_mb(root_pid: int) -> float:

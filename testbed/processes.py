@@ -38,6 +38,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from /proc; those that end meanwhile are skipped."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                kids = [int(x) for x in fh.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
 def port_open(port: int, host: str = LOOPBACK) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):

@@ -20,6 +20,7 @@ import pytest
 
 from testbed import prompts
 from testbed.events import events, hits_for, requests
+from testbed.processes import descendants
 from testbed.redis_servers import start_redis
 from testbed.vllm_process import VLLMServer, clean_env
 from tests.e2e_scenario import greedy_margins
@@ -53,19 +54,6 @@ def server(store, tmp_path_factory):
                       extra_args=("--no-enable-prefix-caching",))
     with vllm:
         yield vllm
-
-
-def pids_of_group(pgid: int) -> list[int]:
-    """The processes of a process group (vLLM's API server, engine core and worker)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) == pgid:
-                    pids.append(int(entry))
-            except ProcessLookupError:
-                pass
-    return pids
 
 
 def wait_stored(redis, keys_at_least: int, timeout: float = 60) -> None:
@@ -164,7 +152,7 @@ def test_connector_threads_use_every_core_vllm_bound_not_the_model_runners_one(s
     """vLLM (auto binding) pins the model runner to the first core of its OpenMP team; the threads
     the connector starts would inherit that one core. They run on all of the team's cores instead
     (those that run an OpenMP region themselves, a scatter, are placed by OpenMP like vLLM's team)."""
-    workers = [pid for pid in pids_of_group(server.process.pid) if b"GOMP_CPU_AFFINITY=" in _environ(pid)]
+    workers = [pid for pid in descendants(server.process.pid) if b"GOMP_CPU_AFFINITY=" in _environ(pid)]
     assert len(workers) == 1, "vLLM's auto binding set GOMP_CPU_AFFINITY for its one worker"
     (pid,) = workers
     (gomp,) = [item for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
