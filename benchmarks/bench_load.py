@@ -43,19 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import environment_line, markdown_table, save_bar_plot
 
+from testbed.processes import cpu_seconds
+
 STORES = ("disk", "disk-read", "lm", "lm-tcp", "redis", "redis-unix", "mooncake")
 LAYERS, HEADS, HEAD_SIZE, BLOCK, CHUNK = 30, 3, 64, 128, 256
 CACHE_BLOCKS = 1300  # ~3.8 GB of cache, about what VLLM_CPU_KVCACHE_SPACE=4 gives this model
 LOADS = 4  # whole loads per fresh process; the first is the restart's own
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time the processes have used, every thread (``/proc/<pid>/stat``)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -100,7 +93,7 @@ def _child(args: argparse.Namespace) -> None:
         loads = []
         server_pids = [int(p) for p in args.server_pids.split(",") if p]
         worker.lookup([ref.chunk_hash for ref in refs])  # as in vLLM: the scheduler asks before it loads
-        own_cpu, server_cpu = time.process_time(), _cpu_seconds(server_pids)
+        own_cpu, server_cpu = time.process_time(), sum(map(cpu_seconds, server_pids))
         for _ in range(LOADS):
             load = LoadSpec(uuid.uuid4().hex, 0, args.tokens, refs, (blocks,))
             start = time.perf_counter()
@@ -110,7 +103,7 @@ def _child(args: argparse.Namespace) -> None:
                 raise SystemExit("a load reported failed blocks: the chunks did not all load")
         out["loads_ms"] = [1e3 * s for s in loads]
         out["cpu_ms"] = {"loader": 1e3 * (time.process_time() - own_cpu) / LOADS,
-                         "store": 1e3 * (_cpu_seconds(server_pids) - server_cpu) / LOADS}
+                         "store": 1e3 * (sum(map(cpu_seconds, server_pids)) - server_cpu) / LOADS}
         stages = {"fetch": [], "verify": [], "scatter": []}
         for _ in range(3):
             start = time.perf_counter()

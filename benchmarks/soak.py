@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import environment_line, markdown_table  # noqa: E402
 from testbed import prompts  # noqa: E402
-from testbed.processes import descendants  # noqa: E402
+from testbed.processes import descendants, rss_bytes  # noqa: E402
 from testbed.redis_servers import start_redis  # noqa: E402
 from testbed.vllm_process import VLLMServer, clean_env, ensure_model  # noqa: E402
 
@@ -36,11 +36,8 @@ def worker_rss_mb(root_pid: int) -> float:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 if b"Worker" not in fh.read():
                     continue
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
+            return rss_bytes(pid) / 2**20
+        except (OSError, ValueError):  # the process ended
             continue
     return float("nan")
 

@@ -134,17 +134,21 @@ def _environ(pid: int) -> bytes:
         return b""
 
 
+def _cpus_allowed(pid: int, tid: int | str) -> frozenset[int]:
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return parse_cpu_list(next(line.split()[1] for line in status.splitlines()
+                               if line.startswith("Cpus_allowed_list")))
+
+
 def _threads(pid: int) -> dict[str, list[frozenset[int]]]:
     """Kernel thread name -> the CPUs each thread of that name may run on."""
     found: dict[str, list[frozenset[int]]] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            found.setdefault(name, []).append(_cpus_allowed(pid, tid))
         except OSError:  # the thread ended
             continue
-        allowed = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
-        found.setdefault(name, []).append(parse_cpu_list(allowed))
     return found
 
 
@@ -152,16 +156,14 @@ def test_connector_threads_use_every_core_vllm_bound_not_the_model_runners_one(s
     """vLLM (auto binding) pins the model runner to the first core of its OpenMP team; the threads
     the connector starts would inherit that one core. They run on all of the team's cores instead
     (those that run an OpenMP region themselves, a scatter, are placed by OpenMP like vLLM's team)."""
-    workers = [pid for pid in descendants(server.process.pid) if b"GOMP_CPU_AFFINITY=" in _environ(pid)]
+    workers = {pid: gomp for pid in descendants(server.process.pid)
+               for gomp in _environ(pid).split(b"\0") if gomp.startswith(b"GOMP_CPU_AFFINITY=")}
     assert len(workers) == 1, "vLLM's auto binding set GOMP_CPU_AFFINITY for its one worker"
-    (pid,) = workers
-    (gomp,) = [item for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-               if item.startswith(b"GOMP_CPU_AFFINITY=")]
+    ((pid, gomp),) = workers.items()
     team = parse_cpu_list(gomp.split(b"=", 1)[1].decode())
     if len(team) < 2:
         pytest.skip(f"vLLM bound its team to one CPU ({sorted(team)}): no other core to use")
-    main = parse_cpu_list(Path(f"/proc/{pid}/task/{pid}/status").read_text().split("Cpus_allowed_list:")[1]
-                          .split()[0])
+    main = _cpus_allowed(pid, pid)
     assert len(main) == 1 and main <= team, "vLLM pins its model runner to one core of the team"
     threads = _threads(pid)
     for name in ("kvcache-io", "kvcache-writer", "kvcache-lookup"):

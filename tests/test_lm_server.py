@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.processes import LOOPBACK, free_port, wait_for
+from testbed.processes import LOOPBACK, cpu_seconds, free_port, rss_bytes, wait_for
 from vllm_kvcache_plugin.atomic_files import TEMP_PREFIX
 from vllm_kvcache_plugin.connectors import create_connector
 from vllm_kvcache_plugin.errors import ConnectorError
@@ -55,20 +55,7 @@ def charged(s: dict) -> int:
     return s["bytes_used"] + s["bytes_reserved"] + s["bytes_pooled"]
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 IDLE_GETS = 50
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process: unlike wall-clock time, other load barely changes it."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- raw protocol helpers --------------------------------------------------------------------
