@@ -14,7 +14,9 @@ Stores: ``disk`` (the disk tier, files mapped: the default), ``disk-read`` (read
 ``lm-tcp`` (lm:// with ``?shm=off``), ``redis`` (a real redis-server over loopback TCP) and
 ``redis-unix`` (the same server over its unix socket, ``unix://``) and ``mooncake``
 (mooncakestore:// through a master and a standalone ``mooncake_client`` that owns the segment, as in
-``bench_ttft.py``). The chunks are random bf16, stored once by another process.
+``bench_ttft.py``); ``redis+cachegen`` is ``redis`` with the CacheGen serde (its "verify" stage is the
+decode into a chunk, which a load does straight into the blocks instead). The chunks are random bf16,
+stored once by another process.
 
 Beside the times it counts CPU: the loading process's own (every thread) and the store's server
 processes' (redis-server; the lm server; mooncake_client and the master), per load, from
@@ -45,7 +47,8 @@ from _common import environment_line, markdown_table, save_bar_plot
 
 from testbed.processes import cpu_seconds
 
-STORES = ("disk", "disk-read", "lm", "lm-tcp", "redis", "redis-unix", "mooncake")
+STORES = ("disk", "disk-read", "lm", "lm-tcp", "redis", "redis-unix", "mooncake", "redis+cachegen")
+CACHEGEN_SUFFIX = "+cachegen"
 LAYERS, HEADS, HEAD_SIZE, BLOCK, CHUNK = 30, 3, 64, 128, 256
 CACHE_BLOCKS = 1300  # ~3.8 GB of cache, about what VLLM_CPU_KVCACHE_SPACE=4 gives this model
 LOADS = 4  # whole loads per fresh process; the first is the restart's own
@@ -66,7 +69,7 @@ def _child(args: argparse.Namespace) -> None:
 
     spec = PagedKVSpec(kind="mha", block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_SIZE, dtype=torch.bfloat16,
                        packing="cpu_vec")
-    settings = {"chunk_size": CHUNK, "local_cpu": False}
+    settings = {"chunk_size": CHUNK, "local_cpu": False, "remote_serde": args.serde}
     if args.url:
         settings["remote_url"] = args.url
     else:
@@ -133,7 +136,8 @@ def _run_child(role: str, store: str, where: str, url: str | None, tokens: int, 
     env = {**os.environ, **(extra_env or {})}
     env["VLLM_KVCACHE_DISK_MMAP"] = "0" if store == "disk-read" else "1"
     argv = [sys.executable, __file__, "--child", role, "--tokens", str(tokens), "--dir", where,
-            "--server-pids", ",".join(str(p) for p in server_pids)]
+            "--server-pids", ",".join(str(p) for p in server_pids),
+            "--serde", "cachegen" if store.endswith(CACHEGEN_SUFFIX) else "naive"]
     if url:
         argv += ["--url", url]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--server-pids", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--serde", default="naive", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{m['cpu_ms']['store']:.0f}",
                      f"{(m['cpu_ms']['loader'] + m['cpu_ms']['store']) / (os.cpu_count() or 1):.0f}"])
     table = markdown_table(["store", "MB", "first load ms", "best load ms", "load GB/s", "stage: fetch ms",
-                            "stage: verify ms", "stage: scatter ms", "stages one after another ms",
+                            "stage: verify (cachegen: decode) ms", "stage: scatter ms", "stages one after another ms",
                             "CPU a load: loader ms", "CPU a load: store's servers ms",
                             f"CPU floor on {os.cpu_count()} cores ms"], rows)
     notes = (f"{args.tokens} tokens of SmolLM2-135M's KV (bf16) into a cpu_vec, block-128 cache; a load is "
