@@ -219,16 +219,25 @@ def test_a_deferred_check_catches_a_flipped_bit_and_the_tier_counts_it(store):
         mgr.close()
 
 
-def test_a_chunk_promoted_into_the_hot_cache_is_checked_first(store):
-    """With the hot cache on, a deferred-check load still never promotes a corrupt chunk."""
+def test_a_chunk_is_promoted_into_the_hot_cache_only_once_its_reader_has_checked_it(store):
+    """With the hot cache on, a deferred-check load promotes a chunk when the reader's check (the
+    verify-and-scatter pass) has passed, so promotion reads nothing itself, and never a corrupt one."""
     mgr = manager(store.url, local_cpu=True)
     try:
+        good = chunk(mgr.allocator)
+        mgr.put("good", good)
         bad = _flipped(mgr, store, "bad")
-        mgr.hot.clear()  # the put kept it in memory; the load must come from the store
-        assert mgr.get_many(["bad"], META, defer_check=True) == [None]
-        assert not mgr.hot.contains("bad")
+        assert mgr.flush(10)
+        mgr.hot.clear()  # the puts kept them in memory; the loads must come from the store
+        got_good, got_bad = mgr.get_many(["good", "bad"], META, defer_check=True)
+        assert not mgr.hot.contains("good") and not mgr.hot.contains("bad")  # nothing verified yet
+        assert got_good.check() and mgr.hot.contains("good")
+        assert not got_bad.check() and not mgr.hot.contains("bad")
         assert mgr.tier_counters["remote"].corrupt == 1
-        bad.ref_down()
+        held = mgr.hot.get("good")
+        assert torch.equal(held.tensor, good.tensor)
+        for obj in (held, got_good, got_bad, good, bad):
+            obj.ref_down()
     finally:
         mgr.close()
 

@@ -125,3 +125,28 @@ def test_deferred_segmented_check_catches_a_flip_in_any_slab():
         hits: list[int] = []
         back = serde.deserialize(bytes(corrupt), defer_check=True).on_corrupt(lambda seen=hits: seen.append(1))
         assert not back.check() and hits == [1]
+
+
+def test_what_waits_for_a_deferred_check_runs_once_it_passes_and_never_otherwise():
+    """``after_check`` (the hot cache's promotion) runs at once on a checked chunk, after a deferred
+    check that passes, and not at all after one that fails or on a spent chunk (one whose values
+    went elsewhere: its tensor is gone, and nothing may take it)."""
+    serde = create_serde("naive")
+    obj = _chunk(shape=(2, 3, 16, 2, 8))
+    data = bytes(serde.serialize(obj))
+    corrupt = bytearray(data)
+    corrupt[-3] ^= 1
+    ran: list[str] = []
+    obj.after_check(lambda o: ran.append("checked"))
+    good = serde.deserialize(data, defer_check=True).after_check(lambda o: ran.append("good"))
+    bad = serde.deserialize(bytes(corrupt), defer_check=True).after_check(lambda o: ran.append("bad"))
+    spent = serde.deserialize(data, defer_check=True).after_check(lambda o: ran.append("spent"))
+    assert ran == ["checked"]
+    assert good.check() and not bad.check()
+    spent.spend()
+    assert ran == ["checked", "good"] and good.check() and ran == ["checked", "good"]
+    assert spent.tensor is None and spent.checked
+    with pytest.raises(RuntimeError, match="spent"):
+        spent.ref_up()
+    for chunk in (obj, good, bad, spent):
+        chunk.ref_down()

@@ -524,3 +524,82 @@ def test_a_flipped_bit_found_by_the_verify_and_scatter_pass_is_recomputed(disk_h
     assert h.worker.take_load_errors() == set(blocks[CHUNK // BLOCK:(99 - 1) // BLOCK + 1])
     assert torch.equal(h.read(blocks, 0, CHUNK), kv[:, :, :CHUNK])
     assert h.engine.storage.tier_counters["disk"].corrupt == 1 and not os.path.exists(path)
+
+
+# -- values decoded straight into the blocks -----------------------------------------------------
+def load_before_the_forward(h: Harness, tokens: list[int]) -> list[int]:
+    """Lookup, allocation and a load that runs before the forward (nothing else running)."""
+    h.sched.build_meta(step())
+    req = make_request(tokens)
+    hit = len(tokens) - 1
+    assert h.matched(req, 0) == (hit, False)
+    blocks = h.blocks(len(tokens) // BLOCK + 1)
+    h.sched.update_state_after_alloc(req, (blocks,), hit)
+    meta = h.sched.build_meta(step(new=[(req, blocks, hit)], scheduled={req.request_id: 1}))
+    assert [(ld.start, ld.end, ld.asynchronous) for ld in meta.loads] == [(0, hit, False)]
+    h.worker.load(meta)
+    assert h.worker.take_load_errors() == set()
+    return blocks
+
+
+def test_a_cachegen_hit_is_decoded_straight_into_the_blocks(tmp_path):
+    """A CacheGen value's decode waits for the scatter step, which has it written through the
+    copier's placement: no chunk is scattered, the blocks hold exactly what decode-then-scatter
+    writes, and the hot cache keeps none of them (their chunk tensors never held the values)."""
+    pytest.importorskip("vllm_kvcache_plugin.serde.cachegen.rans_cpp")
+    h = Harness(remote_url=f"fs://{tmp_path / 'remote'}", remote_serde="cachegen")
+    try:
+        cache = h.worker.caches[""]
+        tokens = list(range(3000, 3100))
+        keys = [h.engine.key(ref) for ref in saved_prompt(h, tokens)[1]]
+        if not hasattr(h.engine.storage.remote.serde.coder, "prepare"):
+            pytest.skip("no C++ compiler here: the numpy coder decodes at once")
+        h.engine.storage.hot.clear()
+        calls = {"placement": 0, "scatter": 0}
+
+        def counted(name, real):
+            def call(*args, **kwargs):
+                calls[name] += 1
+                return real(*args, **kwargs)
+            return call
+        cache.copier.placement = counted("placement", cache.copier.placement)
+        cache.copier.scatter = counted("scatter", cache.copier.scatter)
+        try:
+            blocks = load_before_the_forward(h, tokens)
+        finally:
+            del cache.copier.placement, cache.copier.scatter
+        assert calls == {"placement": 4, "scatter": 0}  # 3 whole chunks and 3 of the last one's 4 tokens
+        assert not any(h.engine.storage.hot.contains(key) for key in keys)
+        decoded = h.engine.storage.remote.batched_get(keys)  # decoded at once, the usual way
+        want = torch.cat([obj.tensor for obj in decoded], dim=2)[:, :, :len(tokens) - 1]
+        assert torch.equal(h.read(blocks, 0, len(tokens) - 1), want)
+        for obj in decoded:
+            obj.ref_down()
+    finally:
+        h.close()
+
+
+def test_a_remote_hit_is_promoted_after_its_verify_and_scatter_pass(tmp_path):
+    """With the hot cache on, a naive remote hit still loads in one verify-and-scatter pass, and is
+    promoted once that pass has verified it."""
+    h = Harness(remote_url=f"fs://{tmp_path / 'remote'}")
+    try:
+        cache = h.worker.caches[""]
+        if type(cache.copier).scatter_verified is TorchCopier.scatter_verified:
+            pytest.skip(f"the {cache.copier.name} copier cannot hash as it copies (no C compiler)")
+        tokens = list(range(3200, 3300))
+        kv, saves = saved_prompt(h, tokens)
+        keys = [h.engine.key(ref) for ref in saves]
+        h.engine.storage.hot.clear()
+        fused = []
+        real = cache.copier.scatter_verified
+        cache.copier.scatter_verified = lambda *args: fused.append(digests := real(*args)) or digests
+        try:
+            blocks = load_before_the_forward(h, tokens)
+        finally:
+            del cache.copier.scatter_verified
+        assert len(fused) == 3 and all(fused)  # the whole chunks; the last one is scattered in part
+        assert torch.equal(h.read(blocks, 0, len(tokens) - 1), kv[:, :, :len(tokens) - 1])
+        assert all(h.engine.storage.hot.contains(key) for key in keys)
+    finally:
+        h.close()

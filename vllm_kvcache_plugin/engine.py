@@ -124,9 +124,11 @@ class KVCacheEngine:
         return found
 
     def prewarm(self, shape: ChunkShape, num_tokens: int | None = None) -> int:
-        """Touch pooled buffers for this model's chunks (gathers) and stored values (loads) before the
-        first request, so a restart hit does not pay for fresh pages. Returns the bytes prepared."""
+        """Touch pooled buffers for this model's chunks (gathers) and stored values (loads), and let
+        the tiers set up what a first load would (a serde's coder), before the first request, so a
+        restart hit pays for neither. Returns the bytes of buffers prepared."""
         full = shape.meta(num_tokens or self.config.chunk_size)
+        self.storage.prewarm(full)
         return self.allocator.prewarm([full.nbytes, *self.storage.receive_sizes(full)])
 
     def stats(self) -> dict[str, object]:

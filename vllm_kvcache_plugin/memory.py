@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 
@@ -66,6 +67,29 @@ class ChunkMeta:
         for s in self.shape:
             n *= s
         return n * torch.tensor([], dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkPlacement:
+    """Where a reader wants a chunk's elements written when that is not a chunk tensor: vLLM's paged
+    blocks, so a serde that decodes (CacheGen) writes each element once, straight to its place.
+
+    Element ``(p, l, t, h, d)`` of the canonical chunk ``[P, L, T, H, D]`` goes to the byte address
+    ``rows[p * L + l] + tokens[p, t] + channels[p, h * D + d]``; only tokens in ``[first, last)`` are
+    written. Every packing of vLLM's CPU cache splits this way (kernels/layouts.py). ``keep`` holds
+    the memory the addresses point into."""
+
+    rows: np.ndarray  # int64 [P * L]
+    tokens: np.ndarray  # int64 [P, T]
+    channels: np.ndarray  # int64 [P, H * D]
+    first: int
+    last: int
+    dtype: torch.dtype
+    keep: tuple = ()
+
+    @property
+    def planes(self) -> int:
+        return int(self.tokens.shape[0])
 
 
 DEFAULT_POOL_BYTES = 512 << 20
@@ -182,8 +206,8 @@ class Allocator:
 class MemoryObj:
     """A chunk: tensor + metadata + reference count. Create through :class:`Allocator`."""
 
-    __slots__ = ("_block", "_check", "_lock", "_on_corrupt", "_on_free", "_refs", "_valid_until", "allocator", "meta",
-                 "nbytes", "tensor")
+    __slots__ = ("_after_check", "_block", "_check", "_lock", "_on_corrupt", "_on_free", "_refs", "_valid_until",
+                 "allocator", "meta", "nbytes", "tensor")
 
     def __init__(self, meta: ChunkMeta, tensor: torch.Tensor, allocator: Allocator,
                  block: torch.Tensor | None = None) -> None:
@@ -196,8 +220,9 @@ class MemoryObj:
         self._lock = threading.Lock()
         self._on_free: Callable[[], None] | None = None
         self._valid_until: float | None = None
-        self._check: Callable[[], bool] | None = None  # a payload checksum still to verify
+        self._check: Callable[[], bool] | None = None  # a payload checksum (or a decode) still to do
         self._on_corrupt: Callable[[], None] | None = None
+        self._after_check: list[Callable[[MemoryObj], None]] = []
 
     @property
     def refs(self) -> int:
@@ -225,8 +250,21 @@ class MemoryObj:
     def defer_check(self, check: Callable[[], bool]) -> MemoryObj:
         """Leave the payload checksum to :meth:`check`, which the next reader calls just before it
         reads the bytes: the check brings them from memory and the read finds them in the cache, so
-        a load reads each byte from memory once (one verify-and-scatter pass, not two)."""
+        a load reads each byte from memory once (one verify-and-scatter pass, not two). A serde that
+        decodes may leave its decode here the same way: then the tensor holds the values only once
+        the check has run, and a reader with somewhere better to put them may have them written
+        there instead (the check's ``place``, then :meth:`spend`)."""
         self._check = check
+        return self
+
+    def after_check(self, callback: Callable[[MemoryObj], None]) -> MemoryObj:
+        """Run ``callback(self)`` once the chunk is known intact: now if nothing is deferred, else
+        when the deferred check passes (never if it fails, or if the chunk is spent). The storage
+        manager promotes a loaded chunk this way, so promotion does not read the bytes first."""
+        if self._check is None:
+            callback(self)
+        else:
+            self._after_check.append(callback)
         return self
 
     def on_corrupt(self, callback: Callable[[], None]) -> MemoryObj:
@@ -249,13 +287,24 @@ class MemoryObj:
 
     def settle_check(self, intact: bool) -> bool:
         """Record the deferred checksum's outcome, computed by the caller; returns ``intact``."""
+        waiting, self._after_check = self._after_check, []
         if intact:
             self._check = None
+            for callback in waiting:
+                callback(self)
             return True
         callback, self._on_corrupt = self._on_corrupt, None
         if callback is not None:
             callback()
         return False
+
+    def spend(self) -> None:
+        """The deferred work wrote the values elsewhere (a :class:`ChunkPlacement`), intact: the
+        tensor never holds them, so nothing may read it from now on (it is dropped, and nothing
+        waiting in :meth:`after_check` runs). The caller still drops its reference."""
+        self._check = self._on_corrupt = None
+        self._after_check = []
+        self.tensor = None
 
     @property
     def checked(self) -> bool:
@@ -264,8 +313,10 @@ class MemoryObj:
     def ref_up(self) -> MemoryObj:
         if self._check is not None:
             raise RuntimeError("ref_up on a chunk whose checksum is not yet verified (call check() first)")
+        if self.tensor is None:
+            raise RuntimeError("ref_up on a freed or spent chunk (its values are not in its tensor)")
         if self._on_free is not None:
-            if self._refs <= 0 or self.tensor is None:
+            if self._refs <= 0:
                 raise RuntimeError("ref_up on a freed chunk")
             copy = self.allocator.allocate(self.meta)
             assert copy.tensor is not None
@@ -287,6 +338,7 @@ class MemoryObj:
                 self.tensor = None
                 block, self._block = self._block, None
                 self._check = self._on_corrupt = None  # they hold views of the freed bytes
+                self._after_check = []
         if freed:
             self.allocator._release(self, block)
             on_free, self._on_free = self._on_free, None

@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import numpy as np
 import torch
 
-from .layouts import Packing, PagedKVSpec
+from ..memory import ChunkPlacement
+from .layouts import Packing, PagedKVSpec, token_views
 
 T = TypeVar("T")
 
@@ -256,6 +258,33 @@ class KVCopier(ABC):
         end cannot (this default; a strided ``src``): then the caller verifies and scatters."""
         return None
 
+    def placement(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
+                  chunk_tokens: int, first: int = 0) -> ChunkPlacement | None:
+        """Where each element of a ``chunk_tokens``-token chunk goes when its tokens ``[first, first +
+        len(slots))`` are written at ``slots``: the addresses a decoding serde writes through
+        instead of a chunk tensor, so the scatter is not a second pass (``memory.ChunkPlacement``).
+        None where the layers are not host memory (a GPU cache: its copies go through a kernel).
+        Bad slots raise ValueError, as for :meth:`scatter`."""
+        layer_set = check_layers(layers, spec)
+        if layer_set.device.type != "cpu":
+            return None
+        if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
+            raise ValueError(f"slots must be a 1-D tensor, got {getattr(slots, 'shape', type(slots))}")
+        count = slots.numel()
+        if not 0 <= first <= first + count <= chunk_tokens:
+            raise ValueError(f"tokens [{first}, {first + count}) are not inside a {chunk_tokens}-token chunk")
+        slot = slots.to(torch.int64).numpy()
+        if count and (int(slot.min()) < 0 or int(slot.max()) >= layer_set.num_blocks * spec.block_size):
+            raise slot_error(int(slot.min()) if int(slot.min()) < 0 else int(slot.max()), layer_set)
+        fixed = _placement_tables.get(layer_set)
+        block, offset = slot // spec.block_size, slot % spec.block_size
+        tokens = np.zeros((spec.num_kv, chunk_tokens), np.int64)
+        for plane, (block_step, group_step, within_step, group) in enumerate(fixed.token_steps):
+            tokens[plane, first:first + count] = (block * block_step + (offset // group) * group_step
+                                                  + (offset % group) * within_step)
+        return ChunkPlacement(fixed.rows, tokens, fixed.channels, first, first + count, spec.dtype,
+                              keep=layer_set.layers)
+
     def _reachable(self, chunk: torch.Tensor, geo: CopyGeometry) -> torch.Tensor:
         """``chunk`` itself when the kernel can address it (same device as the layers), else an
         empty staging tensor there (filled from ``chunk`` before a scatter, copied back after a gather)."""
@@ -272,3 +301,33 @@ class KVCopier(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+@dataclass(frozen=True)
+class _PlacementTables:
+    """The parts of a placement that depend on the layers only (byte offsets; see ChunkPlacement)."""
+
+    rows: np.ndarray  # int64 [P * L]: each (plane, layer) view's address
+    channels: np.ndarray  # int64 [P, H * D]
+    token_steps: tuple[tuple[int, int, int, int], ...]  # per plane: block, token-group, in-group steps; group
+
+
+def _build_placement_tables(layer_set: LayerSet) -> _PlacementTables:
+    spec = layer_set.spec
+    size = spec.element_size
+    heads, head_size = spec.num_kv_heads, spec.head_size
+    h = np.arange(heads, dtype=np.int64)[:, None]
+    d = np.arange(head_size, dtype=np.int64)[None, :]
+    channels, steps = [], []
+    for view in token_views(layer_set.layers[0], spec):
+        sb, sh, s_group, s_within, s_pair, s_in_pair = view.tensor.stride()
+        pair = view.tensor.shape[5]
+        channels.append(((h * sh + (d // pair) * s_pair + (d % pair) * s_in_pair) * size).reshape(-1))
+        steps.append((sb * size, s_group * size, s_within * size, view.group))
+    per_layer = [[view.tensor.data_ptr() for view in token_views(layer, spec)] for layer in layer_set.layers]
+    rows = np.array([per_layer[layer][plane] for plane in range(spec.num_kv) for layer in range(len(per_layer))],
+                    np.int64)
+    return _PlacementTables(rows, np.stack(channels), tuple(steps))
+
+
+_placement_tables: LayerSetCache[_PlacementTables] = LayerSetCache(_build_placement_tables)

@@ -38,6 +38,10 @@ class Serde(ABC):
         finally:
             self.allocator.recycle(block)
 
+    def prewarm(self, expected: ChunkMeta) -> None:  # noqa: B027 - optional hook
+        """Do the serde's one-time set-up for chunks like ``expected`` (a coder to build, its tables)
+        now, at start-up, rather than in a restart's first load. Nothing to do by default."""
+
     @staticmethod
     def check_expected(meta: ChunkMeta, expected: ChunkMeta | None) -> None:
         """Raise CorruptValueError if a stored chunk cannot stand for ``expected``

@@ -10,6 +10,7 @@ oldest pending writes are dropped and counted. A hit in a lower tier is promoted
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -98,6 +99,11 @@ class StorageManager:
     def receive_sizes(self, expected: ChunkMeta) -> list[int]:
         """Buffer sizes loads of this geometry receive into, over every tier (to pre-warm them)."""
         return [size for tier in self._tiers for size in tier.receive_sizes(expected)]
+
+    def prewarm(self, expected: ChunkMeta) -> None:
+        """Each tier's one-time set-up for loads of this geometry (Tier.prewarm)."""
+        for tier in self._tiers:
+            tier.prewarm(expected)
 
     # -- writes ----------------------------------------------------------------------------
     def put(self, key: str, obj: MemoryObj) -> None:
@@ -188,7 +194,9 @@ class StorageManager:
                  defer_check: bool = False) -> list[MemoryObj | None]:
         """Each key's chunk (a reference the caller must drop) or None, searched tier by tier;
         a hit is copied into the tiers above it that promote (the hot cache). ``defer_check``: see
-        :meth:`Tier.get_many` (a chunk to promote is checked here first: nothing unverified is kept)."""
+        :meth:`Tier.get_many`; a chunk whose check is deferred is promoted once its reader has
+        verified it (``MemoryObj.after_check``), so nothing unverified is kept and promotion costs
+        no pass of its own; one its reader decoded straight into vLLM's blocks is not kept."""
         start = time.perf_counter()
         out: list[MemoryObj | None] = [None] * len(keys)
         todo = list(range(len(keys)))
@@ -198,13 +206,9 @@ class StorageManager:
                 break
             found = tier.get_many([keys[i] for i in todo], expected, defer_check)
             for i, obj in zip(todo, found, strict=True):
-                if obj is not None and promote_into and not obj.check():
-                    obj.ref_down()
-                    obj = None
                 out[i] = obj
-                if obj is not None:
-                    for upper in promote_into:
-                        upper.put_many([(keys[i], obj)])
+                if obj is not None and promote_into:
+                    obj.after_check(functools.partial(_promote, tuple(promote_into), keys[i]))
             todo = [i for i in todo if out[i] is None]
             if tier.promotes:
                 promote_into.append(tier)
@@ -251,3 +255,13 @@ class StorageManager:
         if self._loop:
             self._loop.stop()
 
+
+
+def _promote(tiers: tuple[Tier, ...], key: str, obj: MemoryObj) -> None:
+    """Keep a loaded chunk in the tiers above the one it came from (it runs on the reader's thread,
+    inside its check: a failure here must not fail the load)."""
+    try:
+        for tier in tiers:
+            tier.put_many([(key, obj)])
+    except Exception:
+        logger.exception("Promoting chunk %s failed; it stays where it was", key)

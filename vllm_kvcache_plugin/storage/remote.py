@@ -390,6 +390,14 @@ class RemoteTier(Tier):
         size = self.receive_size(expected)
         return [] if size is None else [size]
 
+    def prewarm(self, expected: ChunkMeta) -> None:
+        """The serde's set-up (CacheGen: its coder and tables). A failure only costs the first load."""
+        try:
+            self.serde.prewarm(expected)
+        except Exception as exc:
+            logger.warning("Remote serde %s could not set up for %s chunks at start (%s); it sets up on its "
+                           "first load instead", self.serde.name, expected.dtype, _reason(exc))
+
     def close(self) -> None:
         self._closed = True
         try:

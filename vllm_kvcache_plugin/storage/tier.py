@@ -69,6 +69,9 @@ class Tier(ABC):
         """Sizes of the pooled buffers a load of this geometry receives into (to pre-warm them)."""
         return []
 
+    def prewarm(self, expected: ChunkMeta) -> None:  # noqa: B027 - optional hook
+        """One-time set-up a first load of this geometry would otherwise pay (at start-up)."""
+
     @property
     def bytes_used(self) -> int:
         return 0

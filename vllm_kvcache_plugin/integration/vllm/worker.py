@@ -164,6 +164,7 @@ class WorkerSide:
         first, last = cache.part.tokens(item.ref, self.block_size)
         a, b = max(first, spec.start), min(last, spec.end)
         copies = []  # (layers, slots, src) per KV-cache group, checked before anything is written
+        offsets = []  # each copy's first token in the chunk
         for group, lo, hi in cache.segments:
             if a >= b:
                 break
@@ -177,6 +178,14 @@ class WorkerSide:
                 continue
             copies.append((cache.layers[lo:hi], slots_for(ids, self.block_size, start, b),
                            obj.tensor[:, lo:hi, start - first:b - first]))
+            offsets.append(start - first)
+        nbytes = sum(src.numel() * src.element_size() for _, _, src in copies)
+        placed = self._placed_decode(cache, obj, copies, offsets[0] if offsets else 0)
+        if placed is not None:
+            if not placed:
+                return None  # corrupt: written blocks are recomputed; the tier has forgotten the value
+            self._placed_event(item, cache, copies)
+            return nbytes
         if not self._verified_scatter(cache, obj, copies):
             if not obj.check():  # corrupt: the tier that returned it has said so and forgotten it
                 return None
@@ -187,7 +196,35 @@ class WorkerSide:
         elif not obj.checked:
             return None  # corrupt: written blocks are recomputed; the tier has forgotten the value
         self._chunk_event("loaded", item.ref, obj.tensor, item.part)
-        return sum(src.numel() * src.element_size() for _, _, src in copies)
+        return nbytes
+
+    @staticmethod
+    def _placed_decode(cache: RegisteredCache, obj: MemoryObj, copies: list, first: int) -> bool | None:
+        """Decode a value whose decode was left to this reader (CacheGen) straight into the blocks,
+        where it applies: the chunk's every layer goes to one group, and the copier can say where
+        each element lives (host memory). True when written (the chunk is spent), False when
+        corrupt (what was written is recomputed), None where it does not apply (nothing written)."""
+        place = getattr(obj.deferred_check, "place", None)
+        if place is None or len(copies) != 1 or len(copies[0][0]) != obj.meta.shape[1]:
+            return None
+        layers, slots, _ = copies[0]
+        placement = cache.copier.placement(layers, cache.spec, slots, obj.meta.shape[2], first)
+        written = None if placement is None else place(placement)
+        if written is None:
+            return None
+        if not written:
+            obj.settle_check(False)
+            return False
+        obj.spend()
+        return True
+
+    def _placed_event(self, item: LoadItem, cache: RegisteredCache, copies: list) -> None:
+        """At DEBUG, :meth:`_chunk_event` for a chunk decoded into the blocks: its checksum read back."""
+        if logger.isEnabledFor(logging.DEBUG) or events.enabled(logging.DEBUG):
+            layers, slots, src = copies[0]
+            back = torch.empty(src.shape, dtype=src.dtype)
+            cache.copier.gather(layers, cache.spec, slots, back)
+            self._chunk_event("loaded", item.ref, back, item.part)
 
     @staticmethod
     def _verified_scatter(cache: RegisteredCache, obj: MemoryObj, copies: list) -> bool:

@@ -17,7 +17,7 @@ import torch
 
 from ...config import KVCacheConfig
 from ...errors import ConfigError, CorruptValueError
-from ...memory import Allocator, ChunkMeta, KVFormat, MemoryObj
+from ...memory import Allocator, ChunkMeta, ChunkPlacement, KVFormat, MemoryObj
 from ..base import Serde
 from ..header import HEADER_SIZE, pack_header, parse_header
 from . import codec
@@ -26,6 +26,7 @@ from .quant import BinsLike, UnsupportedValueError, resolve_bins
 
 BACKENDS = ("auto", "cpp", "numpy", "triton")
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+OUT_DTYPES = (torch.bfloat16, torch.float32)  # what the native decoder writes itself (fp16 goes through fp32)
 
 
 def _check_bins(name: str, spec: BinsLike, num_layers: int | None) -> None:
@@ -130,13 +131,19 @@ class CacheGenSerde(Serde):
         return out
 
     def deserialize(self, data, expected: ChunkMeta | None = None, defer_check: bool = False) -> MemoryObj:
-        # Decoding reads the payload anyway: it is checked first, whatever ``defer_check`` says.
+        """Check the header and payload checksum, then decode. ``defer_check`` (a load that scatters
+        the chunk next) leaves the decode itself, once parsed, to the chunk's deferred check
+        (``MemoryObj.defer_check``), which can write straight into vLLM's blocks (``place``)."""
         header, payload = parse_header(data, expected_serde_id=self.serde_id)
         meta = header.meta
         self.check_expected(meta, expected)
         _check_layout(meta, CorruptValueError)
         obj = self.allocator.allocate(meta)
         try:
+            if defer_check and self._defers(meta):
+                coder = self.coder
+                plan, coded, step, exact = codec.parse_payload(payload, meta.shape, "cpu", meta.dtype)
+                return obj.defer_check(PendingDecode(coder, coder.prepare(coded, plan, step), exact, obj.tensor))
             target = obj.tensor if self.backend != "triton" else torch.empty(
                 meta.shape, dtype=meta.dtype, device=self.device or "cuda")
             codec.decode(payload, meta.shape, target, self.coder)
@@ -149,6 +156,63 @@ class CacheGenSerde(Serde):
             obj.ref_down()
             raise CorruptValueError(f"cachegen payload is malformed ({exc})") from None
         return obj
+
+    def prewarm(self, expected: ChunkMeta) -> None:
+        """Build the coder, its tables for these bins and its threads now: in a fresh process they
+        cost a load ~0.2 s here. One round trip of a few zero tokens of this geometry does it all."""
+        tokens = min(expected.shape[2], 16)
+        obj = self.allocator.allocate(ChunkMeta(expected.fmt, expected.dtype,
+                                                (*expected.shape[:2], tokens, *expected.shape[3:])))
+        try:
+            obj.tensor.zero_()
+            back = self.deserialize(self.serialize(obj), defer_check=True)
+            back.check()
+            back.ref_down()
+        finally:
+            obj.ref_down()
+
+    def _defers(self, meta: ChunkMeta) -> bool:
+        """Whether a decode can wait for its reader: the native coder, writing the chunk's dtype."""
+        return self.backend in ("auto", "cpp") and meta.dtype in OUT_DTYPES and hasattr(self.coder, "prepare")
+
+
+class PendingDecode:
+    """A CacheGen value checked and parsed, its decode left to the reader (``MemoryObj.defer_check``).
+
+    Called, it decodes into the chunk's own tensor (True; False on a corrupt stream).
+    :meth:`place` decodes straight into a :class:`ChunkPlacement` instead (vLLM's blocks): each value
+    is written once, where the scatter would have copied it from the chunk."""
+
+    def __init__(self, coder, prepared, exact: torch.Tensor, tensor: torch.Tensor) -> None:
+        self._coder = coder
+        self._prepared = prepared
+        self._exact = exact
+        self._tensor = tensor
+
+    def __call__(self) -> bool:
+        plan = self._prepared.plan
+        view = self._tensor.view(plan.rows, plan.tokens, plan.channels)
+        try:
+            self._coder.run(self._prepared, out=view)
+        except CorruptValueError:
+            return False
+        view[:, : self._exact.shape[1]] = self._exact
+        return True
+
+    def place(self, placement: ChunkPlacement) -> bool | None:
+        """Decode through ``placement``: True when written, False on a corrupt stream (some of it may
+        be written: the caller reports those blocks as not loaded), None when it does not fit this
+        chunk (nothing written: decode with the call, then scatter)."""
+        plan = self._prepared.plan
+        if (placement.dtype != self._tensor.dtype or placement.planes != self._tensor.shape[0]
+                or placement.rows.shape != (plan.rows,)
+                or placement.tokens.shape[1] != plan.tokens or placement.channels.shape[1] != plan.channels):
+            return None
+        try:
+            self._coder.run(self._prepared, placement=placement, exact=self._exact)
+        except CorruptValueError:
+            return False
+        return True
 
 
 def _check_layout(meta: ChunkMeta, error: type[Exception]) -> None:
@@ -164,4 +228,4 @@ def _check_layout(meta: ChunkMeta, error: type[Exception]) -> None:
         raise error(f"MLA chunk must be [1, L, T, 1, C], got shape {shape}")
 
 
-__all__ = ["BACKENDS", "CacheGenSerde", "UnsupportedValueError"]
+__all__ = ["BACKENDS", "CacheGenSerde", "PendingDecode", "UnsupportedValueError"]

@@ -16,12 +16,14 @@ import logging
 import os
 import platform
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ...errors import CorruptValueError
+from ...memory import ChunkPlacement
 from ...threads import thread_pool
 from .lanes import LANE_GROUP, CodedLanes, LanePlan, group_offsets
 from .quant import UnsupportedValueError
@@ -98,6 +100,8 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL:
     lib.cg_pack.restype = None
     lib.cg_decode.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _C]
     lib.cg_decode.restype = _C
+    lib.cg_decode_placed.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _C, _P]
+    lib.cg_decode_placed.restype = _C
     return lib
 
 
@@ -181,31 +185,71 @@ class CppCoder:
         return CodedLanes(states, counts, words)
 
     def decode_into(self, coded: CodedLanes, plan: LanePlan, step: torch.Tensor, out: torch.Tensor) -> None:
-        offsets = group_offsets(coded.group_words)
-        if offsets[-1] != len(coded.words):
-            raise CorruptValueError(f"group streams claim {offsets[-1]} words, payload has {len(coded.words)}")
         kind = {torch.float32: 0, torch.bfloat16: 1}.get(out.dtype)
         target = out if kind is not None and out.is_contiguous() and out.device.type == "cpu" else \
             torch.empty(out.shape, dtype=torch.float32)
-        kind = 0 if target is not out else kind
+        self.run(self.prepare(coded, plan, step), target)
+        if target is not out:
+            limit = torch.finfo(out.dtype).max
+            out.copy_(target.clamp_(-limit, limit))
+
+    def prepare(self, coded: CodedLanes, plan: LanePlan, step: torch.Tensor) -> PreparedDecode:
+        """Everything a decode needs but the decode itself, in arrays of its own (none is a view of
+        the payload, so its buffer may be reused at once): the Python part of a decode, done where
+        the value arrives, so that what a load's scatter step runs is the native loop alone."""
+        offsets = group_offsets(coded.group_words)
+        if offsets[-1] != len(coded.words):
+            raise CorruptValueError(f"group streams claim {offsets[-1]} words, payload has {len(coded.words)}")
         # Padded by 64 words a token and 8 more: the decoder reads one word per lane and token
         # unconditionally, eight at a time where it decodes eight lanes at once.
         words = np.zeros(len(coded.words) + LANE_GROUP * plan.tokens + 8, np.uint16)
         words[: len(coded.words)] = coded.words
-        states = np.ascontiguousarray(coded.states)
+        return PreparedDecode(plan, words, offsets, np.array(coded.states, np.uint32),
+                              np.ascontiguousarray(plan.anchor_rows), np.ascontiguousarray(plan.delta_rows),
+                              plan.token_table_select(), np.ascontiguousarray(plan.half, dtype=np.int64),
+                              step.to(device="cpu", dtype=torch.float32).contiguous())
+
+    def run(self, prepared: PreparedDecode, out: torch.Tensor | None = None, placement: ChunkPlacement | None = None,
+            exact: torch.Tensor | None = None) -> None:
+        """Decode into ``out`` (contiguous CPU float32 or bfloat16 [R, T, K]) or, given ``placement``
+        (bfloat16 or float32), through it, with the chunk's ``exact`` leading tokens [R, E, K]
+        written there too. CorruptValueError on a bad stream (a placement may be partly written)."""
+        plan = prepared.plan
         ts = plan.tables
-        sym_lut, freq_cum = ts.sym_lut, ts.freq_cum
-        anchor = np.ascontiguousarray(plan.anchor_rows)
-        delta = np.ascontiguousarray(plan.delta_rows)
-        sel = plan.token_table_select()
-        half = np.ascontiguousarray(plan.half, dtype=np.int64)
-        step32 = step.to(device="cpu", dtype=torch.float32).contiguous()
-        results = self._run(plan.groups, lambda a, b: self.lib.cg_decode(
-            _ptr(words), _ptr(offsets), _ptr(states), _ptr(anchor), _ptr(delta), _ptr(ts.sym_base), _ptr(sel),
-            _ptr(sym_lut), _ptr(freq_cum), _ptr(half), _ptr(step32), plan.rows, plan.tokens, plan.channels,
-            plan.locality, a, b, _ptr(target), kind))
+        if placement is None:
+            assert out is not None and out.is_contiguous() and out.dtype in _OUT_KINDS
+            kind, target, fields = _OUT_KINDS[out.dtype], _ptr(out), None
+        else:
+            kind, target = _OUT_KINDS[placement.dtype], 0
+            if exact is None or exact.dtype != placement.dtype or tuple(exact.shape[::2]) != (plan.rows, plan.channels):
+                raise ValueError("a placed decode needs the chunk's exact tokens [R, E, K] in its dtype")
+            exact = exact.contiguous()
+            fields = np.array([_ptr(placement.rows), _ptr(placement.tokens), _ptr(placement.channels),
+                               plan.rows // placement.planes, placement.first, placement.last, _ptr(exact),
+                               exact.shape[1]], np.int64)
+        results = self._run(plan.groups, lambda a, b: self.lib.cg_decode_placed(
+            _ptr(prepared.words), _ptr(prepared.offsets), _ptr(prepared.states), _ptr(prepared.anchor),
+            _ptr(prepared.delta), _ptr(ts.sym_base), _ptr(prepared.select), _ptr(ts.sym_lut), _ptr(ts.freq_cum),
+            _ptr(prepared.half), _ptr(prepared.step), plan.rows, plan.tokens, plan.channels, plan.locality, a, b,
+            target, kind, None if fields is None else _ptr(fields)))
         if any(results):
             raise CorruptValueError("rANS streams are corrupt (over-read, or states/lengths do not match)")
-        if target is not out:
-            limit = torch.finfo(out.dtype).max
-            out.copy_(target.clamp_(-limit, limit))
+
+
+_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+"""Output dtypes the native decoder writes (others decode to float32, then convert)."""
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedDecode:
+    """A parsed CacheGen value, ready for :meth:`CppCoder.run`."""
+
+    plan: LanePlan
+    words: np.ndarray
+    offsets: np.ndarray
+    states: np.ndarray
+    anchor: np.ndarray
+    delta: np.ndarray
+    select: np.ndarray
+    half: np.ndarray
+    step: torch.Tensor

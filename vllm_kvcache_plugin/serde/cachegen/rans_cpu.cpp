@@ -6,8 +6,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace {
@@ -209,16 +212,161 @@ struct Simd8 {
 };
 #endif
 
+// Where decoded values go when they do not go to a contiguous [R, T, K] tensor (vLLM's paged blocks):
+// element (r, t, k) of plane p = r / layers lands at byte address row[r] + token[p * T + t] + channel[p * K + k].
+// Only tokens in [t0, t1) are written; those below exact_tokens come from `exact` [R, E, K] (stored as is).
+struct Placement {
+  const int64_t* row;
+  const int64_t* token;
+  const int64_t* channel;
+  int64_t layers, t0, t1;
+  const void* exact;
+  int64_t exact_tokens;
+};
+
+template <int OUT_KIND>
+inline void put_exact(int64_t address, const void* exact, int64_t i) {
+  if constexpr (OUT_KIND == 1) *reinterpret_cast<uint16_t*>(address) = static_cast<const uint16_t*>(exact)[i];
+  else *reinterpret_cast<float*>(address) = static_cast<const float*>(exact)[i];
+}
+
+// Token t of lanes [k0, k0 + n) of row r, already dequantised into `values` (OUT_KIND's element type),
+// or taken from the exact tokens, written through the placement.
+template <int OUT_KIND>
+inline void place_row(const Placement& pl, const void* values, int64_t r, int64_t t, int64_t k0, int64_t n,
+                      int64_t T, int64_t K) {
+  const int64_t plane = r / pl.layers;
+  const int64_t base = pl.row[r] + pl.token[plane * T + t];
+  const int64_t* channel = pl.channel + plane * K + k0;
+  const bool exact = t < pl.exact_tokens;
+  const void* src = exact ? pl.exact : values;
+  const int64_t first = exact ? (r * pl.exact_tokens + t) * K + k0 : 0;
+  for (int64_t i = 0; i < n; ++i) put_exact<OUT_KIND>(base + channel[i], src, first + i);
+}
+
+// One group's lanes (one row r, lanes [k0, k0 + n)) on their way through a placement, token by token,
+// written the fastest way their addresses allow:
+// * channels contiguous (a plain layout, or cpu_vec's V): each token's lanes are one copy;
+// * else, for bf16 where each lane's consecutive tokens are adjacent (cpu_vec's K, stored transposed):
+//   eight tokens are gathered, transposed eight lanes at a time and written as 16-byte runs, one per
+//   lane, instead of 64 two-byte stores a token;
+// * else (cpu_amx, a block boundary inside eight tokens, two-row groups) each element alone.
+template <int OUT_KIND>
+struct RowWriter {
+  using Elem = std::conditional_t<OUT_KIND == 1, uint16_t, float>;
+  int64_t base = 0, n = 0, K = 0, exact_tokens = 0;
+  const int64_t* token = nullptr;
+  const int64_t* channel = nullptr;
+  const Elem* exact = nullptr;  // this row's exact tokens at lane k0: token t at exact[t * K]
+  bool contiguous = false;
+  static constexpr int64_t kTile = 32;  // tokens gathered: a lane's 32 bf16 tokens fill a cache line
+  alignas(16) Elem tile[kTile][kGroup];
+  int64_t tile_first = 0, tile_count = 0;
+
+  void init(const Placement& pl, int64_t r, int64_t k0, int64_t lanes, int64_t T, int64_t channels) {
+    const int64_t plane = r / pl.layers;
+    base = pl.row[r];
+    token = pl.token + plane * T;
+    channel = pl.channel + plane * channels + k0;
+    n = lanes;
+    K = channels;
+    exact_tokens = pl.exact_tokens;
+    exact = static_cast<const Elem*>(pl.exact) + r * pl.exact_tokens * channels + k0;
+    contiguous = true;
+    for (int64_t i = 1; i < n && contiguous; ++i)
+      contiguous = channel[i] == channel[0] + i * static_cast<int64_t>(sizeof(Elem));
+    tile_count = 0;
+  }
+
+  // Where token t's lanes are to be dequantised (`scratch` where they go element by element);
+  // then commit(t, that pointer).
+  Elem* target(int64_t t, Elem* scratch) {
+    if (contiguous) return reinterpret_cast<Elem*>(base + token[t] + channel[0]);
+#if defined(__SSE2__)
+    if constexpr (OUT_KIND == 1) {
+      if (n % 8 == 0) {
+        if (tile_count > 0 && token[t] != token[tile_first] + tile_count * static_cast<int64_t>(sizeof(Elem)))
+          flush();
+        if (tile_count == 0) tile_first = t;
+        return tile[tile_count];
+      }
+    }
+#endif
+    return scratch;
+  }
+
+  void commit(int64_t t, const Elem* written) {
+    if (contiguous) return;
+#if defined(__SSE2__)
+    if constexpr (OUT_KIND == 1) {
+      if (n % 8 == 0) {
+        if (++tile_count == kTile) flush();
+        return;
+      }
+    }
+#endif
+    scatter(token[t], written);
+  }
+
+  // Token t below exact_tokens: its stored values instead of decoded ones.
+  void copy_exact(int64_t t, Elem* to) const {
+    for (int64_t i = 0; i < n; ++i) to[i] = exact[t * K + i];
+  }
+
+  void scatter(int64_t offset, const Elem* src) const {
+    for (int64_t i = 0; i < n; ++i) *reinterpret_cast<Elem*>(base + offset + channel[i]) = src[i];
+  }
+
+  void flush() {
+    int64_t done = 0;
+#if defined(__SSE2__)
+    if constexpr (OUT_KIND == 1) {
+      done = tile_count / 8 * 8;
+      const int64_t at = base + token[tile_first];
+      // A full tile gives each lane a whole 64-byte line: streamed (no read for ownership) where aligned.
+      const bool stream = tile_count == kTile;
+      for (int64_t b = 0; b < n; b += 8) {
+        for (int64_t s = 0; s < done; s += 8) {
+          __m128i r[8];
+          for (int j = 0; j < 8; ++j) r[j] = _mm_load_si128(reinterpret_cast<const __m128i*>(tile[s + j] + b));
+          const __m128i t0 = _mm_unpacklo_epi16(r[0], r[1]), t1 = _mm_unpackhi_epi16(r[0], r[1]);
+          const __m128i t2 = _mm_unpacklo_epi16(r[2], r[3]), t3 = _mm_unpackhi_epi16(r[2], r[3]);
+          const __m128i t4 = _mm_unpacklo_epi16(r[4], r[5]), t5 = _mm_unpackhi_epi16(r[4], r[5]);
+          const __m128i t6 = _mm_unpacklo_epi16(r[6], r[7]), t7 = _mm_unpackhi_epi16(r[6], r[7]);
+          const __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
+          const __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
+          const __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
+          const __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
+          const __m128i lane[8] = {_mm_unpacklo_epi64(u0, u4), _mm_unpackhi_epi64(u0, u4),
+                                   _mm_unpacklo_epi64(u1, u5), _mm_unpackhi_epi64(u1, u5),
+                                   _mm_unpacklo_epi64(u2, u6), _mm_unpackhi_epi64(u2, u6),
+                                   _mm_unpacklo_epi64(u3, u7), _mm_unpackhi_epi64(u3, u7)};
+          for (int i = 0; i < 8; ++i) {
+            auto* to = reinterpret_cast<__m128i*>(at + channel[b + i] + 2 * s);
+            if (stream && ((at + channel[b + i]) & 63) == 0) _mm_stream_si128(to, lane[i]);
+            else _mm_storeu_si128(to, lane[i]);
+          }
+        }
+      }
+    }
+#endif
+    for (int64_t j = done; j < tile_count; ++j) scatter(token[tile_first + j], tile[j]);
+    tile_count = 0;
+  }
+};
+
 template <int OUT_KIND, bool LOCALITY>
 int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states, const int64_t* rows_anchor,
            const int64_t* rows_delta, const int64_t* sym_base, const uint8_t* sel, const uint8_t* sym_lut,
            const uint32_t* freq_cum, const int64_t* half, const float* step, int64_t R, int64_t T, int64_t K,
-           int64_t g0, int64_t g1, void* out) {
+           int64_t g0, int64_t g1, void* out, const Placement* placed) {
   const int64_t lanes = R * K;
   const float limit = OUT_KIND == 1 ? kBf16Max : kF32Max;
   uint32_t x[kGroup];
   int64_t obase[kGroup], rowt[kGroup];
   int32_t centre[kGroup], anchor[kGroup], sym[kGroup];
+  alignas(32) float values[kGroup];  // one token's dequantised lanes on their way through a placement
+  RowWriter<OUT_KIND> writer;
   const uint8_t* lut_a[kGroup];
   const uint8_t* lut_d[kGroup];
   const uint32_t* fc_a[kGroup];
@@ -242,6 +390,7 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
       fc_d[i] = freq_cum + sym_base[rows_delta[lane]];
     }
     const bool one_row = rowt[0] == rowt[nl - 1];
+    if (placed != nullptr && one_row) writer.init(*placed, rowt[0] / T, obase[0] % K, nl, T, K);
 #if defined(__AVX2__)
     Simd8 simd[kGroup / 8];
     const int64_t blocks = nl / 8;
@@ -284,7 +433,27 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
       }
       // Dequantise apart from the rANS chain: in the usual group (one row, 64 consecutive channels)
       // this loop has one step and contiguous stores, so the compiler vectorises it.
-      if (one_row) {
+      if (placed != nullptr) {
+        if (t < placed->t0 || t >= placed->t1) continue;
+        if (one_row) {
+          auto* to = writer.target(t, reinterpret_cast<typename RowWriter<OUT_KIND>::Elem*>(values));
+          if (t < placed->exact_tokens) {
+            writer.copy_exact(t, to);
+          } else {
+#if defined(__AVX2__)
+            store_row8<OUT_KIND>(sym, nl, step[rowt[0] + t], limit, to, 0);
+#else
+            store_row<OUT_KIND>(sym, nl, step[rowt[0] + t], limit, to, 0);
+#endif
+          }
+          writer.commit(t, to);
+        } else {
+          for (int64_t i = 0; i < nl; ++i) {
+            store_row<OUT_KIND>(sym + i, 1, step[rowt[i] + t], limit, values, 0);
+            place_row<OUT_KIND>(*placed, values, rowt[i] / T, t, obase[i] % K, 1, T, K);
+          }
+        }
+      } else if (one_row) {
         const float st = step[rowt[0] + t];
 #if defined(__AVX2__)
         store_row8<OUT_KIND>(sym, nl, st, limit, out, obase[0] + t * K);
@@ -296,6 +465,7 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
           store_row<OUT_KIND>(sym + i, 1, step[rowt[i] + t], limit, out, obase[i] + t * K);
       }
     }
+    if (placed != nullptr && one_row) writer.flush();
     if (ptr != end) return 1;
 #if defined(__AVX2__)
     for (int64_t b = 0; b < blocks; ++b) simd[b].store_state(x + 8 * b);
@@ -303,6 +473,9 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
     for (int64_t i = 0; i < nl; ++i)
       if (x[i] != kRansL) return 1;
   }
+#if defined(__SSE2__)
+  if (placed != nullptr) _mm_sfence();  // streamed stores (RowWriter) are visible once the decode returns
+#endif
   return 0;
 }
 
@@ -374,17 +547,38 @@ void cg_pack(const uint16_t* scratch, int64_t T, const uint32_t* counts, const i
 // locality (group size `locality`, <= 1 off) and dequantising (sym - C) * step[r, t]. rows_*: each lane's
 // global table row; sym_base[row]: the row's offset in freq_cum. offsets: int64 [groups + 1] into words.
 // Returns 0, or 1 if a stream is corrupt (over-read, bad initial or final state, words left over).
-int cg_decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states, const int64_t* rows_anchor,
-              const int64_t* rows_delta, const int64_t* sym_base, const uint8_t* sel, const uint8_t* sym_lut,
-              const uint32_t* freq_cum, const int64_t* half, const float* step, int64_t R, int64_t T, int64_t K,
-              int64_t locality, int64_t g0, int64_t g1, void* out, int out_kind) {
+// `placement`: null (write into `out`), or eight int64s, the Placement's fields in order (row, token and
+// channel: addresses of int64 arrays; exact: the address of the exact tokens); then `out` is unused.
+int cg_decode_placed(const uint16_t* words, const int64_t* offsets, const uint32_t* states,
+                     const int64_t* rows_anchor, const int64_t* rows_delta, const int64_t* sym_base,
+                     const uint8_t* sel, const uint8_t* sym_lut, const uint32_t* freq_cum, const int64_t* half,
+                     const float* step, int64_t R, int64_t T, int64_t K, int64_t locality, int64_t g0, int64_t g1,
+                     void* out, int out_kind, const int64_t* placement) {
+  Placement pl{};
+  const Placement* placed = nullptr;
+  if (placement != nullptr) {
+    pl = Placement{reinterpret_cast<const int64_t*>(placement[0]), reinterpret_cast<const int64_t*>(placement[1]),
+                   reinterpret_cast<const int64_t*>(placement[2]), placement[3], placement[4], placement[5],
+                   reinterpret_cast<const void*>(placement[6]), placement[7]};
+    if (pl.layers <= 0 || R % pl.layers != 0) return 1;
+    placed = &pl;
+  }
 #define CG_DECODE(KIND, LOC)                                                                                \
   decode<KIND, LOC>(words, offsets, states, rows_anchor, rows_delta, sym_base, sel, sym_lut, freq_cum, half, \
-                    step, R, T, K, g0, g1, out)
+                    step, R, T, K, g0, g1, out, placed)
   const bool loc = locality > 1;
   if (out_kind == 1) return loc ? CG_DECODE(1, true) : CG_DECODE(1, false);
   return loc ? CG_DECODE(0, true) : CG_DECODE(0, false);
 #undef CG_DECODE
+}
+
+// cg_decode_placed into `out`.
+int cg_decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states, const int64_t* rows_anchor,
+              const int64_t* rows_delta, const int64_t* sym_base, const uint8_t* sel, const uint8_t* sym_lut,
+              const uint32_t* freq_cum, const int64_t* half, const float* step, int64_t R, int64_t T, int64_t K,
+              int64_t locality, int64_t g0, int64_t g1, void* out, int out_kind) {
+  return cg_decode_placed(words, offsets, states, rows_anchor, rows_delta, sym_base, sel, sym_lut, freq_cum, half,
+                          step, R, T, K, locality, g0, g1, out, out_kind, nullptr);
 }
 
 }  // extern "C"
