@@ -49,6 +49,7 @@ def encoded(serde: CacheGenSerde, x: torch.Tensor, fmt=KVFormat.KV) -> bytearray
 # of 64), MLA.
 CASES = [
     ("mha", 16, 3, 64, "cpu_vec", "LBHNC"),
+    ("mha", 64, 3, 64, "cpu_vec", "LBHNC"),  # whole 32-token tiles: streamed a cache line a lane
     ("mha", 32, 2, 64, "cpu_amx", "LBHNC"),
     ("mha", 16, 2, 32, "plain", "LBNHC"),
     ("mha", 16, 3, 20, "plain", "BLNHC"),
@@ -67,16 +68,16 @@ PARAMS = [pytest.param(case, dtype, id=f"{case[0]}-{case[4]}-{case[5]}-h{case[2]
 def test_a_placed_decode_writes_what_decode_then_scatter_writes(case, dtype, cpp_lib):
     kind, block, heads, size, packing, layout = case
     spec = PagedKVSpec(kind, block, heads, size, dtype, packing)
-    layers, tokens = 3, 40
+    layers, tokens = 3, 72
     shape = spec.chunk_shape(layers, tokens)
     fmt = KVFormat.MLA if kind == "mla" else KVFormat.KV
-    blocks = [7, 2, 19, 11, 4, 15][: -(-tokens // block)]
+    blocks = [7, 2, 19, 11, 4, 15, 21, 9, 13, 17][: -(-tokens // block)]
     copier = get_copier(spec, torch.device("cpu"))
     for locality, exact in ((0, 1), (4, 3)):
         serde = CacheGenSerde(locality=locality, exact_tokens=exact)
         data = encoded(serde, kv(shape, dtype, seed=block + heads), fmt)
         decoded = serde.deserialize(data)
-        for first, last in ((0, tokens), (5, 33), (0, 1), (tokens - 1, tokens)):
+        for first, last in ((0, tokens), (5, 33), (3, 70), (32, 64), (0, 1), (tokens - 1, tokens)):
             slots = slots_of(blocks, block, first, last)
             want = allocate_paged_layers(spec, layout, layers, NUM_BLOCKS)
             got = allocate_paged_layers(spec, layout, layers, NUM_BLOCKS)

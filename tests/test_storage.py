@@ -423,3 +423,24 @@ def test_warning_throttle_warns_once_per_interval_and_counts_the_rest(caplog):
     with caplog.at_level("DEBUG", logger="vllm_kvcache_plugin.test_throttle"):
         throttle.warn("store slow: %s", "d")
     assert [r.getMessage() for r in caplog.records] == ["store slow: d (1 more like this since the last warning)"]
+
+
+def test_a_lent_chunk_is_promoted_only_if_its_lease_held_through_the_copy():
+    """The hot cache copies a chunk lent from shared memory; a copy finished after the lease ran out
+    may hold another value's bytes, so it is not kept."""
+    from vllm_kvcache_plugin.storage.manager import _promote
+
+    alloc = Allocator()
+    hot = HotCache(10**8)
+    for key, valid_for in (("held", 60.0), ("expired", -1.0)):
+        source = _obj(alloc, tokens=16)
+        lent = alloc.allocate(source.meta, source.tensor.clone()).lend(lambda: None, time.monotonic() + valid_for)
+        _promote((hot,), key, lent)
+        lent.ref_down()
+        source.ref_down()
+    assert hot.contains("held") and not hot.contains("expired")
+    kept = hot.get("held")
+    assert kept is not None and not kept.lent
+    kept.ref_down()
+    hot.clear()
+    assert alloc.live == 0

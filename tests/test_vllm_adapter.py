@@ -542,19 +542,22 @@ def load_before_the_forward(h: Harness, tokens: list[int]) -> list[int]:
     return blocks
 
 
-def test_a_cachegen_hit_is_decoded_straight_into_the_blocks(tmp_path):
-    """A CacheGen value's decode waits for the scatter step, which has it written through the
-    copier's placement: no chunk is scattered, the blocks hold exactly what decode-then-scatter
-    writes, and the hot cache keeps none of them (their chunk tensors never held the values)."""
+@pytest.mark.parametrize("hot_cache", [False, True], ids=["hot-cache-off", "hot-cache-on"])
+def test_a_cachegen_hit_is_decoded_straight_into_the_blocks_unless_the_hot_cache_keeps_it(tmp_path, hot_cache):
+    """A CacheGen value's decode waits for the scatter step. With nothing to keep the decoded chunk,
+    the decoder writes through the copier's placement and no chunk is scattered; with the hot cache
+    on, the chunk is decoded, promoted and scattered as before. Either way the blocks hold exactly
+    what decode-then-scatter writes."""
     pytest.importorskip("vllm_kvcache_plugin.serde.cachegen.rans_cpp")
-    h = Harness(remote_url=f"fs://{tmp_path / 'remote'}", remote_serde="cachegen")
+    h = Harness(remote_url=f"fs://{tmp_path / 'remote'}", remote_serde="cachegen", local_cpu=hot_cache)
     try:
         cache = h.worker.caches[""]
         tokens = list(range(3000, 3100))
         keys = [h.engine.key(ref) for ref in saved_prompt(h, tokens)[1]]
         if not hasattr(h.engine.storage.remote.serde.coder, "prepare"):
             pytest.skip("no C++ compiler here: the numpy coder decodes at once")
-        h.engine.storage.hot.clear()
+        if hot_cache:
+            h.engine.storage.hot.clear()
         calls = {"placement": 0, "scatter": 0}
 
         def counted(name, real):
@@ -568,8 +571,11 @@ def test_a_cachegen_hit_is_decoded_straight_into_the_blocks(tmp_path):
             blocks = load_before_the_forward(h, tokens)
         finally:
             del cache.copier.placement, cache.copier.scatter
-        assert calls == {"placement": 4, "scatter": 0}  # 3 whole chunks and 3 of the last one's 4 tokens
-        assert not any(h.engine.storage.hot.contains(key) for key in keys)
+        if hot_cache:
+            assert calls == {"placement": 0, "scatter": 4}
+            assert all(h.engine.storage.hot.contains(key) for key in keys)
+        else:
+            assert calls == {"placement": 4, "scatter": 0}  # 3 whole chunks and 3 of the last one's 4 tokens
         decoded = h.engine.storage.remote.batched_get(keys)  # decoded at once, the usual way
         want = torch.cat([obj.tensor for obj in decoded], dim=2)[:, :, :len(tokens) - 1]
         assert torch.equal(h.read(blocks, 0, len(tokens) - 1), want)

@@ -261,11 +261,19 @@ class MemoryObj:
         """Run ``callback(self)`` once the chunk is known intact: now if nothing is deferred, else
         when the deferred check passes (never if it fails, or if the chunk is spent). The storage
         manager promotes a loaded chunk this way, so promotion does not read the bytes first."""
+        if self.tensor is None:  # spent (its values are elsewhere) or freed: nothing to keep
+            return self
         if self._check is None:
             callback(self)
         else:
             self._after_check.append(callback)
         return self
+
+    @property
+    def awaited(self) -> bool:
+        """Whether something waits for the deferred check to pass (a promotion, which needs the
+        values in this chunk's tensor: a reader then must not :meth:`spend` it)."""
+        return bool(self._after_check)
 
     def on_corrupt(self, callback: Callable[[], None]) -> MemoryObj:
         """``callback`` runs once if a deferred check fails (the tier that returned the chunk counts

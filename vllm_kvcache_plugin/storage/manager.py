@@ -259,9 +259,18 @@ class StorageManager:
 
 def _promote(tiers: tuple[Tier, ...], key: str, obj: MemoryObj) -> None:
     """Keep a loaded chunk in the tiers above the one it came from (it runs on the reader's thread,
-    inside its check: a failure here must not fail the load)."""
+    inside its check: a failure here must not fail the load). A chunk lent from shared memory is
+    copied first (``ref_up``), and the copy is kept only if the lease still held once it was made:
+    after that, the region may hold another value."""
     try:
-        for tier in tiers:
-            tier.put_many([(key, obj)])
+        held = obj.ref_up()
+        try:
+            if not obj.lease_held():
+                logger.debug("Chunk %s: its lease ran out before the hot cache's copy was made; not kept", key)
+                return
+            for tier in tiers:
+                tier.put_many([(key, held)])
+        finally:
+            held.ref_down()
     except Exception:
         logger.exception("Promoting chunk %s failed; it stays where it was", key)

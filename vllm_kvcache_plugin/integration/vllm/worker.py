@@ -201,12 +201,13 @@ class WorkerSide:
     @staticmethod
     def _placed_decode(cache: RegisteredCache, obj: MemoryObj, copies: list, first: int) -> bool | None:
         """Decode a value whose decode was left to this reader (CacheGen) straight into the blocks,
-        where it applies: the chunk's every layer goes to one group, and the copier can say where
-        each element lives (host memory). True when written (the chunk is spent), False when
-        corrupt (what was written is recomputed), None where it does not apply (nothing written)."""
+        where it applies: the chunk's every layer goes to one group, the copier can say where each
+        element lives (host memory), and no tier waits to keep the decoded chunk (the hot cache's
+        promotion). True when written (the chunk is spent), False when corrupt (what was written
+        is recomputed), None where it does not apply (nothing written)."""
         place = getattr(obj.deferred_check, "place", None)
-        if place is None or len(copies) != 1 or len(copies[0][0]) != obj.meta.shape[1]:
-            return None
+        if place is None or obj.awaited or len(copies) != 1 or len(copies[0][0]) != obj.meta.shape[1]:
+            return None  # obj.awaited: the hot cache keeps the decoded chunk, so decode it, then scatter
         layers, slots, _ = copies[0]
         placement = cache.copier.placement(layers, cache.spec, slots, obj.meta.shape[2], first)
         written = None if placement is None else place(placement)

@@ -473,9 +473,6 @@ int decode(const uint16_t* words, const int64_t* offsets, const uint32_t* states
     for (int64_t i = 0; i < nl; ++i)
       if (x[i] != kRansL) return 1;
   }
-#if defined(__SSE2__)
-  if (placed != nullptr) _mm_sfence();  // streamed stores (RowWriter) are visible once the decode returns
-#endif
   return 0;
 }
 
@@ -567,9 +564,13 @@ int cg_decode_placed(const uint16_t* words, const int64_t* offsets, const uint32
   decode<KIND, LOC>(words, offsets, states, rows_anchor, rows_delta, sym_base, sel, sym_lut, freq_cum, half, \
                     step, R, T, K, g0, g1, out, placed)
   const bool loc = locality > 1;
-  if (out_kind == 1) return loc ? CG_DECODE(1, true) : CG_DECODE(1, false);
-  return loc ? CG_DECODE(0, true) : CG_DECODE(0, false);
+  const int result = out_kind == 1 ? (loc ? CG_DECODE(1, true) : CG_DECODE(1, false))
+                                   : (loc ? CG_DECODE(0, true) : CG_DECODE(0, false));
 #undef CG_DECODE
+#if defined(__SSE2__)
+  if (placed != nullptr) _mm_sfence();  // RowWriter's streamed stores are visible once this returns, either way
+#endif
+  return result;
 }
 
 // cg_decode_placed into `out`.
