@@ -30,3 +30,13 @@ def _skip_when_unavailable(item):
 
 
 pytest_runtest_setup = pytest_runtest_call = pytest.hookimpl(wrapper=True)(_skip_when_unavailable)
+
+
+@pytest.fixture(scope="session")
+def cpp_lib():
+    """The CacheGen C++ coder, built (or found built) once; without a C++ compiler its tests skip."""
+    rans_cpp = pytest.importorskip("vllm_kvcache_plugin.serde.cachegen.rans_cpp")
+    lib = rans_cpp.load_library()
+    if lib is None:
+        pytest.skip("no C++ compiler here: the C++ coder cannot be built")
+    return lib

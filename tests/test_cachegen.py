@@ -34,14 +34,6 @@ def synthetic_kv(planes=2, layers=4, tokens=40, heads=2, size=24, dtype=torch.bf
     return (offset + spread * (noise + drift)).to(dtype)
 
 
-@pytest.fixture(scope="module")
-def cpp_lib():
-    lib = cpp.load_library()
-    if lib is None:
-        pytest.skip("no C++ compiler here: the C++ coder cannot be built")
-    return lib
-
-
 def coders(lib) -> dict[str, codec.LaneCoder]:
     return {"numpy": codec.NumpyCoder(), "cpp1": cpp.CppCoder(lib, 1), "cpp2": cpp.CppCoder(lib, 2)}
 

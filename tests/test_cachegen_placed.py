@@ -21,14 +21,6 @@ cpp = pytest.importorskip("vllm_kvcache_plugin.serde.cachegen.rans_cpp")
 NUM_BLOCKS = 24
 
 
-@pytest.fixture(scope="module")
-def cpp_lib():
-    lib = cpp.load_library()
-    if lib is None:
-        pytest.skip("no C++ compiler here: the C++ coder cannot be built")
-    return lib
-
-
 def kv(shape, dtype, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     scale = torch.rand(shape[0], shape[1], 1, shape[3], shape[4], generator=g) * 4 + 0.1
