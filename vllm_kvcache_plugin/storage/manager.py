@@ -196,7 +196,8 @@ class StorageManager:
         a hit is copied into the tiers above it that promote (the hot cache). ``defer_check``: see
         :meth:`Tier.get_many`; a chunk whose check is deferred is promoted once its reader has
         verified it (``MemoryObj.after_check``), so nothing unverified is kept and promotion costs
-        no pass of its own; one its reader decoded straight into vLLM's blocks is not kept."""
+        no pass of its own (a reader that could decode straight into vLLM's blocks sees the chunk
+        ``awaited`` and decodes it into its tensor, to be kept)."""
         start = time.perf_counter()
         out: list[MemoryObj | None] = [None] * len(keys)
         todo = list(range(len(keys)))
