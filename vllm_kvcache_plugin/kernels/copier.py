@@ -192,10 +192,7 @@ def check_copy_args(layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: to
     ``check_slots=False`` is for kernels that range-check every slot themselves before writing.
     """
     layer_set = check_layers(layers, spec)
-    if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
-        raise ValueError(f"slots must be a 1-D tensor, got {getattr(slots, 'shape', type(slots))}")
-    if slots.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"slots must be int64 (or int32), got {slots.dtype}")
+    _check_slot_tensor(slots)
     num_tokens = slots.numel()
     want = spec.chunk_shape(len(layers), num_tokens)
     if chunk.shape != want:
@@ -204,11 +201,23 @@ def check_copy_args(layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: to
         raise ValueError(f"{chunk_name} dtype {chunk.dtype} does not match the KV dtype {spec.dtype}")
     if chunk.stride(4) != 1 and spec.head_size > 1:
         raise ValueError(f"{chunk_name} channel axis must be contiguous, got strides {tuple(chunk.stride())}")
-    if num_tokens and check_slots:
-        low, high = (int(v) for v in torch.aminmax(slots))
-        if low < 0 or high >= layer_set.num_blocks * spec.block_size:
-            raise slot_error(low if low < 0 else high, layer_set)
+    if check_slots:
+        _check_slot_range(slots, layer_set)
     return CopyGeometry(layer_set, num_tokens, chunk.stride()[:4])
+
+
+def _check_slot_tensor(slots: torch.Tensor) -> None:
+    if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
+        raise ValueError(f"slots must be a 1-D tensor, got {getattr(slots, 'shape', type(slots))}")
+    if slots.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slots must be int64 (or int32), got {slots.dtype}")
+
+
+def _check_slot_range(slots: torch.Tensor, layer_set: LayerSet) -> None:
+    if slots.numel():
+        low, high = (int(v) for v in torch.aminmax(slots))
+        if low < 0 or high >= layer_set.num_blocks * layer_set.spec.block_size:
+            raise slot_error(low if low < 0 else high, layer_set)
 
 
 class KVCopier(ABC):
@@ -268,14 +277,12 @@ class KVCopier(ABC):
         layer_set = check_layers(layers, spec)
         if layer_set.device.type != "cpu":
             return None
-        if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
-            raise ValueError(f"slots must be a 1-D tensor, got {getattr(slots, 'shape', type(slots))}")
+        _check_slot_tensor(slots)
         count = slots.numel()
         if not 0 <= first <= first + count <= chunk_tokens:
             raise ValueError(f"tokens [{first}, {first + count}) are not inside a {chunk_tokens}-token chunk")
+        _check_slot_range(slots, layer_set)
         slot = slots.to(torch.int64).numpy()
-        if count and (int(slot.min()) < 0 or int(slot.max()) >= layer_set.num_blocks * spec.block_size):
-            raise slot_error(int(slot.min()) if int(slot.min()) < 0 else int(slot.max()), layer_set)
         fixed = _placement_tables.get(layer_set)
         block, offset = slot // spec.block_size, slot % spec.block_size
         tokens = np.zeros((spec.num_kv, chunk_tokens), np.int64)

@@ -257,7 +257,6 @@ class StorageManager:
             self._loop.stop()
 
 
-
 def _promote(tiers: tuple[Tier, ...], key: str, obj: MemoryObj) -> None:
     """Keep a loaded chunk in the tiers above the one it came from (it runs on the reader's thread,
     inside its check: a failure here must not fail the load). A chunk lent from shared memory is

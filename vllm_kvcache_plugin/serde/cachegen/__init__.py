@@ -26,7 +26,6 @@ from .quant import BinsLike, UnsupportedValueError, resolve_bins
 
 BACKENDS = ("auto", "cpp", "numpy", "triton")
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-OUT_DTYPES = (torch.bfloat16, torch.float32)  # what the native decoder writes itself (fp16 goes through fp32)
 
 
 def _check_bins(name: str, spec: BinsLike, num_layers: int | None) -> None:
@@ -172,8 +171,9 @@ class CacheGenSerde(Serde):
             obj.ref_down()
 
     def _defers(self, meta: ChunkMeta) -> bool:
-        """Whether a decode can wait for its reader: the native coder, writing the chunk's dtype."""
-        return self.backend in ("auto", "cpp") and meta.dtype in OUT_DTYPES and hasattr(self.coder, "prepare")
+        """Whether a decode can wait for its reader: a coder that prepares and runs decodes apart (the
+        native one) and writes the chunk's dtype itself."""
+        return self.backend in ("auto", "cpp") and meta.dtype in getattr(self.coder, "out_dtypes", ())
 
 
 class PendingDecode:

@@ -120,6 +120,8 @@ class CppCoder:
     name = "cpp"
 
     def __init__(self, lib: ctypes.CDLL, threads: int = 1) -> None:
+        #: What :meth:`run` writes itself (a placed decode among them): others decode through float32.
+        self.out_dtypes = tuple(_OUT_KINDS)
         self.lib = lib
         self.threads = max(1, int(threads))
         self._pool = thread_pool(self.threads, "cachegen") if self.threads > 1 else None
@@ -185,8 +187,8 @@ class CppCoder:
         return CodedLanes(states, counts, words)
 
     def decode_into(self, coded: CodedLanes, plan: LanePlan, step: torch.Tensor, out: torch.Tensor) -> None:
-        kind = {torch.float32: 0, torch.bfloat16: 1}.get(out.dtype)
-        target = out if kind is not None and out.is_contiguous() and out.device.type == "cpu" else \
+        writes = out.dtype in _OUT_KINDS
+        target = out if writes and out.is_contiguous() and out.device.type == "cpu" else \
             torch.empty(out.shape, dtype=torch.float32)
         self.run(self.prepare(coded, plan, step), target)
         if target is not out:
