@@ -209,3 +209,27 @@ def test_scatters_use_every_copier_thread_only_when_nothing_else_runs():
     finally:
         torch.set_num_threads(threads)
     assert host_threads() == torch.get_num_threads()  # the cap ends with the scatter
+
+
+def test_only_an_exclusive_loads_fetches_may_wait_at_idle_priority():
+    """A load before the forward fetches with ``threads.idle_waits`` on (its store calls may wait
+    on idle-priority threads); a background load, beside vLLM's forward, with it off."""
+    from vllm_kvcache_plugin.threads import idle_waits_allowed
+
+    rec = Recorder()
+    seen: list[bool] = []
+
+    def retrieve(items):
+        seen.append(idle_waits_allowed())
+        return rec.retrieve(items)
+
+    pipeline = LoadPipeline(FakeEngine(), retrieve, rec.scatter)
+    try:
+        (outcome,) = pipeline.run([spec("r", 2 * GROUP_CHUNKS)], exclusive=True)
+        assert outcome.complete and seen == [True, True]
+        seen.clear()
+        (outcome,) = pipeline.run([spec("s", 2 * GROUP_CHUNKS)])
+        assert outcome.complete and seen == [False, False]
+    finally:
+        pipeline.close()
+    assert not idle_waits_allowed()

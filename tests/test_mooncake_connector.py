@@ -494,3 +494,40 @@ def test_storage_layer_loads_mooncake_values_into_pooled_buffers(mooncake_p2p):
     finally:
         tier.close()
         loop.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_gets_of_an_exclusive_load_wait_at_idle_priority_other_calls_do_not(conn, monkeypatch):
+    """Mooncake's wheel polls for a transfer's end on the calling thread. Within ``idle_waits``
+    (a load before vLLM's forward) the gets run on idle-priority threads; outside it on normal
+    ones, which a running forward cannot starve."""
+    from vllm_kvcache_plugin.threads import idle_waits
+
+    policies: dict[str, list[int]] = {"into": [], "get": []}
+
+    def spy(name, real):
+        def call(*args):
+            policies[name].append(os.sched_getscheduler(0))
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(conn, "_get_many_into", spy("into", conn._get_many_into))
+    monkeypatch.setattr(conn, "_get_many", spy("get", conn._get_many))
+
+    async def scenario():
+        key, value = unique("idle"), os.urandom(300_000)
+        await conn.put(key, value)
+        block = Allocator().buffer(400_000)
+        with idle_waits():
+            assert await conn.batched_get_into([key], [block.numpy()]) == [len(value)]
+            assert bytes(block.numpy()[:len(value)]) == value
+            assert bytes((await conn.batched_get([key]))[0]) == value
+            assert await conn.batched_exists([key]) == [True]  # a lookup: on the normal threads
+        block.fill_(0)
+        assert await conn.batched_get_into([key], [block.numpy()]) == [len(value)]
+        assert bytes(block.numpy()[:len(value)]) == value
+        assert bytes((await conn.batched_get([key]))[0]) == value
+
+    run(scenario())
+    assert policies["into"] == [os.SCHED_IDLE, os.SCHED_OTHER]
+    assert policies["get"] == [os.SCHED_IDLE, os.SCHED_OTHER]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,47 @@ def test_the_io_loops_own_pool_runs_on_the_background_cpus():
     finally:
         loop.stop()
     assert cpus == set(CPUS[:1]) and name == "kvcache-io-pool"
+
+
+needs_sched_idle = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+
+
+@needs_sched_idle
+def test_an_idle_pool_runs_its_threads_at_idle_priority_and_others_keep_theirs():
+    idle = threads.thread_pool(1, "test-idle", idle=True)
+    plain = threads.thread_pool(1, "test-plain")
+    try:
+        assert idle.submit(os.sched_getscheduler, 0).result(10) == os.SCHED_IDLE
+        assert plain.submit(os.sched_getscheduler, 0).result(10) == os.SCHED_OTHER
+        name = idle.submit(lambda: Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text()).result(10)
+        assert name.strip().startswith("test-idle")  # started like every other thread (named, placed)
+    finally:
+        idle.shutdown()
+        plain.shutdown()
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own thread is untouched
+
+
+def test_idle_waits_are_off_unless_asked_and_reach_the_io_loop():
+    """``idle_waits`` holds for the calling thread's context only, and it reaches the coroutine the
+    storage layer's loop runs for that caller (the Mooncake connector reads it there)."""
+    from vllm_kvcache_plugin.storage.loop import EventLoopThread
+
+    async def allowed() -> bool:
+        return threads.idle_waits_allowed()
+
+    loop = EventLoopThread("test-io")
+    try:
+        assert loop.run(allowed(), 10) is False
+        with threads.idle_waits():
+            assert threads.idle_waits_allowed()
+            assert loop.run(allowed(), 10) is True
+            with threads.idle_waits(False):
+                assert loop.run(allowed(), 10) is False
+            other = threading.Thread(target=lambda: seen.append(threads.idle_waits_allowed()))
+            seen: list[bool] = []
+            other.start()
+            other.join()
+            assert seen == [False]  # another thread's context is its own
+        assert loop.run(allowed(), 10) is False
+    finally:
+        loop.stop()

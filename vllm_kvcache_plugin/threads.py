@@ -6,15 +6,22 @@ thread to the team's first core. Left alone, every thread the connector starts i
 loader, writer, event loop, lookup answers) would share that one core with the forward, and the
 team's other cores would sit idle while a load waits for them. The adapter picks the CPUs once
 (:func:`set_background_cpus`); each thread started here moves itself onto them before it runs.
+
+Some threads only wait: Mooncake's wheel waits for a transfer in a polling loop that keeps a core
+busy for the whole transfer. While nothing else computes (a load before vLLM's forward,
+:func:`idle_waits`), such waits run on idle-priority threads (``thread_pool(..., idle=True)``): they
+then take only CPU that the transfer and the copies do not want.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +33,8 @@ INHERIT = "inherit"
 MAX_CPU = 65535  # above any CPU number Linux hands out (NR_CPUS <= 8192): a typo fails, not a huge set
 _background_cpus: frozenset[int] | None = None
 _warned = False
+_warned_idle = False
+_idle_waits: contextvars.ContextVar[bool] = contextvars.ContextVar("vllm_kvcache_idle_waits", default=False)
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
@@ -139,7 +148,45 @@ def start_thread(target: Callable[..., Any], name: str, args: tuple = (), daemon
     return thread
 
 
-def thread_pool(max_workers: int, name_prefix: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads run on the background CPUs."""
-    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name_prefix,
-                              initializer=enter_background)
+def _enter_idle_priority() -> None:
+    """Move the calling thread to SCHED_IDLE: it runs only when no other thread wants the CPU.
+    Any thread may lower its own priority; none may raise it again without CAP_SYS_NICE, which is
+    why an idle pool's threads stay idle for good and only waits go to them."""
+    global _warned_idle
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread, on Linux
+    except (AttributeError, OSError) as exc:  # not Linux, or refused by a seccomp profile
+        if not _warned_idle:
+            _warned_idle = True
+            logger.warning("cannot give waiting threads idle priority (%s); their waits take CPU from the "
+                           "transfers they wait for", exc)
+
+
+def thread_pool(max_workers: int, name_prefix: str, idle: bool = False) -> ThreadPoolExecutor:
+    """A thread pool whose threads run on the background CPUs; ``idle``: at idle priority, for
+    calls that only wait (see :func:`idle_waits`)."""
+    def initializer() -> None:
+        enter_background()
+        if idle:
+            _enter_idle_priority()
+
+    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name_prefix, initializer=initializer)
+
+
+@contextlib.contextmanager
+def idle_waits(allowed: bool = True) -> Iterator[None]:
+    """Within: nothing else computes while this work runs (a load before vLLM's forward), so a
+    call that only waits for it may wait at idle priority. Outside (a load beside the forward),
+    an idle waiter could be starved for as long as the forward keeps the cores, so it may not.
+    A context variable: it follows the work into the storage layer's loop, whose
+    ``run_coroutine_threadsafe`` runs each coroutine in a copy of its caller's context."""
+    token = _idle_waits.set(allowed)
+    try:
+        yield
+    finally:
+        _idle_waits.reset(token)
+
+
+def idle_waits_allowed() -> bool:
+    return _idle_waits.get()
+

@@ -6,6 +6,12 @@ Puts move through a registered staging area with ``batch_put_from``. Gets land s
 caller's buffers (``batched_get_into``: the storage layer's pooled receive buffers, each
 registered once and unregistered when the allocator lets it go) with one ``batch_get_into``;
 ``batched_get`` (serdes without a receive size) goes through a second staging area and copies out.
+Mooncake's wheel waits for a transfer's end by polling in a tight loop (it is built without
+event-driven completion), so the calling thread keeps a core busy for the whole transfer, taking it
+from the transfer itself on a small host. Gets made while nothing else computes
+(``threads.idle_waits``: a load before vLLM's forward) therefore run on idle-priority threads, which
+poll only on CPU nobody else wants; other calls keep normal threads, which a running forward cannot
+starve (benchmarks/RESULTS.md, twelfth round).
 Values larger than a staging area use plain ``put`` / ``get``. Mooncake's data calls may run
 concurrently from several threads (its own ``mooncake.async_store`` does that); each staging area
 has a lock because it is our memory. ``setup`` runs in a background thread, retried with back-off,
@@ -25,11 +31,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import KVCacheConfig
 from ..errors import ConnectorError, ConnectorTimeout
-from ..threads import thread_pool
+from ..threads import idle_waits_allowed, thread_pool
 from .base import DEFAULT_PAGE_SIZE, Buffer, KeyPage, RemoteConnector
 from .mooncake_client import (
     ALIGN,
@@ -68,6 +75,7 @@ class MooncakeStoreConnector(RemoteConnector):
             ("batch_put_from", "put_from", "put")
         self._put_many_from, self._put_from, self._put_plain = names
         self._slot_hint = 0  # largest value seen, aligned: the slot size of batched gets
+        self._idle_executor: ThreadPoolExecutor | None = None  # gets of exclusive loads, at idle priority
 
     # -- lifecycle --------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -81,20 +89,30 @@ class MooncakeStoreConnector(RemoteConnector):
     async def close(self) -> None:
         """Drain running calls, then unregister the staging areas and close the client."""
         self.client.closed.set()
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        for executor in (self._executor, self._idle_executor):
+            if executor is not None:
+                await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        self._executor = self._idle_executor = None
         await asyncio.to_thread(self.client.close)
 
     # -- calls ------------------------------------------------------------------------------
     def _client(self) -> Any:
         return self.client.ready_store()
 
-    async def _call(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on the pool, bounded by ``timeout``; every failure becomes a ConnectorError."""
+    def _pool(self, transfer: bool = False) -> ThreadPoolExecutor:
+        """The threads for a blocking call: a transfer's wait goes to the idle-priority ones when
+        ``threads.idle_waits`` allows it."""
+        if transfer and idle_waits_allowed():
+            if self._idle_executor is None:
+                self._idle_executor = thread_pool(self.blocking_threads, "kv-mc-idle", idle=True)
+            return self._idle_executor
         if self._executor is None:
             self._executor = thread_pool(self.blocking_threads, "kv-mooncake")
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return self._executor
+
+    async def _call(self, timeout: float, fn: Callable[..., Any], *args: Any, transfer: bool = False) -> Any:
+        """``fn(*args)`` on the pool, bounded by ``timeout``; every failure becomes a ConnectorError."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool(transfer), fn, *args)
         try:
             return await asyncio.wait_for(future, timeout)
         except (asyncio.TimeoutError, TimeoutError):
@@ -108,15 +126,13 @@ class MooncakeStoreConnector(RemoteConnector):
         except Exception as exc:  # pybind11 turns C++ exceptions into RuntimeError and friends
             raise ConnectorError(f"{self.url.redacted()}: {type(exc).__name__}: {exc}") from None
 
-    async def _call_to_the_end(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call_to_the_end(self, fn: Callable[..., Any], *args: Any, transfer: bool = False) -> Any:
         """``fn(*args)`` on the pool, returning or raising only once it has ended: a Mooncake call
         cannot be stopped, and one that writes into caller buffers must be over before the caller
         reuses them. A cancellation (the storage layer's deadline) is re-raised after the call
         ends; until then the caller's wait is bounded by that layer, not by this coroutine."""
-        if self._executor is None:
-            self._executor = thread_pool(self.blocking_threads, "kv-mooncake")
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            future = asyncio.get_running_loop().run_in_executor(self._pool(transfer), fn, *args)
         except RuntimeError:  # the pool is shut down: close() ran
             raise ConnectorError(f"{self.url.redacted()}: connector is closed") from None
         interrupted = False
@@ -165,7 +181,7 @@ class MooncakeStoreConnector(RemoteConnector):
         if not keys:
             return []
         store = self._client()
-        return await self._call(self.settings.transfer_timeout, self._get_many, store, list(keys))
+        return await self._call(self.settings.transfer_timeout, self._get_many, store, list(keys), transfer=True)
 
     def _get_many(self, store: Any, keys: list[str]) -> list[Buffer | None]:
         out: list[Buffer | None] = [None] * len(keys)
@@ -207,7 +223,7 @@ class MooncakeStoreConnector(RemoteConnector):
             if view.readonly:
                 raise ValueError("batched_get_into needs writable buffers")
         store = self._client()
-        return await self._call_to_the_end(self._get_many_into, store, list(keys), views)
+        return await self._call_to_the_end(self._get_many_into, store, list(keys), views, transfer=True)
 
     def _get_many_into(self, store: Any, keys: list[str], views: list[memoryview]) -> list[int | None]:
         registry = self.client.registry

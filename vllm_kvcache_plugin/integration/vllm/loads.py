@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ...engine import KVCacheEngine
 from ...kernels import copy_threads
 from ...memory import MemoryObj
-from ...threads import start_thread, thread_pool
+from ...threads import idle_waits, start_thread, thread_pool
 from .metadata import ChunkRef, LoadSpec
 
 logger = logging.getLogger(__name__)
@@ -117,14 +117,14 @@ class LoadPipeline:
             return [(spec, item) for spec, item in group if spec.req_id not in broken]
 
         # Up to FETCH_DEPTH groups are in flight while one is scattered (none for requests already over).
-        pending = collections.deque(self._fetch(live(g)) for g in groups[:FETCH_DEPTH])
+        pending = collections.deque(self._fetch(live(g), exclusive) for g in groups[:FETCH_DEPTH])
         for k in range(len(groups)):
             group, future = pending.popleft()
             wait_start = time.perf_counter()
             objs = future.result()
             times.fetch_wait += time.perf_counter() - wait_start
             if k + FETCH_DEPTH < len(groups):
-                pending.append(self._fetch(live(groups[k + FETCH_DEPTH])))
+                pending.append(self._fetch(live(groups[k + FETCH_DEPTH]), exclusive))
             scatter_start = time.perf_counter()
             try:
                 for (spec, item), obj in zip(group, objs, strict=True):
@@ -166,12 +166,18 @@ class LoadPipeline:
             outcome.loaded_to = min(item.ref.end, spec.end)
         return True
 
-    def _fetch(self, group: list[tuple[LoadSpec, LoadItem]]) -> tuple[list[tuple[LoadSpec, LoadItem]], Future]:
+    def _fetch(self, group: list[tuple[LoadSpec, LoadItem]],
+               exclusive: bool) -> tuple[list[tuple[LoadSpec, LoadItem]], Future]:
         if not group:
             done: Future = Future()
             done.set_result([])
             return group, done
-        return group, self._fetcher.submit(self._retrieve, [item for _, item in group])
+        return group, self._fetcher.submit(self._retrieve_now, [item for _, item in group], exclusive)
+
+    def _retrieve_now(self, items: list[LoadItem], exclusive: bool) -> list[MemoryObj | None]:
+        """An exclusive load's store calls may wait at idle priority (``threads.idle_waits``)."""
+        with idle_waits(exclusive):
+            return self._retrieve(items)
 
     def close(self) -> None:
         self._fetcher.shutdown(wait=True)
