@@ -26,6 +26,7 @@ the cores.
 Prints a table (and writes it with a PNG plot to ``--out``).
 
     python benchmarks/bench_load.py [--tokens 4096] [--stores disk,lm,redis,mooncake,...] [--runs 3] [--out DIR]
+    python benchmarks/bench_load.py --device cuda --stores lm,lm-tcp,disk [--host-memory both] [--shape llama8b]
 """
 
 from __future__ import annotations
@@ -49,15 +50,74 @@ from testbed.processes import cpu_seconds
 
 STORES = ("disk", "disk-read", "lm", "lm-tcp", "redis", "redis-unix", "mooncake", "redis+cachegen")
 CACHEGEN_SUFFIX = "+cachegen"
-LAYERS, HEADS, HEAD_SIZE, BLOCK, CHUNK = 30, 3, 64, 128, 256
-CACHE_BLOCKS = 1300  # ~3.8 GB of cache, about what VLLM_CPU_KVCACHE_SPACE=4 gives this model
+CHUNK = 256
+SHAPES = {"smollm2": (30, 3, 64), "llama8b": (32, 8, 128)}  # layers, KV heads, head size
+CPU_BLOCK, CPU_CACHE_BLOCKS = 128, 1300  # ~3.8 GB for SmolLM2, about what VLLM_CPU_KVCACHE_SPACE=4 gives
+GPU_BLOCK = 16  # vLLM's default block on a GPU
 LOADS = 4  # whole loads per fresh process; the first is the restart's own
+HOST_MEMORY = ("pinned", "pageable")
+
+
+def _stand_in_for_vllm() -> None:
+    """Empty stand-ins for the three vLLM base classes the worker's modules subclass, for a machine
+    without vLLM (the lent GPU machines): the load path measured here never calls into them."""
+    import types
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class KVConnectorStats:
+        data: dict = field(default_factory=dict)
+
+    class KVConnectorMetadata:
+        pass
+
+    class KVConnectorPromMetrics:
+        pass
+
+    names = ["vllm", "vllm.distributed", "vllm.distributed.kv_transfer", "vllm.distributed.kv_transfer.kv_connector",
+             "vllm.distributed.kv_transfer.kv_connector.v1"]
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    base = sys.modules[names[-1] + ".base"] = types.ModuleType(names[-1] + ".base")
+    base.KVConnectorMetadata = KVConnectorMetadata
+    metrics = sys.modules[names[-1] + ".metrics"] = types.ModuleType(names[-1] + ".metrics")
+    metrics.KVConnectorStats, metrics.KVConnectorPromMetrics = KVConnectorStats, KVConnectorPromMetrics
+
+
+def _geometry(device: str) -> tuple[str, str, int, int]:
+    """packing, layout, block size and cache blocks of the paged cache vLLM makes on ``device``."""
+    if device == "cuda":
+        return "plain", "LBNHC", GPU_BLOCK, 4096  # 65k tokens: SmolLM2 1.5 GB, Llama-3-8B 8.6 GB
+    return "cpu_vec", "LBHNC", CPU_BLOCK, CPU_CACHE_BLOCKS
+
+
+def _copy_floor(nbytes: int) -> dict[str, float]:
+    """GB/s of one host-to-device copy of ``nbytes`` from pinned and from pageable memory (best of 5)."""
+    import torch
+
+    target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    out = {}
+    for name, pinned in (("pinned", True), ("pageable", False)):
+        source = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        best = float("inf")
+        for _ in range(6):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            target.copy_(source)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        out[name] = nbytes / best / 1e9
+    return out
 
 
 def _child(args: argparse.Namespace) -> None:
     """One process: store the chunks (``--child store``) or load them (``--child load``), printing JSON."""
     import uuid
 
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        _stand_in_for_vllm()
     import torch
 
     from vllm_kvcache_plugin.config import load_config
@@ -67,22 +127,30 @@ def _child(args: argparse.Namespace) -> None:
     from vllm_kvcache_plugin.kernels import PagedKVSpec, allocate_paged_layers
     from vllm_kvcache_plugin.keys import ChunkRef
 
-    spec = PagedKVSpec(kind="mha", block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_SIZE, dtype=torch.bfloat16,
-                       packing="cpu_vec")
+    num_layers, heads, head_size = SHAPES[args.shape]
+    packing, layout, block, cache_blocks = _geometry(args.device)
+    spec = PagedKVSpec(kind="mha", block_size=block, num_kv_heads=heads, head_size=head_size, dtype=torch.bfloat16,
+                       packing=packing)
     settings = {"chunk_size": CHUNK, "local_cpu": False, "remote_serde": args.serde}
     if args.url:
         settings["remote_url"] = args.url
     else:
         settings.update(local_disk=args.dir, max_local_disk_size=10)
     engine = KVCacheEngine(load_config(settings, env={}), "bench-load-model")
-    worker = WorkerSide(engine, BLOCK, None)
-    layers = allocate_paged_layers(spec, "LBHNC", LAYERS, num_blocks=CACHE_BLOCKS if args.child == "load" else 64)
+    worker = WorkerSide(engine, block, None)
+    layers = allocate_paged_layers(spec, layout, num_layers, num_blocks=cache_blocks if args.child == "load" else 64,
+                                   device=args.device)
     for layer in layers:
         layer.zero_()  # as vLLM's torch.zeros: every destination page touched before the first load
-    cache = build_registered_cache([f"layers.{i}.attn" for i in range(LAYERS)], layers, spec)
-    worker.register([cache])  # pre-warms the chunk buffers, as at vLLM's start
+    cache = build_registered_cache([f"layers.{i}.attn" for i in range(num_layers)], layers, spec)
+    worker.register([cache])  # pre-warms the chunk buffers (pinned for a GPU cache), as at vLLM's start
+    if args.host_memory == "pageable" and engine.allocator.pin_memory:
+        # The path before pinning: a fresh pool of pageable buffers (same allocator object, which
+        # the tiers hold), pre-warmed the same way.
+        engine.allocator.__init__(engine.allocator.max_pool_bytes, pin_memory=False)
+        engine.prewarm(cache.shape, cache.part.max_tokens(engine.config.chunk_size, block))
     refs = tuple(ChunkRef(i, min(i + CHUNK, args.tokens), f"{i:064x}") for i in range(0, args.tokens, CHUNK))
-    blocks = tuple(range(1, 1 + -(-args.tokens // BLOCK)))  # block 0 is vLLM's null block
+    blocks = tuple(range(1, 1 + -(-args.tokens // block)))  # block 0 is vLLM's null block
     out: dict[str, object] = {}
     if args.child == "store":
         generator = torch.Generator().manual_seed(0)
@@ -101,6 +169,8 @@ def _child(args: argparse.Namespace) -> None:
             load = LoadSpec(uuid.uuid4().hex, 0, args.tokens, refs, (blocks,))
             start = time.perf_counter()
             worker.load(StepMetadata(loads=[load]))
+            if args.device == "cuda":
+                torch.cuda.synchronize()  # a staged chunk's kernel may still run when the load returns
             loads.append(time.perf_counter() - start)
             if worker.take_load_errors():
                 raise SystemExit("a load reported failed blocks: the chunks did not all load")
@@ -115,29 +185,41 @@ def _child(args: argparse.Namespace) -> None:
             intact = all(obj is not None and obj.check() for obj in objs)
             verified = time.perf_counter()
             for ref, obj in zip(refs, objs, strict=True):
-                cache.copier.scatter(layers, spec, slots_for(blocks, BLOCK, ref.start, ref.end), obj.tensor)
+                cache.copier.scatter(layers, spec, slots_for(blocks, block, ref.start, ref.end), obj.tensor)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             scattered = time.perf_counter()
+            # What the blocks now hold must be the chunks, byte for byte: read them back.
+            for ref, obj in zip(refs, objs, strict=True):
+                back = torch.empty_like(obj.tensor)
+                cache.copier.gather(layers, spec, slots_for(blocks, block, ref.start, ref.end), back)
+                intact = intact and torch.equal(back.view(torch.int16), obj.tensor.view(torch.int16))
             for obj in objs:
                 obj.ref_down()
             if not intact:
-                raise SystemExit("a stored chunk came back missing or corrupt")
+                raise SystemExit("a stored chunk came back missing or corrupt, or the blocks do not hold it")
             stages["fetch"].append(fetched - start)
             stages["verify"].append(verified - fetched)
             stages["scatter"].append(scattered - verified)
         out["stages_ms"] = {name: 1e3 * min(values) for name, values in stages.items()}
         out["bytes"] = sum(cache.shape.meta(ref.num_tokens).nbytes for ref in refs)
+        out["pinned"] = bool(engine.allocator.pin_memory)
+        if args.device == "cuda":
+            out["floor_gbps"] = _copy_floor(out["bytes"])
     worker.close()
     engine.close()
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _run_child(role: str, store: str, where: str, url: str | None, tokens: int, server_pids: Sequence[int] = (),
-               extra_env: dict[str, str] | None = None) -> dict:
+def _run_child(role: str, store: str, where: str, url: str | None, args: argparse.Namespace,
+               server_pids: Sequence[int] = (), extra_env: dict[str, str] | None = None,
+               host_memory: str = "pinned") -> dict:
     env = {**os.environ, **(extra_env or {})}
     env["VLLM_KVCACHE_DISK_MMAP"] = "0" if store == "disk-read" else "1"
-    argv = [sys.executable, __file__, "--child", role, "--tokens", str(tokens), "--dir", where,
+    argv = [sys.executable, __file__, "--child", role, "--tokens", str(args.tokens), "--dir", where,
             "--server-pids", ",".join(str(p) for p in server_pids),
-            "--serde", "cachegen" if store.endswith(CACHEGEN_SUFFIX) else "naive"]
+            "--serde", "cachegen" if store.endswith(CACHEGEN_SUFFIX) else "naive",
+            "--device", args.device, "--shape", args.shape, "--host-memory", host_memory]
     if url:
         argv += ["--url", url]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
@@ -147,8 +229,8 @@ def _run_child(role: str, store: str, where: str, url: str | None, tokens: int, 
     return json.loads(line[len("RESULT "):])
 
 
-def _measure(store: str, tokens: int, runs: int, scratch: str) -> dict:
-    """Store once, then ``runs`` fresh load processes; each figure the best of the runs."""
+def _measure(store: str, args: argparse.Namespace, scratch: str, host_memories: Sequence[str]) -> dict[str, dict]:
+    """Store once, then ``args.runs`` fresh load processes per host memory; each figure the best of the runs."""
     server = None
     url = None
     pids: list[int | None] = []
@@ -177,17 +259,24 @@ def _measure(store: str, tokens: int, runs: int, scratch: str) -> dict:
             pids = [server.owner.pid, server.master.process.pid]
         where = os.path.join(scratch, store)
         server_pids = [p for p in pids if p is not None]
-        _run_child("store", store, where, url, tokens, server_pids, env)
-        results = [_run_child("load", store, where, url, tokens, server_pids, env) for _ in range(runs)]
+        _run_child("store", store, where, url, args, server_pids, env)
+        measured = {memory: _summary([_run_child("load", store, where, url, args, server_pids, env, memory)
+                                      for _ in range(args.runs)]) for memory in host_memories}
     finally:
         if server is not None:
             server.stop()
+    return measured
+
+
+def _summary(results: list[dict]) -> dict:
     return {
         "first_ms": min(r["loads_ms"][0] for r in results),
         "best_ms": min(min(r["loads_ms"]) for r in results),
         "stages_ms": {k: min(r["stages_ms"][k] for r in results) for k in ("fetch", "verify", "scatter")},
         "cpu_ms": {k: sum(r["cpu_ms"][k] for r in results) / len(results) for k in ("loader", "store")},
         "bytes": results[0]["bytes"],
+        "pinned": results[0]["pinned"],
+        "floor_gbps": {k: max(r["floor_gbps"][k] for r in results) for k in results[0].get("floor_gbps", {})},
     }
 
 
@@ -198,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stores", default=",".join(STORES), help="comma-separated subset of: " + ", ".join(STORES))
     parser.add_argument("--runs", type=int, default=3, help="fresh load processes per store (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="folder for load.md and load.png")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where vLLM's paged cache lives (default cpu; cuda: plain LBNHC, block 16)")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="smollm2",
+                        help="whose KV: SmolLM2-135M's (default) or Llama-3-8B's")
+    parser.add_argument("--host-memory", choices=(*HOST_MEMORY, "both"), default="pinned",
+                        help="cuda only: the chunk buffers pinned (as the worker makes them), pageable, or both")
     parser.add_argument("--child", choices=("store", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -213,36 +308,61 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown store(s) {', '.join(unknown)}; choose from {', '.join(STORES)}")
     if args.tokens < CHUNK:
         parser.error(f"--tokens must be at least one chunk ({CHUNK})")
+    if args.device == "cpu" and args.host_memory != "pinned":
+        parser.error("--host-memory is for --device cuda (a CPU cache's chunk buffers are never pinned)")
+    host_memories = HOST_MEMORY if args.host_memory == "both" else (args.host_memory,)
     header = environment_line()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device here")
+        header += f"\nGPU: {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     print(header, flush=True)
-    measured = {}
+    measured: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-load-") as scratch:
         for store in stores:
-            measured[store] = _measure(store, args.tokens, args.runs, scratch)
-            m = measured[store]
-            print(f"  {store}: first load {m['first_ms']:.1f} ms, best {m['best_ms']:.1f} ms; stages "
-                  + ", ".join(f"{k} {v:.1f} ms" for k, v in m["stages_ms"].items())
-                  + f"; CPU a load: loader {m['cpu_ms']['loader']:.0f} ms, store {m['cpu_ms']['store']:.0f} ms",
-                  flush=True)
+            for memory, m in _measure(store, args, scratch, host_memories).items():
+                name = store if args.device == "cpu" else f"{store} ({memory})"
+                measured[name] = m
+                print(f"  {name}: first load {m['first_ms']:.1f} ms, best {m['best_ms']:.1f} ms; stages "
+                      + ", ".join(f"{k} {v:.1f} ms" for k, v in m["stages_ms"].items())
+                      + f"; CPU a load: loader {m['cpu_ms']['loader']:.0f} ms, store {m['cpu_ms']['store']:.0f} ms",
+                      flush=True)
     rows = []
-    for store, m in measured.items():
+    for name, m in measured.items():
         stages = m["stages_ms"]
-        rows.append([store, f"{m['bytes'] / 1e6:.0f}", f"{m['first_ms']:.1f}", f"{m['best_ms']:.1f}",
+        rows.append([name, f"{m['bytes'] / 1e6:.0f}", f"{m['first_ms']:.1f}", f"{m['best_ms']:.1f}",
                      f"{m['bytes'] / 1e6 / m['best_ms']:.2f}", f"{stages['fetch']:.1f}", f"{stages['verify']:.1f}",
                      f"{stages['scatter']:.1f}", f"{sum(stages.values()):.1f}", f"{m['cpu_ms']['loader']:.0f}",
                      f"{m['cpu_ms']['store']:.0f}",
                      f"{(m['cpu_ms']['loader'] + m['cpu_ms']['store']) / (os.cpu_count() or 1):.0f}"])
+    floors = {}
+    for m in measured.values():
+        for kind, gbps in m["floor_gbps"].items():
+            floors[kind] = max(floors.get(kind, 0.0), gbps)
+    nbytes = next(iter(measured.values()))["bytes"]
+    for kind, gbps in floors.items():  # the baseline: the same bytes, one plain copy to the GPU
+        ms = nbytes / 1e6 / gbps
+        rows.append([f"floor: one H2D copy ({kind})", f"{nbytes / 1e6:.0f}", "", f"{ms:.1f}", f"{gbps:.2f}",
+                     "", "", "", "", "", "", ""])
     table = markdown_table(["store", "MB", "first load ms", "best load ms", "load GB/s", "stage: fetch ms",
                             "stage: verify (cachegen: decode) ms", "stage: scatter ms", "stages one after another ms",
                             "CPU a load: loader ms", "CPU a load: store's servers ms",
                             f"CPU floor on {os.cpu_count()} cores ms"], rows)
-    notes = (f"{args.tokens} tokens of SmolLM2-135M's KV (bf16) into a cpu_vec, block-128 cache; a load is "
-             "WorkerSide.load before a forward (fetch threads, one verify-and-scatter pass); first load: the "
-             f"first in a fresh process, best: of {LOADS} loads x {args.runs} processes; the stages run one "
+    packing, layout, block, _ = _geometry(args.device)
+    cache = "a GPU" if args.device == "cuda" else "a"
+    notes = (f"{args.tokens} tokens of {args.shape}'s KV (bf16) into {cache} {packing}, {layout}, block-{block} "
+             "cache; a load is WorkerSide.load before a forward (fetch threads, one verify-and-scatter pass); first "
+             f"load: the first in a fresh process, best: of {LOADS} loads x {args.runs} processes; the stages run one "
              "after another on the same chunks (best of 3 x the processes). CPU a load: the mean over every load "
              "of the run (the loads only, not the stages), for the loading process (all its threads) and the "
              "store's server processes; the CPU floor is their sum over the cores: no load on this host can "
              "be shorter while the store shares its cores.")
+    if args.device == "cuda":
+        notes += (" GPU: (pinned) is the worker's own path, chunk buffers page-locked, the CUDA copier reading "
+                  "them directly; (pageable) stages each chunk through a device buffer. The floor rows are one "
+                  "host-to-device copy of all the load's bytes at once (best of 5).")
     print("\n" + table + "\n\n" + notes)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One GPU check for the KV copy kernels, for a GPU machine with torch (CUDA), Triton and nvcc but no
-# vLLM and no network. Under 5 minutes: builds the CUDA extension, runs the GPU correctness tests,
-# times every copier against a device copy (bar: >= 80%), and runs the CacheGen GPU benchmark if
-# benchmarks/bench_cachegen.py exists. Every step runs (with its own time limit) even if an earlier
-# one failed, so one session on a GPU yields all the evidence; the exit status is non-zero if any
-# step failed. Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: ./gpu_check_out)
+# One GPU check, for a GPU machine with torch (CUDA), Triton and nvcc but no vLLM and no network.
+# Steps: build (the CUDA extension), tests (the GPU correctness tests), bench (every copier against a
+# device copy; bar: >= 80%), load (bench_load.py --device cuda: a restart load from lm:// over shared
+# memory and TCP and from the disk tier into a GPU cache, pinned against pageable chunk buffers, beside
+# one host-to-device copy of the same bytes), cachegen (the CacheGen Triton coder on CUDA). Every step
+# runs (with its own time limit) even if an earlier one failed, so one session on a GPU yields all the
+# evidence; the exit status is non-zero if any step failed.
+# Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: ./gpu_check_out)
 #
-# Environment: PYTHON (default python3), GPU_CHECK_QUICK=1 for a shorter benchmark,
-# GPU_CHECK_SKIP_CACHEGEN=1 to leave out the CacheGen benchmark.
+# Environment: PYTHON (default python3); GPU_CHECK_STEPS, the steps to run (default all:
+# "build tests bench load cachegen"; the others need build first); GPU_CHECK_QUICK=1 for a shorter
+# kernel benchmark; GPU_CHECK_SKIP_CACHEGEN=1 to leave out the CacheGen benchmark.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -55,15 +58,23 @@ for name in ("triton", "cupy", "vllm"):
 PY
 command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc: not on PATH"
 
-run_step build 240 "$PYTHON" csrc/build.py
-run_step tests 180 "$PYTHON" -m pytest --noconftest -p no:cacheprovider -q -rs --maxfail=20 \
+STEPS=" ${GPU_CHECK_STEPS:-build tests bench load cachegen} "
+wanted() { [[ "$STEPS" == *" $1 "* ]] || { banner "$1: skipped (not in GPU_CHECK_STEPS)"; return 1; }; }
+
+wanted build && run_step build 240 "$PYTHON" csrc/build.py
+wanted tests && run_step tests 180 "$PYTHON" -m pytest --noconftest -p no:cacheprovider -q -rs --maxfail=20 \
   tests/test_kernels_cuda.py tests/test_kernels.py
 
 BENCH_ARGS=(--device cuda --out "$OUT_DIR/bench" --bar 0.8)
 [[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && BENCH_ARGS+=(--quick)
-run_step bench 150 "$PYTHON" benchmarks/bench_kernels.py "${BENCH_ARGS[@]}"
+wanted bench && run_step bench 150 "$PYTHON" benchmarks/bench_kernels.py "${BENCH_ARGS[@]}"
 
-if [[ "${GPU_CHECK_SKIP_CACHEGEN:-0}" == 1 ]]; then
+wanted load && run_step load 200 "$PYTHON" benchmarks/bench_load.py --device cuda --stores lm,lm-tcp,disk \
+  --host-memory both --runs 2 --out "$OUT_DIR/load"
+
+if ! wanted cachegen; then
+  :
+elif [[ "${GPU_CHECK_SKIP_CACHEGEN:-0}" == 1 ]]; then
   banner "cachegen: skipped (GPU_CHECK_SKIP_CACHEGEN=1)"
 elif [[ -f benchmarks/bench_cachegen.py ]]; then
   run_step cachegen 120 "$PYTHON" benchmarks/bench_cachegen.py --gpu-only
@@ -72,9 +83,9 @@ else
 fi
 
 banner "summary"
-if [[ -f "$OUT_DIR/bench/results.md" ]]; then
-  cat "$OUT_DIR/bench/results.md"
-fi
+for table in "$OUT_DIR/bench/results.md" "$OUT_DIR/load/load.md"; do
+  if [[ -f "$table" ]]; then cat "$table"; fi
+done
 echo "logs and results: $OUT_DIR"
 if [[ ${#FAILED[@]} -gt 0 ]]; then
   echo "gpu_check: FAILED steps: ${FAILED[*]} ($(( $(date +%s) - START )) s)"
