@@ -204,3 +204,27 @@ def test_scatter_verified_declines_a_strided_chunk(fast):
     assert fast.scatter_verified(layers, spec, torch.arange(16), big[:, :, 4:]) is None
     assert torch.equal(storage_bits(layers[0]), before)
     assert TorchCopier().scatter_verified(layers, spec, torch.arange(20), big) is None
+
+
+def test_hash_copy_hashes_each_piece_and_copies_it(fast):
+    """The verify-and-stage pass of a GPU cache's load: the digests of every ``segment``-byte piece
+    (the last one shorter), the order segment_digests gives, on one thread or many; with a target,
+    the bytes copied there too; without one, nothing but the digests."""
+    from vllm_kvcache_plugin.kernels import copy_threads
+    from vllm_kvcache_plugin.kernels.cpu_fast import hash_copy
+    from vllm_kvcache_plugin.serde.header import segment_digests
+
+    src = torch.randint(0, 256, (3 * (1 << 20) + 12346,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    segment = 1 << 19
+    expected = segment_digests(src.numpy(), segment)
+    dst = torch.zeros_like(src)
+    assert hash_copy(src, dst, segment) == expected
+    assert torch.equal(dst, src)
+    with copy_threads(1):
+        assert hash_copy(src.view(torch.int16)[: src.numel() // 2 - 1], None, segment) == segment_digests(
+            src[: src.numel() - 2].numpy(), segment)
+    untouched = torch.zeros_like(src)
+    assert hash_copy(src, untouched[:-1], segment) is None  # not the same bytes: declined
+    assert hash_copy(src[::2], None, segment) is None  # not contiguous: declined
+    assert hash_copy(src, None, 0) is None
+    assert not untouched.any()

@@ -6,6 +6,8 @@ Skipped without a CUDA device. Needs no vLLM, so benchmarks/gpu_check.sh runs it
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -100,10 +102,15 @@ def test_gpu_out_of_range_writes_nothing(copier):
     assert torch.equal(storage_bits(layers[0]), before)
 
 
-def test_cuda_is_one_launch_for_all_layers():
+def _cuda_copier():
     copier = available_copiers(make_spec(), "cuda")["cuda"]
     if isinstance(copier, str):
         pytest.fail(f"cuda copier unavailable: {copier}")
+    return copier
+
+
+def test_cuda_is_one_launch_for_all_layers():
+    copier = _cuda_copier()
     spec = PagedKVSpec("mha", 16, 3, 64, torch.bfloat16)
     layers = build_layers(spec, "LBNHC", num_layers=30, num_blocks=32, device="cuda")
     slots = torch.arange(256, device="cuda")
@@ -126,3 +133,34 @@ def test_dispatcher_prefers_cuda_on_gpu(monkeypatch):
     monkeypatch.setenv("VLLM_KVCACHE_KERNEL", "triton")
     assert get_copier(make_spec(), "cuda").name == "triton"
     assert get_copier(make_spec(packing="cpu_vec"), "cuda").name == "torch"
+
+
+
+@pytest.mark.parametrize("source", ["pinned", "pageable", "read-only mapping"])
+def test_cuda_scatter_verified_writes_like_scatter_and_hashes_each_slab(source):
+    """A GPU load's verify-and-scatter: a host chunk's (kv, layer) slabs hashed as the naive serde's
+    segmented checksum defines them, staged through pinned memory where the chunk is not pinned
+    (a view of the lm server's shared memory or of a mapped file is read-only), the blocks the same
+    as a plain scatter's."""
+    from vllm_kvcache_plugin.serde.header import segment_digests
+
+    copier = _cuda_copier()
+    spec = PagedKVSpec("mha", 16, 3, 64, torch.bfloat16)
+    plain, verified = (build_layers(spec, "LBNHC", num_layers=6, num_blocks=40, device="cuda", seed=3)
+                       for _ in range(2))
+    slots = slot_patterns(40, 16)["partial"].cuda()
+    src = random_chunk(spec, 6, slots.numel(), seed=12)
+    raw = src.view(torch.uint8).reshape(-1).numpy().tobytes()
+    if source == "pinned":
+        src = src.pin_memory()
+    elif source == "read-only mapping":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable": as intended
+            src = torch.frombuffer(memoryview(raw), dtype=torch.uint8).view(spec.dtype).view(src.shape)
+    TorchCopier().scatter(plain, spec, slots, src.cuda())
+    digests = copier.scatter_verified(verified, spec, slots, src)
+    torch.cuda.synchronize()
+    for ours, theirs in zip(verified, plain, strict=True):
+        assert_same_bits(storage_bits(ours), storage_bits(theirs), "verified scatter")
+    assert digests == segment_digests(raw, src[0, 0].numel() * src.element_size())
+    assert copier.scatter_verified(verified, spec, slots, src.cuda()) is None  # a device chunk: no host pass

@@ -355,4 +355,26 @@ int64_t kv_scatter_verified(const KVArgs *args, int num_threads, HashFn hash, ui
     return run_copy(args, num_threads, 0, hash, digests);
 }
 
-int kv_abi_version(void) { return 3; }
+/* Hash each ``segment``-byte piece of ``src`` (the last may be shorter) into digests[piece] and, with
+ * ``dst``, copy the piece there right after, while it is still in cache: a verify that stages a chunk
+ * for a GPU copy reads each byte from memory once. Pieces are shared among up to ``num_threads``
+ * threads (at least ~1 MiB each). Returns 0, or -1 for bad arguments. */
+int64_t kv_hash_copy(const char *src, char *dst, int64_t nbytes, int64_t segment, int num_threads, HashFn hash,
+                     uint64_t *digests) {
+    if (!src || !hash || !digests || nbytes < 0 || segment <= 0) return -1;
+    const int64_t pieces = (nbytes + segment - 1) / segment;
+    int64_t threads = nbytes >> 20;
+    if (threads > num_threads) threads = num_threads;
+    if (threads > pieces) threads = pieces;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads((int)threads) if (threads > 1) schedule(dynamic, 1)
+    for (int64_t piece = 0; piece < pieces; piece++) {
+        const int64_t start = piece * segment;
+        const int64_t length = nbytes - start < segment ? nbytes - start : segment;
+        digests[piece] = hash(src + start, (size_t)length);
+        if (dst) memcpy(dst + start, src + start, (size_t)length);
+    }
+    return 0;
+}
+
+int kv_abi_version(void) { return 4; }

@@ -11,6 +11,7 @@ a hash of its source, flags and compiler, and written atomically so concurrent p
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -29,7 +30,7 @@ SOURCE = Path(__file__).with_name("cpu_copy.c")
 CACHE_ENV = "VLLM_KVCACHE_KERNEL_CACHE"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _PACKING_CODES = {Packing.PLAIN: 0, Packing.CPU_VEC: 1, Packing.CPU_AMX: 2}
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _BUILD_TIMEOUT_S = 120
 STREAMING = os.environ.get("VLLM_KVCACHE_CPU_STREAMING", "1") != "0"
 
@@ -115,10 +116,14 @@ def load_library() -> ctypes.CDLL:
             library.kv_scatter_verified.argtypes = [ctypes.POINTER(_KVArgs), ctypes.c_int, ctypes.c_void_p,
                                                     ctypes.c_void_p]
             library.kv_scatter_verified.restype = ctypes.c_int64
+            library.kv_hash_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                             ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            library.kv_hash_copy.restype = ctypes.c_int64
             _library = library
         return _library
 
 
+@functools.cache
 def _xxh3_function() -> int | None:
     """The address of ``XXH3_64bits`` in the xxhash module's own library (the checksum's one
     implementation, already loaded), or None when it does not export it: then no fused verify."""
@@ -128,6 +133,30 @@ def _xxh3_function() -> int | None:
         return ctypes.cast(ctypes.CDLL(module.__file__).XXH3_64bits, ctypes.c_void_p).value
     except (ImportError, OSError, AttributeError):
         return None
+
+
+def hash_copy(src: torch.Tensor, dst: torch.Tensor | None, segment: int) -> bytes | None:
+    """The xxh3-64 digests of ``src``'s ``segment``-byte pieces (little-endian u64, the order of
+    ``serde.header.segment_digests``), each piece copied into ``dst`` (when given) right after it is
+    hashed, on up to :func:`host_threads` threads (ctypes releases the GIL). For a GPU cache's
+    verify-and-stage pass. None, with nothing copied, where the library or the hash is unavailable
+    or a tensor is not a contiguous CPU tensor of the same bytes."""
+    nbytes = src.numel() * src.element_size()
+    if (src.device.type != "cpu" or not src.is_contiguous() or segment <= 0
+            or (dst is not None and (dst.device.type != "cpu" or not dst.is_contiguous()
+                                     or dst.numel() * dst.element_size() != nbytes))):
+        return None
+    xxh3 = _xxh3_function()
+    try:
+        library = load_library()
+    except RuntimeError:
+        return None
+    if xxh3 is None:
+        return None
+    digests = (ctypes.c_uint64 * (-(-nbytes // segment)))()
+    status = library.kv_hash_copy(src.data_ptr(), None if dst is None else dst.data_ptr(), nbytes, segment,
+                                  host_threads(), xxh3, digests)
+    return bytes(digests) if status == 0 else None
 
 
 class CpuCopier(KVCopier):
