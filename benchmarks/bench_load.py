@@ -9,6 +9,16 @@ packing, LBHNC), in a fresh process each time, as after a restart. Then it times
 after another on the same chunks: fetch (``engine.retrieve``, checksum deferred), verify (the xxh3
 checksum), scatter (into the blocks), so a slow stage shows even where the load overlaps them.
 
+``--device cuda`` loads into a GPU cache instead: vLLM's GPU layout (plain packing, LBNHC, block 16),
+through the CUDA copier, with the worker's chunk buffers pinned as the worker pins them for a GPU
+cache (``--host-memory pageable`` leaves them pageable: the copier then stages each chunk, as it does
+a view of lm://'s shared memory or of a mapped file). Beside it, the floor: one host-to-device copy of
+the same bytes from pinned and from pageable memory. ``--shape llama8b`` moves Llama-3-8B's KV (32
+layers, 8 KV heads of 128) instead of SmolLM2-135M's. The GPU machines lent here have no vLLM: the
+worker needs only vLLM's connector metadata and stats base classes, so where vLLM is absent the
+child process gives it empty stand-ins (``_stand_in_for_vllm``); everything measured is this
+package's code. After the loads the blocks are read back and compared with the stored chunks.
+
 Stores: ``disk`` (the disk tier, files mapped: the default), ``disk-read`` (read into pooled buffers,
 ``VLLM_KVCACHE_DISK_MMAP=0``, the path before), ``lm`` (lm:// on this host: shared memory),
 ``lm-tcp`` (lm:// with ``?shm=off``), ``redis`` (a real redis-server over loopback TCP) and
@@ -361,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
              "be shorter while the store shares its cores.")
     if args.device == "cuda":
         notes += (" GPU: (pinned) is the worker's own path, chunk buffers page-locked, the CUDA copier reading "
-                  "them directly; (pageable) stages each chunk through a device buffer. The floor rows are one "
-                  "host-to-device copy of all the load's bytes at once (best of 5).")
+                  "them directly; (pageable) leaves them pageable, so the copier stages each chunk, as it stages "
+                  "a view of lm://'s shared memory (lm) or of a mapped file (disk) in either row. The floor rows "
+                  "are one host-to-device copy of all the load's bytes at once (best of 5).")
     print("\n" + table + "\n\n" + notes)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
