@@ -267,6 +267,20 @@ def test_prewarm_fills_the_pool_within_its_cap():
     assert alloc.pool_hits == hits + 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="page-locking works on a CUDA machine: nothing refuses it")
+def test_a_pool_that_cannot_page_lock_turns_pageable_with_one_warning(caplog):
+    """A GPU worker asks for pinned chunk buffers; where page-locking is refused (here: torch has no
+    pinned allocator without an accelerator, as a locked-memory limit refuses it on a GPU host), the
+    pool warns once and hands out pageable buffers instead of failing vLLM's start or a load."""
+    alloc = Allocator(max_pool_bytes=8 * 4096, pin_memory=True)
+    with caplog.at_level("WARNING", logger="vllm_kvcache_plugin.memory"):
+        assert alloc.prewarm([4096], per_size=2) == 2 * 4096
+        block = alloc.buffer(8192)
+    assert not alloc.pin_memory and not block.is_pinned() and block.numel() == 8192
+    warned = [r for r in caplog.records if "Could not page-lock" in r.getMessage()]
+    assert len(warned) == 1
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real 1 MB file system (tmpfs), for a disk that fills up or turns read-only."""

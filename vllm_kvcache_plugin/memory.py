@@ -15,6 +15,7 @@ drop releases the tensor and is counted as a free by the :class:`Allocator`.
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 import warnings
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import xxhash
+
+logger = logging.getLogger(__name__)
 
 
 class KVFormat(enum.IntEnum):
@@ -145,7 +148,20 @@ class Allocator:
                 self.pool_bytes -= nbytes
                 self.pool_hits += 1
                 return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        return self._new_block(nbytes)
+
+    def _new_block(self, nbytes: int) -> torch.Tensor:
+        """Fresh memory, page-locked when asked. Where page-locking fails (a host or container that
+        limits locked memory, no usable driver) the pool turns pageable, with one warning: loads
+        then stage through the copier, slower but correct, instead of failing."""
+        if self.pin_memory:
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc:
+                self.pin_memory = False
+                logger.warning("Could not page-lock a %d-byte chunk buffer (%s); chunk buffers stay pageable, "
+                               "so GPU copies stage through the copier (slower)", nbytes, str(exc).splitlines()[0])
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def recycle(self, block: torch.Tensor) -> None:
         """Keep ``block`` for reuse (dropped when the pool is full)."""
@@ -166,7 +182,7 @@ class Allocator:
             for n in dict.fromkeys(sizes):
                 if n <= 0 or self.pool_bytes + n > self.max_pool_bytes:
                     continue
-                block = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin_memory)
+                block = self._new_block(n)
                 block.fill_(0)  # touch every page now, not on the request path
                 self.recycle(block)
                 added += n

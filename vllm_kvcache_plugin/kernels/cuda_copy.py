@@ -115,7 +115,10 @@ class CudaCopier(KVCopier):
         if chunk.device == device or (chunk.device.type == "cpu" and chunk.is_pinned()):
             return chunk
         if chunk.device.type == "cpu":
-            return torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+            try:
+                return torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+            except RuntimeError:  # page-locking refused: the driver's pageable copy still works
+                pass
         return torch.empty(chunk.shape, dtype=chunk.dtype, device=device)
 
     def scatter_verified(self, layers: Sequence[torch.Tensor], spec: PagedKVSpec, slots: torch.Tensor,
